@@ -1,0 +1,377 @@
+//! Cluster status and health checks, computed from the map, monitor reachability and OSD
+//! reports. Pure: everything it needs comes in as arguments.
+//!
+//! Until OSDs report PG states themselves (replicated I/O and recovery issues), PG states are
+//! derived from the map: a PG whose CRUSH set has a down OSD is degraded; one with fewer up
+//! OSDs than its pool's min_size is inactive.
+
+use std::collections::{BTreeMap, HashMap};
+
+use store_placement::pool_mappings;
+use store_types::map::{ClusterMap, OsdId};
+use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, StatusReport};
+
+pub struct StatusInput<'a> {
+    pub map: &'a ClusterMap,
+    /// Every monitor of the map, with whether the answering monitor reached it.
+    pub mons: Vec<MonStatus>,
+    pub leader_name: Option<String>,
+    pub answered_by: String,
+    pub osd_stats: &'a HashMap<OsdId, OsdStat>,
+}
+
+pub const STATE_CLEAN: &str = "active+clean";
+pub const STATE_UNDERSIZED: &str = "active+undersized";
+pub const STATE_DEGRADED: &str = "active+undersized+degraded";
+pub const STATE_INACTIVE: &str = "undersized+degraded+peered";
+pub const STATE_STALE: &str = "stale+undersized+degraded+peered";
+
+/// PG counts by state, for all pools.
+pub fn pgs_by_state(map: &ClusterMap) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    for pool in map.pools.values() {
+        for m in pool_mappings(map, pool) {
+            let size = pool.size as usize;
+            let up = m.up.len();
+            let state = if up == 0 {
+                STATE_STALE
+            } else if up < pool.min_size as usize {
+                STATE_INACTIVE
+            } else if up < m.raw.len() {
+                STATE_DEGRADED
+            } else if up < size {
+                STATE_UNDERSIZED
+            } else {
+                STATE_CLEAN
+            };
+            *out.entry(state.to_string()).or_default() += 1;
+        }
+    }
+    out
+}
+
+fn check(severity: Severity, summary: String, detail: Vec<String>) -> HealthCheck {
+    HealthCheck {
+        severity,
+        summary,
+        detail,
+    }
+}
+
+fn mon_checks(input: &StatusInput, checks: &mut BTreeMap<String, HealthCheck>) -> Vec<String> {
+    let voters: Vec<&MonStatus> = input
+        .mons
+        .iter()
+        .filter(|m| input.map.mons.get(&m.id).is_some_and(|i| i.voter))
+        .collect();
+    let n = voters.len();
+    let reachable: Vec<String> = voters
+        .iter()
+        .filter(|m| m.reachable)
+        .map(|m| m.name.clone())
+        .collect();
+    let quorum = n / 2 + 1;
+    let has_quorum = reachable.len() >= quorum;
+    let down: Vec<&&MonStatus> = voters.iter().filter(|m| !m.reachable).collect();
+    if !down.is_empty() {
+        let detail = down
+            .iter()
+            .map(|m| {
+                format!(
+                    "mon.{} ({}) is down or unreachable: {}",
+                    m.name,
+                    m.addr,
+                    m.error.as_deref().unwrap_or("no answer")
+                )
+            })
+            .collect();
+        let q = if has_quorum {
+            format!("quorum {}", reachable.join(","))
+        } else {
+            "no quorum".to_string()
+        };
+        checks.insert(
+            "MON_DOWN".into(),
+            check(
+                Severity::Warn,
+                format!("{}/{} mons down, {q}", down.len(), n),
+                detail,
+            ),
+        );
+    }
+    if !has_quorum {
+        checks.insert(
+            "MON_QUORUM_LOST".into(),
+            check(
+                Severity::Err,
+                format!(
+                    "no monitor quorum: {} of {} monitors reachable, {} needed; the cluster map cannot change",
+                    reachable.len(),
+                    n,
+                    quorum
+                ),
+                vec!["start the stopped monitors or repair the network between them".into()],
+            ),
+        );
+    }
+    if n > 0 && n % 2 == 0 {
+        checks.insert(
+            "EVEN_MONITOR_COUNT".into(),
+            check(
+                Severity::Warn,
+                format!("{n} monitors: an even count tolerates no more failures than {} and a network split can leave no side with quorum", n - 1),
+                vec![format!(
+                    "add a monitor (`storectl mon add NAME ADDR`) or remove one (`storectl mon rm NAME`) to get {} or {} monitors",
+                    n + 1,
+                    n - 1
+                )],
+            ),
+        );
+    }
+    if has_quorum {
+        reachable
+    } else {
+        Vec::new()
+    }
+}
+
+fn osd_checks(map: &ClusterMap, checks: &mut BTreeMap<String, HealthCheck>) {
+    let down: Vec<String> = map
+        .osds
+        .values()
+        .filter(|o| !o.up && o.is_in)
+        .map(|o| format!("osd.{} (root=default,host={}) is down", o.id, o.host))
+        .collect();
+    if !down.is_empty() {
+        checks.insert(
+            "OSD_DOWN".into(),
+            check(Severity::Warn, format!("{} osds down", down.len()), down),
+        );
+    }
+    if !map.flags.is_empty() {
+        let names: Vec<String> = map.flags.iter().map(|f| f.to_string()).collect();
+        checks.insert(
+            "OSDMAP_FLAGS".into(),
+            check(
+                Severity::Warn,
+                format!("{} flag(s) set", names.join(",")),
+                vec![format!("unset with `storectl osd unset FLAG` when done")],
+            ),
+        );
+    }
+    for pool in map.pools.values() {
+        let domains = map.failure_domains_available(pool.failure_domain);
+        if (pool.size as usize) > domains {
+            let e = checks
+                .entry("POOL_SIZE_EXCEEDS_DOMAINS".into())
+                .or_insert_with(|| check(Severity::Warn, String::new(), Vec::new()));
+            e.detail.push(format!(
+                "pool '{}' has size {} but only {} {} failure domain(s) hold in OSDs: add {}s or lower the size",
+                pool.name, pool.size, domains, pool.failure_domain, pool.failure_domain
+            ));
+            e.summary = format!(
+                "{} pool(s) cannot place all replicas in distinct failure domains",
+                e.detail.len()
+            );
+        }
+    }
+}
+
+fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCheck>) {
+    let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
+    };
+    let inactive = count(&|s| !s.starts_with("active"));
+    let degraded = count(&|s| s.contains("degraded"));
+    let undersized = count(&|s| s.contains("undersized"));
+    if inactive > 0 {
+        checks.insert(
+            "PG_AVAILABILITY".into(),
+            check(
+                Severity::Warn,
+                format!("Reduced data availability: {inactive} pgs inactive"),
+                vec![format!(
+                    "{inactive} pgs have fewer up OSDs than their pool's min_size: I/O to them waits until OSDs return"
+                )],
+            ),
+        );
+    }
+    if degraded > 0 || undersized > 0 {
+        checks.insert(
+            "PG_DEGRADED".into(),
+            check(
+                Severity::Warn,
+                format!("Degraded data redundancy: {degraded} pgs degraded, {undersized} pgs undersized"),
+                Vec::new(),
+            ),
+        );
+    }
+}
+
+/// Builds the status report.
+pub fn status(input: StatusInput) -> StatusReport {
+    let map = input.map;
+    let mut checks = BTreeMap::new();
+    let quorum_names = mon_checks(&input, &mut checks);
+    osd_checks(map, &mut checks);
+    let pgs = pgs_by_state(map);
+    pg_checks(&pgs, &mut checks);
+    let health = checks
+        .values()
+        .map(|c| c.severity)
+        .max()
+        .unwrap_or(Severity::Ok);
+    let (total_bytes, used_bytes) = map
+        .osds
+        .keys()
+        .filter_map(|id| input.osd_stats.get(id))
+        .fold((0, 0), |(t, u), s| (t + s.total_bytes, u + s.used_bytes));
+    StatusReport {
+        fsid: map.fsid.clone(),
+        epoch: map.epoch,
+        health,
+        checks,
+        mons: input.mons,
+        quorum_names,
+        leader_name: input.leader_name,
+        answered_by: input.answered_by,
+        num_osds: map.osds.len(),
+        num_up_osds: map.num_up_osds(),
+        num_in_osds: map.num_in_osds(),
+        num_pools: map.pools.len(),
+        num_pgs: pgs.values().sum(),
+        pgs_by_state: pgs,
+        total_bytes,
+        used_bytes,
+        flags: map.flags.iter().map(|f| f.to_string()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{apply_command, set_mons};
+    use store_types::map::{MonInfo, WEIGHT_ONE};
+    use store_types::msg::MapCommand;
+
+    fn cluster(osds: u32, mons: u64) -> ClusterMap {
+        let mut m = ClusterMap::new("f");
+        set_mons(
+            &mut m,
+            (1..=mons)
+                .map(|i| MonInfo {
+                    id: i,
+                    name: format!("m{i}"),
+                    addr: format!("127.0.0.1:{i}"),
+                    voter: true,
+                })
+                .collect(),
+        );
+        for i in 0..osds {
+            apply_command(
+                &mut m,
+                &MapCommand::OsdBoot {
+                    uuid: format!("u{i}"),
+                    addr: format!("127.0.0.1:{}", 7000 + i),
+                    host: format!("h{i}"),
+                    weight: WEIGHT_ONE,
+                },
+            )
+            .unwrap();
+        }
+        apply_command(
+            &mut m,
+            &MapCommand::PoolCreate {
+                name: "p".into(),
+                size: 3,
+                min_size: 2,
+                pg_num: 64,
+                failure_domain: None,
+            },
+        )
+        .unwrap();
+        m
+    }
+
+    fn report(map: &ClusterMap, reachable: &[bool]) -> StatusReport {
+        let stats = HashMap::new();
+        status(StatusInput {
+            map,
+            mons: map
+                .mons
+                .values()
+                .zip(reachable)
+                .map(|(m, r)| MonStatus {
+                    id: m.id,
+                    name: m.name.clone(),
+                    addr: m.addr.clone(),
+                    reachable: *r,
+                    error: (!r).then(|| "connection refused".to_string()),
+                })
+                .collect(),
+            leader_name: Some("m1".into()),
+            answered_by: "m1".into(),
+            osd_stats: &stats,
+        })
+    }
+
+    #[test]
+    fn healthy_cluster_is_ok() {
+        let m = cluster(3, 3);
+        let r = report(&m, &[true, true, true]);
+        assert_eq!(r.health, Severity::Ok, "{:?}", r.checks);
+        assert_eq!(r.pgs_by_state.get(STATE_CLEAN), Some(&64));
+        assert_eq!(r.quorum_names, vec!["m1", "m2", "m3"]);
+    }
+
+    #[test]
+    fn osd_down_degrades_pgs_and_two_down_makes_them_inactive() {
+        let mut m = cluster(3, 3);
+        apply_command(
+            &mut m,
+            &MapCommand::OsdMarkDown {
+                ids: vec![2],
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let r = report(&m, &[true, true, true]);
+        assert_eq!(r.health, Severity::Warn);
+        assert!(r.checks.contains_key("OSD_DOWN"));
+        assert!(r.checks.contains_key("PG_DEGRADED"));
+        assert_eq!(r.pgs_by_state.get(STATE_DEGRADED), Some(&64));
+        apply_command(
+            &mut m,
+            &MapCommand::OsdMarkDown {
+                ids: vec![1],
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let r = report(&m, &[true, true, true]);
+        assert!(r.checks.contains_key("PG_AVAILABILITY"));
+        assert_eq!(r.pgs_by_state.get(STATE_INACTIVE), Some(&64));
+    }
+
+    #[test]
+    fn mon_checks_quorum_and_even_count() {
+        let m = cluster(3, 3);
+        let r = report(&m, &[true, false, false]);
+        assert_eq!(r.health, Severity::Err);
+        assert!(r.checks["MON_QUORUM_LOST"].summary.contains("1 of 3"));
+        assert!(r.quorum_names.is_empty());
+        let r = report(&m, &[true, true, false]);
+        assert_eq!(r.checks["MON_DOWN"].summary, "1/3 mons down, quorum m1,m2");
+        let m = cluster(3, 2);
+        let r = report(&m, &[true, true]);
+        assert!(r.checks.contains_key("EVEN_MONITOR_COUNT"));
+    }
+
+    #[test]
+    fn too_few_domains_warns() {
+        let m = cluster(2, 1);
+        let r = report(&m, &[true]);
+        assert!(r.checks.contains_key("POOL_SIZE_EXCEEDS_DOMAINS"));
+        assert_eq!(r.pgs_by_state.get(STATE_UNDERSIZED), Some(&64));
+    }
+}

@@ -1,0 +1,463 @@
+//! The monitor's network side: one TCP port for clients, OSDs and peer monitors.
+//!
+//! Each connection reads frames, handles requests concurrently (bounded per connection) and
+//! writes replies in completion order. A malformed frame closes that connection only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use store_client::RpcConn;
+use store_types::map::ClusterMap;
+use store_types::msg::{
+    CommandOutcome, MonMembership, MonRequest, MonResponse, MonStatus, PongInfo,
+};
+use store_types::wire::{self, Frame, FrameCodec, FrameKind, DEFAULT_MAX_FRAME_BYTES};
+use store_types::{ErrorCode, StoreError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::consensus::{Consensus, ConsensusError};
+use crate::failure::FailureDetector;
+use crate::health;
+
+/// Requests handled at once per connection.
+const PER_CONN_CONCURRENCY: usize = 64;
+/// Replies queued per connection before handlers wait.
+const REPLY_QUEUE: usize = 256;
+/// How long a peer monitor may take to answer a ping before it counts as unreachable.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct MonitorCore<C: Consensus> {
+    pub consensus: C,
+    pub name: String,
+    pub fsid: String,
+    pub detector: Mutex<FailureDetector>,
+    /// Bound on how long a map change may take before the client gets an error.
+    pub command_timeout: Duration,
+    /// How long a new monitor may take to catch up before `mon add` gives up.
+    pub mon_catch_up: Duration,
+    peers: tokio::sync::Mutex<HashMap<String, RpcConn>>,
+}
+
+impl<C: Consensus> MonitorCore<C> {
+    pub fn new(consensus: C, name: String, fsid: String, detector: FailureDetector) -> Arc<Self> {
+        Arc::new(MonitorCore {
+            consensus,
+            name,
+            fsid,
+            detector: Mutex::new(detector),
+            command_timeout: Duration::from_secs(10),
+            mon_catch_up: Duration::from_secs(60),
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn map(&self) -> Arc<ClusterMap> {
+        self.consensus.map().borrow().clone()
+    }
+
+    async fn peer(&self, addr: &str, timeout: Duration) -> Result<RpcConn, StoreError> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (c, _) = RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES).await?;
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Pings every monitor of the map concurrently; this monitor counts as reachable.
+    pub async fn probe_mons(&self) -> Vec<MonStatus> {
+        let map = self.map();
+        let me = self.consensus.my_id();
+        let probes = map.mons.values().map(|m| async move {
+            let res = if m.id == me {
+                Ok(())
+            } else {
+                self.ping(&m.addr).await
+            };
+            MonStatus {
+                id: m.id,
+                name: m.name.clone(),
+                addr: m.addr.clone(),
+                reachable: res.is_ok(),
+                error: res.err().map(|e| e.message),
+            }
+        });
+        futures::future::join_all(probes).await
+    }
+
+    async fn ping(&self, addr: &str) -> Result<(), StoreError> {
+        let conn = self.peer(addr, PING_TIMEOUT).await?;
+        match conn
+            .call::<_, MonResponse>(&MonRequest::Ping, PING_TIMEOUT)
+            .await?
+        {
+            MonResponse::Pong(p) if p.fsid == self.fsid => Ok(()),
+            MonResponse::Pong(p) => Err(StoreError::new(
+                ErrorCode::WrongCluster,
+                format!("{addr} belongs to cluster {}", p.fsid),
+            )),
+            other => Err(StoreError::internal(format!(
+                "unexpected ping reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Fails fast when a majority of voting monitors cannot be reached.
+    async fn check_quorum(&self) -> Result<(), StoreError> {
+        let map = self.map();
+        let probes = self.probe_mons().await;
+        let voters: Vec<&MonStatus> = probes
+            .iter()
+            .filter(|p| map.mons.get(&p.id).is_some_and(|m| m.voter))
+            .collect();
+        let up = voters.iter().filter(|p| p.reachable).count();
+        let need = voters.len() / 2 + 1;
+        if up >= need {
+            return Ok(());
+        }
+        let who: Vec<String> = voters
+            .iter()
+            .map(|p| match &p.error {
+                None => format!("mon.{}: ok", p.name),
+                Some(e) => format!("mon.{}: {e}", p.name),
+            })
+            .collect();
+        Err(StoreError::new(
+            ErrorCode::NoQuorum,
+            format!(
+                "no monitor quorum: {up} of {} monitors reachable, {need} needed ({})",
+                voters.len(),
+                who.join("; ")
+            ),
+        ))
+    }
+
+    /// Runs a leader-only operation here if this monitor leads, else forwards it once to the
+    /// leader. Retries across elections until `command_timeout`; fails fast without quorum.
+    pub async fn leader_op(
+        &self,
+        op: MonRequest,
+        forwarded: bool,
+    ) -> Result<MonResponse, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                self.check_quorum().await?;
+                return Err(StoreError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "map change not committed within {} s (the leader may be changing); it may still apply",
+                        self.command_timeout.as_secs()
+                    ),
+                ));
+            }
+            if self.consensus.is_leader() {
+                self.check_quorum().await?;
+                match tokio::time::timeout(remaining, self.execute(&op)).await {
+                    Ok(Ok(out)) => return Ok(MonResponse::Outcome(out)),
+                    Ok(Err(ConsensusError::Rejected(e))) => return Err(e),
+                    Ok(Err(ConsensusError::Fatal(e))) => return Err(StoreError::internal(e)),
+                    Ok(Err(ConsensusError::NotLeader(_))) | Err(_) => continue,
+                }
+            }
+            match self
+                .consensus
+                .leader()
+                .filter(|l| l.id != self.consensus.my_id())
+            {
+                Some(leader) if !forwarded => {
+                    match self.forward(&leader.addr, &op, remaining).await {
+                        Ok(resp) => return Ok(resp),
+                        Err(e)
+                            if e.code == ErrorCode::Unreachable || e.code == ErrorCode::Timeout =>
+                        {
+                            debug!(leader = %leader.name, error = %e, "forward failed; re-checking");
+                            self.check_quorum().await?;
+                        }
+                        Err(e)
+                            if e.code == ErrorCode::NotPermitted
+                                && e.message.starts_with("not leader") => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(_) => {
+                    return Err(StoreError::new(
+                        ErrorCode::NotPermitted,
+                        "not leader: leadership moved while forwarding; retry",
+                    ))
+                }
+                None => self.check_quorum().await?,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        op: &MonRequest,
+        timeout: Duration,
+    ) -> Result<MonResponse, StoreError> {
+        let conn = self.peer(addr, PING_TIMEOUT).await?;
+        let req = MonRequest::Forward(Box::new(op.clone()));
+        match conn.call::<_, MonResponse>(&req, timeout).await? {
+            MonResponse::Error(e) => Err(e),
+            other => Ok(other),
+        }
+    }
+
+    async fn execute(&self, op: &MonRequest) -> Result<CommandOutcome, ConsensusError> {
+        match op {
+            MonRequest::Command(cmd) => self.consensus.propose(cmd.clone()).await,
+            MonRequest::Membership(MonMembership::Add { name, addr }) => {
+                self.consensus
+                    .add_monitor(name.clone(), addr.clone(), self.mon_catch_up)
+                    .await
+            }
+            MonRequest::Membership(MonMembership::Remove { name }) => {
+                self.consensus.remove_monitor(name.clone()).await
+            }
+            other => Err(ConsensusError::Rejected(StoreError::invalid(format!(
+                "not a leader operation: {other:?}"
+            )))),
+        }
+    }
+
+    fn heartbeat(
+        &self,
+        id: u32,
+        uuid: &str,
+        stat: store_types::msg::OsdStat,
+    ) -> Result<MonResponse, StoreError> {
+        let map = self.map();
+        match map.osds.get(&id) {
+            Some(o) if o.uuid == uuid => {}
+            Some(_) => {
+                return Err(StoreError::new(
+                    ErrorCode::NotPermitted,
+                    format!("osd.{id} heartbeat with a uuid that is not osd.{id}'s"),
+                ))
+            }
+            None => return Err(StoreError::not_found(format!("osd.{id} does not exist"))),
+        }
+        if let Ok(mut d) = self.detector.lock() {
+            d.heartbeat(id, stat, now_ms());
+        }
+        Ok(MonResponse::HeartbeatAck { epoch: map.epoch })
+    }
+
+    async fn status(&self) -> MonResponse {
+        let mons = self.probe_mons().await;
+        let map = self.map();
+        let stats = self
+            .detector
+            .lock()
+            .map(|d| d.stats().clone())
+            .unwrap_or_default();
+        let leader_name = self.consensus.leader().map(|l| l.name);
+        MonResponse::Status(Box::new(health::status(health::StatusInput {
+            map: &map,
+            mons,
+            leader_name,
+            answered_by: self.name.clone(),
+            osd_stats: &stats,
+        })))
+    }
+
+    /// Handles one request (other than Subscribe, which needs the connection).
+    pub async fn handle(&self, req: MonRequest) -> MonResponse {
+        let res = match req {
+            MonRequest::Ping => Ok(MonResponse::Pong(PongInfo {
+                fsid: self.fsid.clone(),
+                mon_id: self.consensus.my_id(),
+                name: self.name.clone(),
+                epoch: self.map().epoch,
+                leader: self.consensus.leader().map(|l| l.id),
+            })),
+            MonRequest::GetMap => Ok(MonResponse::Map(Box::new((*self.map()).clone()))),
+            MonRequest::Status => Ok(self.status().await),
+            MonRequest::OsdHeartbeat { id, uuid, stat } => self.heartbeat(id, &uuid, stat),
+            op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {
+                self.leader_op(op, false).await
+            }
+            MonRequest::Forward(op) => match *op {
+                op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {
+                    self.leader_op(op, true).await
+                }
+                other => Err(StoreError::invalid(format!("cannot forward {other:?}"))),
+            },
+            MonRequest::Raft { kind, body } => self
+                .consensus
+                .handle_peer_rpc(kind, &body)
+                .await
+                .map(MonResponse::Raft),
+            MonRequest::Subscribe { .. } => {
+                Err(StoreError::internal("subscribe handled by the connection"))
+            }
+        };
+        res.unwrap_or_else(MonResponse::Error)
+    }
+
+    /// The leader's duty loop: failure detection. Runs until the process ends.
+    pub async fn leader_duties(self: Arc<Self>, tick: Duration) {
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            interval.tick().await;
+            let leader = self.consensus.is_leader();
+            let map = self.map();
+            let cmds = match self.detector.lock() {
+                Ok(mut d) => {
+                    d.set_leader(leader, now_ms());
+                    d.tick(&map, now_ms())
+                }
+                Err(_) => Vec::new(),
+            };
+            for cmd in cmds {
+                match tokio::time::timeout(
+                    self.command_timeout,
+                    self.consensus.propose(cmd.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(out)) if out.changed => info!(epoch = out.epoch, "{}", out.message),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => debug!(?cmd, "failure detector proposal not applied: {e}"),
+                    Err(_) => warn!(?cmd, "failure detector proposal timed out (no quorum?)"),
+                }
+            }
+        }
+    }
+}
+
+/// Accepts connections until the listener fails.
+pub async fn serve<C: Consensus>(core: Arc<MonitorCore<C>>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let core = core.clone();
+                let span = tracing::debug_span!("conn", %peer);
+                tokio::spawn(connection(core, stream).instrument(span));
+            }
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) {
+    stream.set_nodelay(true).ok();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES));
+    let mut writer = FramedWrite::new(wr, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES));
+    let (tx, mut rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
+    let write_task = tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if writer.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    let slots = Arc::new(Semaphore::new(PER_CONN_CONCURRENCY));
+    while let Some(item) = reader.next().await {
+        let frame = match item {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(%peer, "closing connection: {e}");
+                break;
+            }
+        };
+        if frame.kind != FrameKind::Request {
+            warn!(%peer, "closing connection: expected a request frame, got {:?}", frame.kind);
+            break;
+        }
+        let req: MonRequest = match wire::decode_payload(&frame.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(%peer, "closing connection: undecodable request: {e}");
+                break;
+            }
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let core = core.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let MonRequest::Subscribe { have_epoch } = req {
+                reply(&tx, frame.tag, &MonResponse::Subscribed).await;
+                drop(_permit);
+                push_maps(core, tx, have_epoch).await;
+                return;
+            }
+            let resp = core.handle(req).await;
+            reply(&tx, frame.tag, &resp).await;
+        });
+    }
+    drop(tx);
+    // Let queued replies drain, but never wait on a stuck peer forever.
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+}
+
+async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &MonResponse) -> bool {
+    send(tx, FrameKind::Reply, tag, resp).await
+}
+
+async fn send(tx: &mpsc::Sender<Frame>, kind: FrameKind, tag: u64, resp: &MonResponse) -> bool {
+    match wire::encode_payload(resp) {
+        Ok(payload) => tx.send(Frame { kind, tag, payload }).await.is_ok(),
+        Err(e) => {
+            warn!("cannot encode reply: {e}");
+            false
+        }
+    }
+}
+
+/// Pushes every map newer than what the subscriber has, until the connection closes.
+async fn push_maps<C: Consensus>(
+    core: Arc<MonitorCore<C>>,
+    tx: mpsc::Sender<Frame>,
+    mut have: u64,
+) {
+    let mut rx = core.consensus.map();
+    loop {
+        let map = rx.borrow_and_update().clone();
+        if map.epoch > have {
+            have = map.epoch;
+            if !send(
+                &tx,
+                FrameKind::Push,
+                0,
+                &MonResponse::Map(Box::new((*map).clone())),
+            )
+            .await
+            {
+                return;
+            }
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! `storectl cluster up/down`: a local cluster of real `stored` processes on 127.0.0.1.
+//!
+//! Layout of DIR: `store.conf`, `mon.NAME/` (monitor stores), `osd-devN/` (OSD data),
+//! `log/` (one log per daemon), `run/` (one pid file per daemon). `up` on a DIR that already
+//! has a cluster restarts its stopped daemons with their data; `down` stops them by pid.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use store_client::{MonClient, MonClientOptions};
+use store_types::config::{default_mon_name, Config};
+use store_types::msg::Severity;
+
+use crate::output::print_json;
+use crate::Format;
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCmd {
+    /// Start (or restart) a local cluster and wait for HEALTH_OK.
+    Up {
+        /// Directory for the conf file, data, logs and pids.
+        #[arg(long, default_value = "./store-cluster")]
+        dir: PathBuf,
+        /// Number of monitors (1, 3 or 5 recommended).
+        #[arg(long, default_value_t = 3)]
+        mons: u32,
+        /// Number of OSDs; each gets its own simulated host (node1, node2, ...).
+        #[arg(long, default_value_t = 3)]
+        osds: u32,
+        /// Give up waiting for HEALTH_OK after this many seconds.
+        #[arg(long = "timeout-secs", default_value_t = 120)]
+        timeout_secs: u64,
+    },
+    /// Stop every daemon of a local cluster.
+    Down {
+        #[arg(long, default_value = "./store-cluster")]
+        dir: PathBuf,
+    },
+}
+
+pub async fn run(format: Format, cmd: &ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Up {
+            dir,
+            mons,
+            osds,
+            timeout_secs,
+        } => {
+            up(
+                format,
+                dir,
+                *mons,
+                *osds,
+                Duration::from_secs(*timeout_secs),
+            )
+            .await
+        }
+        ClusterCmd::Down { dir } => down(format, dir),
+    }
+}
+
+/// The `stored` binary next to this `storectl`, else on PATH.
+fn stored_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("stored")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("stored"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn write_conf(dir: &Path, mons: u32) -> anyhow::Result<()> {
+    let names: Vec<String> = (0..mons as usize).map(default_mon_name).collect();
+    let mut addrs = Vec::new();
+    for _ in 0..mons {
+        addrs.push(format!("127.0.0.1:{}", free_port()?));
+    }
+    let conf = format!(
+        "# Local cluster written by `storectl cluster up`.\n\
+         [global]\n\
+         fsid = {}\n\
+         mon_initial_members = {}\n\
+         mon_host = {}\n\
+         \n\
+         [mon]\n\
+         mon_data = $cluster_dir/mon.$id\n\
+         osd_heartbeat_grace = 20\n\
+         mon_osd_down_out_interval = 600\n\
+         \n\
+         [osd]\n\
+         osd_heartbeat_interval = 2\n",
+        uuid::Uuid::new_v4(),
+        names.join(", "),
+        addrs.join(", ")
+    );
+    std::fs::write(dir.join("store.conf"), conf).context("writing store.conf")?;
+    Ok(())
+}
+
+/// A daemon of the local cluster: its name (for pid and log files) and arguments.
+struct Daemon {
+    name: String,
+    args: Vec<String>,
+}
+
+fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> {
+    let conf_path = dir.join("store.conf").display().to_string();
+    let mut out: Vec<Daemon> = conf
+        .mons()?
+        .into_iter()
+        .map(|m| Daemon {
+            name: format!("mon.{}", m.name),
+            args: vec![
+                "--conf".into(),
+                conf_path.clone(),
+                "mon".into(),
+                "--id".into(),
+                m.name,
+            ],
+        })
+        .collect();
+    // Keep the OSD count of an existing cluster.
+    let existing = (0..)
+        .take_while(|i| dir.join(format!("osd-dev{i}")).exists())
+        .count() as u32;
+    for i in 0..osds.max(existing) {
+        out.push(Daemon {
+            name: format!("osd-dev{i}"),
+            args: vec![
+                "--conf".into(),
+                conf_path.clone(),
+                "osd".into(),
+                "--data".into(),
+                dir.join(format!("osd-dev{i}")).display().to_string(),
+                "--host".into(),
+                format!("node{}", i + 1),
+            ],
+        });
+    }
+    Ok(out)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("stored"))
+        .unwrap_or(false)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn start(dir: &Path, d: &Daemon) -> anyhow::Result<Option<u32>> {
+    let pid_file = dir.join("run").join(format!("{}.pid", d.name));
+    if read_pid(&pid_file).is_some_and(pid_alive) {
+        return Ok(None);
+    }
+    let log_path = dir.join("log").join(format!("{}.log", d.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(stored_bin())
+        .args(&d.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {} ({})", d.name, stored_bin().display()))?;
+    std::fs::write(&pid_file, child.id().to_string())?;
+    Ok(Some(child.id()))
+}
+
+async fn up(
+    format: Format,
+    dir: &Path,
+    mons: u32,
+    osds: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if mons == 0 || mons > 7 {
+        bail!("--mons {mons}: use 1 to 7 monitors (1, 3 or 5 recommended)");
+    }
+    if osds > 64 {
+        bail!("--osds {osds}: at most 64 OSDs in a local cluster");
+    }
+    std::fs::create_dir_all(dir.join("log"))?;
+    std::fs::create_dir_all(dir.join("run"))?;
+    let dir = dir.canonicalize()?;
+    let conf_path = dir.join("store.conf");
+    let fresh = !conf_path.exists();
+    if fresh {
+        write_conf(&dir, mons)?;
+    }
+    let conf = Config::load(Some(&conf_path))?;
+    let list = daemons(&conf, &dir, osds)?;
+    let mut started = Vec::new();
+    for d in &list {
+        if let Some(pid) = start(&dir, d)? {
+            started.push((d.name.clone(), pid));
+        }
+    }
+    let addrs = conf.mons()?.into_iter().map(|m| m.addr).collect();
+    let client = MonClient::new(addrs, MonClientOptions::default());
+    let bar = (format == Format::Plain).then(|| {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let t0 = Instant::now();
+    let want_osds = list.iter().filter(|d| d.name.starts_with("osd")).count();
+    let status = loop {
+        let msg = match client.status().await {
+            Ok(s) if s.health == Severity::Ok && s.num_up_osds >= want_osds => break s,
+            Ok(s) => {
+                let codes: Vec<&str> = s.checks.keys().map(String::as_str).collect();
+                format!(
+                    "{}: {} of {} OSDs up, quorum [{}] {}",
+                    s.health.as_str(),
+                    s.num_up_osds,
+                    want_osds,
+                    s.quorum_names.join(","),
+                    codes.join(" ")
+                )
+            }
+            Err(e) => format!("waiting for monitors: {}", e.message),
+        };
+        if let Some(b) = &bar {
+            b.set_message(msg.clone());
+        }
+        if t0.elapsed() > timeout {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            bail!(
+                "cluster in {} did not reach HEALTH_OK within {} s: {msg}; see logs in {}/log",
+                dir.display(),
+                timeout.as_secs(),
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let conf_str = conf_path.display().to_string();
+    match format {
+        Format::Json => print_json(&json!({
+            "dir": dir, "conf": conf_str, "fsid": status.fsid, "health": status.health.as_str(),
+            "mons": status.mons.iter().map(|m| json!({"name": m.name, "addr": m.addr})).collect::<Vec<_>>(),
+            "num_osds": status.num_osds,
+            "started": started.iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
+            "seconds": t0.elapsed().as_secs_f64(),
+        })),
+        Format::Plain => {
+            println!(
+                "cluster {} is HEALTH_OK after {:.1} s: {} monitors ({}), {} OSDs",
+                status.fsid,
+                t0.elapsed().as_secs_f64(),
+                status.mons.len(),
+                status.quorum_names.join(","),
+                status.num_up_osds
+            );
+            println!(
+                "started {} daemons; logs in {}/log",
+                started.len(),
+                dir.display()
+            );
+            println!();
+            println!("next:");
+            println!("  export STORE_CONF={conf_str}");
+            println!("  storectl pool create vm-pool --size 3 --min_size 2");
+            println!("  storectl status");
+            println!("  storectl osd tree");
+            println!("  storectl cluster down --dir {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn down(format: Format, dir: &Path) -> anyhow::Result<()> {
+    let run = dir.join("run");
+    if !run.exists() {
+        bail!(
+            "{} has no run/ directory: not a local cluster dir",
+            dir.display()
+        );
+    }
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(&run)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "pid") {
+            if let Some(pid) = read_pid(&path).filter(|p| pid_alive(*p)) {
+                // SAFETY: plain kill(2) on a pid we verified runs `stored`.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                pids.push((path.clone(), pid));
+            } else {
+                std::fs::remove_file(&path).ok();
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && pids.iter().any(|(_, p)| pid_alive(*p)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut killed = 0;
+    for (path, pid) in &pids {
+        if pid_alive(*pid) {
+            // SAFETY: as above; it did not stop on SIGTERM.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            killed += 1;
+        }
+        std::fs::remove_file(path).ok();
+    }
+    match format {
+        Format::Json => print_json(&json!({ "stopped": pids.len(), "killed": killed })),
+        Format::Plain => println!(
+            "stopped {} daemons{}",
+            pids.len(),
+            if killed > 0 {
+                format!(" ({killed} needed SIGKILL)")
+            } else {
+                String::new()
+            }
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! `storectl`: the admin CLI. Every command takes `--format json`.
+
+mod cluster;
+mod crush;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use store_client::{MonClient, MonClientOptions};
+use store_types::config::Config;
+use store_types::map::{FailureDomain, Flag};
+use store_types::msg::{CommandOutcome, MapCommand, MonMembership, MonRequest, MonResponse};
+use store_types::StoreError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Plain,
+    Json,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "storectl",
+    version,
+    about = "Administer the distributed block store"
+)]
+pub struct Cli {
+    /// Path to store.conf (else $STORE_CONF, ./store.conf, /etc/store/store.conf).
+    #[arg(long, global = true)]
+    conf: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "plain")]
+    format: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cluster status: health, monitors, OSDs, pools, PGs, usage.
+    Status,
+    /// Health summary, or every check's detail.
+    Health {
+        #[arg(value_parser = ["detail"])]
+        detail: Option<String>,
+    },
+    /// Pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// OSDs.
+    #[command(subcommand)]
+    Osd(OsdCmd),
+    /// Monitors.
+    #[command(subcommand)]
+    Mon(MonCmd),
+    /// CRUSH placement tools.
+    #[command(subcommand)]
+    Crush(CrushCmd),
+    /// A local cluster of real processes on 127.0.0.1.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// Print the current cluster map.
+    Map,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Create a replicated pool.
+    Create {
+        name: String,
+        /// Number of replicas.
+        #[arg(long, default_value_t = 3)]
+        size: u32,
+        /// Fewest replicas that must be up for I/O.
+        #[arg(long = "min_size", alias = "min-size", default_value_t = 2)]
+        min_size: u32,
+        /// Placement groups.
+        #[arg(long = "pg_num", alias = "pg-num", default_value_t = 128)]
+        pg_num: u32,
+        /// host or osd (default: host; osd when the cluster has a single host).
+        #[arg(long = "failure-domain", alias = "failure_domain")]
+        failure_domain: Option<FailureDomain>,
+    },
+    /// List pools.
+    Ls,
+    /// Show a pool's settings (all, or one key).
+    Get { name: String, key: Option<String> },
+    /// Change a pool setting: size, min_size, pg_num, failure_domain.
+    Set {
+        name: String,
+        key: String,
+        value: String,
+    },
+    /// Remove a pool and everything in it.
+    Rm {
+        name: String,
+        #[arg(long = "yes-i-really-mean-it")]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OsdCmd {
+    /// The CRUSH hierarchy with OSD states.
+    Tree,
+    /// Mark OSDs out: data moves off them.
+    Out { ids: Vec<u32> },
+    /// Mark OSDs in.
+    In { ids: Vec<u32> },
+    /// Set a cluster flag (noout, norebalance, nodown, noup, norecover, nobackfill).
+    Set { flag: Flag },
+    /// Unset a cluster flag.
+    Unset { flag: Flag },
+}
+
+#[derive(Subcommand)]
+enum MonCmd {
+    /// List monitors with quorum state.
+    Ls,
+    /// Add a monitor (start `stored mon --id NAME --addr ADDR` first, or right after).
+    Add { name: String, addr: String },
+    /// Remove a monitor.
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum CrushCmd {
+    /// Simulate a hierarchy and report utilisation and data movement (like crushtool --test).
+    Test(crush::CrushTestArgs),
+}
+
+fn connect(cli: &Cli) -> anyhow::Result<Arc<MonClient>> {
+    let conf = Config::load(cli.conf.as_deref())?;
+    let addrs = conf.mons()?.into_iter().map(|m| m.addr).collect();
+    Ok(MonClient::new(addrs, MonClientOptions::default()))
+}
+
+async fn command(cli: &Cli, cmd: MapCommand) -> anyhow::Result<()> {
+    let out = connect(cli)?.command(cmd).await.map_err(err)?;
+    print_outcome(cli.format, &out);
+    Ok(())
+}
+
+fn print_outcome(format: Format, out: &CommandOutcome) {
+    match format {
+        Format::Json => output::print_json(&serde_json::json!({
+            "message": out.message, "epoch": out.epoch, "changed": out.changed, "osd_id": out.osd_id,
+        })),
+        Format::Plain => println!("{}", out.message),
+    }
+}
+
+/// Errors from the cluster carry their code and the operator hint.
+fn err(e: StoreError) -> anyhow::Error {
+    anyhow::anyhow!(e.with_hint())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.cmd {
+        Cmd::Status => {
+            let s = connect(&cli)?.status().await.map_err(err)?;
+            output::status(cli.format, &s);
+        }
+        Cmd::Health { detail } => {
+            let s = connect(&cli)?.status().await.map_err(err)?;
+            output::health(cli.format, &s, detail.is_some());
+        }
+        Cmd::Map => {
+            let map = connect(&cli)?.get_map().await.map_err(err)?;
+            match cli.format {
+                Format::Json => output::print_json(&serde_json::to_value(&map)?),
+                Format::Plain => println!("{map:#?}"),
+            }
+        }
+        Cmd::Pool(p) => pool(&cli, p).await?,
+        Cmd::Osd(o) => osd(&cli, o).await?,
+        Cmd::Mon(m) => mon(&cli, m).await?,
+        Cmd::Crush(CrushCmd::Test(args)) => crush::test(cli.format, args)?,
+        Cmd::Cluster(c) => cluster::run(cli.format, c).await?,
+    }
+    Ok(())
+}
+
+async fn pool(cli: &Cli, p: &PoolCmd) -> anyhow::Result<()> {
+    match p {
+        PoolCmd::Create {
+            name,
+            size,
+            min_size,
+            pg_num,
+            failure_domain,
+        } => {
+            if min_size > size {
+                bail!("min_size {min_size} is larger than size {size}: need 1 <= min_size <= size");
+            }
+            let client = connect(cli)?;
+            let out = client
+                .command(MapCommand::PoolCreate {
+                    name: name.clone(),
+                    size: *size,
+                    min_size: *min_size,
+                    pg_num: *pg_num,
+                    failure_domain: *failure_domain,
+                })
+                .await
+                .map_err(err)?;
+            print_outcome(cli.format, &out);
+            // Accepted with a warning when the cluster has too few failure domains.
+            if cli.format == Format::Plain {
+                let map = client.get_map().await.map_err(err)?;
+                if let Some(pool) = map.pool_by_name(name) {
+                    let domains = map.failure_domains_available(pool.failure_domain);
+                    if (pool.size as usize) > domains {
+                        eprintln!(
+                            "warning: size {} exceeds the {} {} failure domain(s) with OSDs in: PGs stay undersized (POOL_SIZE_EXCEEDS_DOMAINS)",
+                            pool.size, domains, pool.failure_domain
+                        );
+                    }
+                }
+            }
+        }
+        PoolCmd::Ls => {
+            let map = connect(cli)?.get_map().await.map_err(err)?;
+            output::pools(cli.format, &map);
+        }
+        PoolCmd::Get { name, key } => {
+            let map = connect(cli)?.get_map().await.map_err(err)?;
+            let pool = map
+                .pool_by_name(name)
+                .with_context(|| format!("NOT_FOUND: pool '{name}' does not exist"))?;
+            output::pool_get(cli.format, pool, key.as_deref())?;
+        }
+        PoolCmd::Set { name, key, value } => {
+            command(
+                cli,
+                MapCommand::PoolSet {
+                    name: name.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                },
+            )
+            .await?
+        }
+        PoolCmd::Rm { name, yes } => {
+            if !yes {
+                bail!(
+                    "removing pool '{name}' destroys all its data: repeat with --yes-i-really-mean-it"
+                );
+            }
+            command(cli, MapCommand::PoolRm { name: name.clone() }).await?
+        }
+    }
+    Ok(())
+}
+
+async fn osd(cli: &Cli, o: &OsdCmd) -> anyhow::Result<()> {
+    match o {
+        OsdCmd::Tree => {
+            let map = connect(cli)?.get_map().await.map_err(err)?;
+            output::osd_tree(cli.format, &map);
+        }
+        OsdCmd::Out { ids } | OsdCmd::In { ids } if ids.is_empty() => {
+            bail!("name at least one OSD id")
+        }
+        OsdCmd::Out { ids } => command(cli, MapCommand::OsdOut { ids: ids.clone() }).await?,
+        OsdCmd::In { ids } => command(cli, MapCommand::OsdIn { ids: ids.clone() }).await?,
+        OsdCmd::Set { flag } => command(cli, MapCommand::SetFlag(*flag)).await?,
+        OsdCmd::Unset { flag } => command(cli, MapCommand::UnsetFlag(*flag)).await?,
+    }
+    Ok(())
+}
+
+async fn mon(cli: &Cli, m: &MonCmd) -> anyhow::Result<()> {
+    let client = connect(cli)?;
+    let req = match m {
+        MonCmd::Ls => {
+            let s = client.status().await.map_err(err)?;
+            output::mons(cli.format, &s);
+            return Ok(());
+        }
+        MonCmd::Add { name, addr } => {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                bail!("'{addr}' is not an IP:PORT address");
+            }
+            MonMembership::Add {
+                name: name.clone(),
+                addr: addr.clone(),
+            }
+        }
+        MonCmd::Rm { name } => MonMembership::Remove { name: name.clone() },
+    };
+    let timeout = std::time::Duration::from_secs(90);
+    match client
+        .request(&MonRequest::Membership(req), timeout)
+        .await
+        .map_err(err)?
+    {
+        MonResponse::Outcome(out) => print_outcome(cli.format, &out),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("storectl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `stored`: the one daemon binary. `stored mon` runs a monitor, `stored osd` an OSD.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use store_types::config::Config;
+use store_types::map::weight_from_f64;
+
+#[derive(Parser)]
+#[command(
+    name = "stored",
+    version,
+    about = "Daemons of the distributed block store"
+)]
+struct Cli {
+    /// Path to store.conf (else $STORE_CONF, ./store.conf, /etc/store/store.conf).
+    #[arg(long, global = true)]
+    conf: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a monitor.
+    Mon {
+        /// Monitor name, as in mon_initial_members (e.g. `a`).
+        #[arg(long)]
+        id: String,
+        /// Address to listen on, for a monitor not listed in mon_host (added later).
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// Run an OSD.
+    Osd {
+        /// The OSD's data directory (created and initialised when missing or empty).
+        #[arg(long)]
+        data: PathBuf,
+        /// CRUSH host bucket (default: this machine's hostname).
+        #[arg(long)]
+        host: Option<String>,
+        /// Address to serve on (default 127.0.0.1:0, a free port; use the node's address on a
+        /// real cluster).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: String,
+        /// CRUSH weight (conventionally the capacity in TiB).
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+    },
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let conf = Config::load(cli.conf.as_deref())?;
+    match cli.cmd {
+        Cmd::Mon { id, addr } => {
+            let settings = store_mon::MonitorSettings::from_conf(&conf, &id, addr)?;
+            store_mon::run(settings).await?;
+        }
+        Cmd::Osd {
+            data,
+            host,
+            addr,
+            weight,
+        } => {
+            if !(weight.is_finite() && weight > 0.0) {
+                bail!("--weight {weight}: must be a positive number");
+            }
+            let mons = conf.mons()?;
+            let interval_s: f64 = conf.get_parsed("osd", "osd_heartbeat_interval", 2.0)?;
+            if !(interval_s.is_finite() && interval_s > 0.0 && interval_s < 3600.0) {
+                bail!("osd_heartbeat_interval = {interval_s}: must be between 0 and 3600 seconds");
+            }
+            let settings = store_osd::OsdSettings {
+                fsid: conf.fsid()?,
+                data_dir: data,
+                host: host.unwrap_or_else(hostname),
+                addr,
+                weight: weight_from_f64(weight),
+                mon_addrs: mons.into_iter().map(|m| m.addr).collect(),
+                heartbeat_interval: Duration::from_secs_f64(interval_s),
+            };
+            store_osd::run(settings).await.context("osd")?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stored: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("stored: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Shared vocabulary of the store: the cluster map, configuration, the wire frame format
+//! and the error codes every crate speaks.
+//!
+//! This crate owns data types and their encodings only. It must not know about placement
+//! (CRUSH), consensus, sockets beyond the frame codec, or any storage engine.
+
+pub mod config;
+pub mod error;
+pub mod map;
+pub mod msg;
+pub mod wire;
+
+pub use error::{ErrorCode, StoreError};

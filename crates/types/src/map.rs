@@ -1,0 +1,286 @@
+//! The cluster map: the one replicated document the monitors agree on.
+//!
+//! Every change to it is one committed Raft entry and bumps [`ClusterMap::epoch`].
+//! Daemons and clients hold a copy and compare epochs to know whether theirs is current.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies an OSD. Assigned by the monitors at first boot, never reused while the OSD exists.
+pub type OsdId = u32;
+/// Identifies a pool. Assigned by the monitors, never reused.
+pub type PoolId = u32;
+/// Identifies a monitor; it is also the Raft node id.
+pub type MonId = u64;
+
+/// Fixed-point CRUSH weight: 0x10000 is 1.0 (as in Ceph), conventionally one TiB of capacity.
+pub type CrushWeight = u32;
+pub const WEIGHT_ONE: CrushWeight = 0x10000;
+
+/// Converts a fixed-point CRUSH weight to a float for display.
+pub fn weight_to_f64(w: CrushWeight) -> f64 {
+    w as f64 / WEIGHT_ONE as f64
+}
+
+/// Converts a float weight (e.g. from the CLI) to fixed point; negative and NaN become 0.
+pub fn weight_from_f64(w: f64) -> CrushWeight {
+    if w.is_nan() || w <= 0.0 {
+        0
+    } else {
+        (w * WEIGHT_ONE as f64).round().min(u32::MAX as f64) as CrushWeight
+    }
+}
+
+/// A monitor as the map knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonInfo {
+    pub id: MonId,
+    pub name: String,
+    pub addr: String,
+    /// False while a newly added monitor catches up as a Raft learner.
+    pub voter: bool,
+}
+
+/// An OSD as the map knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsdInfo {
+    pub id: OsdId,
+    /// Stable identity of the OSD's data device, so a re-registering OSD gets its old id back.
+    pub uuid: String,
+    /// Address the OSD serves clients and peers on.
+    pub addr: String,
+    /// The CRUSH host bucket it lives in.
+    pub host: String,
+    /// CRUSH weight (capacity), fixed point.
+    pub weight: CrushWeight,
+    pub up: bool,
+    /// `in` is a keyword: `is_in` says whether CRUSH may place data on it.
+    pub is_in: bool,
+    /// Epoch at which the OSD last went up.
+    pub up_from: u64,
+    /// Wall-clock milliseconds (as proposed by the monitor leader) when it was marked down.
+    pub down_stamp_ms: Option<u64>,
+}
+
+impl OsdInfo {
+    /// Eligible for CRUSH: in and with weight. (Down-but-in OSDs stay in the CRUSH result
+    /// and leave a hole in the up set, as in Ceph: that is what makes `noout` useful.)
+    pub fn crush_eligible(&self) -> bool {
+        self.is_in && self.weight > 0
+    }
+}
+
+/// The level at which a pool's replicas must differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FailureDomain {
+    Host,
+    Osd,
+}
+
+impl fmt::Display for FailureDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureDomain::Host => "host",
+            FailureDomain::Osd => "osd",
+        })
+    }
+}
+
+impl std::str::FromStr for FailureDomain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(FailureDomain::Host),
+            "osd" => Ok(FailureDomain::Osd),
+            other => Err(format!(
+                "unknown failure domain '{other}': expected 'host' or 'osd'"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub id: PoolId,
+    pub name: String,
+    pub size: u32,
+    pub min_size: u32,
+    pub pg_num: u32,
+    pub failure_domain: FailureDomain,
+    /// Epoch at which the pool was created.
+    pub created_epoch: u64,
+}
+
+/// Cluster-wide flags, as in `ceph osd set`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Flag {
+    /// Down OSDs are not marked out automatically.
+    NoOut,
+    /// No data moves for rebalancing (recovery of degraded data still runs).
+    NoRebalance,
+    /// Missed heartbeats do not mark OSDs down.
+    NoDown,
+    /// OSDs may not be marked up.
+    NoUp,
+    /// Recovery is paused.
+    NoRecover,
+    /// Backfill is paused.
+    NoBackfill,
+}
+
+impl Flag {
+    pub const ALL: [Flag; 6] = [
+        Flag::NoOut,
+        Flag::NoRebalance,
+        Flag::NoDown,
+        Flag::NoUp,
+        Flag::NoRecover,
+        Flag::NoBackfill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flag::NoOut => "noout",
+            Flag::NoRebalance => "norebalance",
+            Flag::NoDown => "nodown",
+            Flag::NoUp => "noup",
+            Flag::NoRecover => "norecover",
+            Flag::NoBackfill => "nobackfill",
+        }
+    }
+}
+
+impl fmt::Display for Flag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Flag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Flag::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Flag::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown flag '{s}': expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// A host bucket of the CRUSH hierarchy (root → host → osd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostBucket {
+    /// Negative, as CRUSH bucket ids are in Ceph; stable once assigned.
+    pub id: i32,
+    pub name: String,
+    /// OSD ids in this host, sorted.
+    pub osds: Vec<OsdId>,
+}
+
+/// The CRUSH hierarchy: one root (`default`, id -1) holding host buckets holding OSDs.
+/// Weights live on the OSDs; a host weighs the sum of its OSDs' CRUSH weights.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrushMap {
+    /// Host buckets by name.
+    pub hosts: BTreeMap<String, HostBucket>,
+    /// Next host bucket id to hand out (starts at -2; -1 is the root).
+    pub next_bucket_id: i32,
+}
+
+pub const CRUSH_ROOT_ID: i32 = -1;
+pub const CRUSH_ROOT_NAME: &str = "default";
+
+/// The replicated cluster map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Cluster id (Ceph's fsid).
+    pub fsid: String,
+    /// Bumped by every change.
+    pub epoch: u64,
+    pub mons: BTreeMap<MonId, MonInfo>,
+    pub osds: BTreeMap<OsdId, OsdInfo>,
+    pub crush: CrushMap,
+    pub pools: BTreeMap<PoolId, Pool>,
+    pub flags: BTreeSet<Flag>,
+    /// Blocklisted client sessions (filled by the gateway issue; kept here so the map format
+    /// does not change then).
+    pub blocklist: BTreeMap<String, u64>,
+    pub next_osd_id: OsdId,
+    pub next_pool_id: PoolId,
+}
+
+impl ClusterMap {
+    pub fn new(fsid: impl Into<String>) -> Self {
+        ClusterMap {
+            fsid: fsid.into(),
+            epoch: 0,
+            mons: BTreeMap::new(),
+            osds: BTreeMap::new(),
+            crush: CrushMap {
+                hosts: BTreeMap::new(),
+                next_bucket_id: -2,
+            },
+            pools: BTreeMap::new(),
+            flags: BTreeSet::new(),
+            blocklist: BTreeMap::new(),
+            next_osd_id: 0,
+            next_pool_id: 1,
+        }
+    }
+
+    pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
+        self.pools.values().find(|p| p.name == name)
+    }
+
+    pub fn has_flag(&self, flag: Flag) -> bool {
+        self.flags.contains(&flag)
+    }
+
+    /// CRUSH weight of a host bucket: the sum of its OSDs' weights.
+    pub fn host_weight(&self, host: &HostBucket) -> u64 {
+        host.osds
+            .iter()
+            .filter_map(|id| self.osds.get(id))
+            .map(|o| o.weight as u64)
+            .sum()
+    }
+
+    pub fn num_up_osds(&self) -> usize {
+        self.osds.values().filter(|o| o.up).count()
+    }
+
+    pub fn num_in_osds(&self) -> usize {
+        self.osds.values().filter(|o| o.is_in).count()
+    }
+
+    /// Number of distinct failure domains of the given type that hold at least one in OSD.
+    pub fn failure_domains_available(&self, domain: FailureDomain) -> usize {
+        match domain {
+            FailureDomain::Osd => self.osds.values().filter(|o| o.crush_eligible()).count(),
+            FailureDomain::Host => self
+                .crush
+                .hosts
+                .values()
+                .filter(|h| {
+                    h.osds
+                        .iter()
+                        .any(|id| self.osds.get(id).is_some_and(|o| o.crush_eligible()))
+                })
+                .count(),
+        }
+    }
+
+    /// Voting monitors (learners that are still catching up do not count).
+    pub fn voters(&self) -> impl Iterator<Item = &MonInfo> {
+        self.mons.values().filter(|m| m.voter)
+    }
+
+    /// Monitor quorum size: floor(n/2)+1 of the voting monitors.
+    pub fn quorum_size(&self) -> usize {
+        self.voters().count() / 2 + 1
+    }
+}

@@ -1,0 +1,192 @@
+//! Messages of the monitor protocol (clients, OSDs and monitors talking to a monitor).
+//!
+//! Every message travels inside a [`crate::wire::Frame`], whose header carries the protocol
+//! version. Raft's own RPCs travel as opaque bytes ([`MonRequest::Raft`]) so that this crate
+//! does not depend on the consensus library.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::map::{ClusterMap, FailureDomain, Flag, MonId, OsdId};
+
+/// A change to the cluster map. Each one that changes something is one Raft entry and one
+/// epoch. Validation happens when it is applied, so every monitor reaches the same verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapCommand {
+    /// An OSD boots: registers (first time, gets an id) or is marked up again.
+    OsdBoot {
+        uuid: String,
+        addr: String,
+        host: String,
+        weight: u32,
+    },
+    /// The leader's failure detector: OSDs whose heartbeats stopped.
+    OsdMarkDown {
+        ids: Vec<OsdId>,
+        now_ms: u64,
+    },
+    /// Mark OSDs out (by the operator, or automatically after the down-out interval).
+    OsdOut {
+        ids: Vec<OsdId>,
+    },
+    OsdIn {
+        ids: Vec<OsdId>,
+    },
+    SetFlag(Flag),
+    UnsetFlag(Flag),
+    PoolCreate {
+        name: String,
+        size: u32,
+        min_size: u32,
+        pg_num: u32,
+        /// None: `host`, or `osd` when the CRUSH map has a single host.
+        failure_domain: Option<FailureDomain>,
+    },
+    PoolSet {
+        name: String,
+        key: String,
+        value: String,
+    },
+    PoolRm {
+        name: String,
+    },
+}
+
+/// What a successfully applied command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    /// Epoch of the map after the command (unchanged if it was a no-op).
+    pub epoch: u64,
+    /// Whether the map changed.
+    pub changed: bool,
+    /// Human summary, e.g. "pool 'vm-pool' created (id 1)".
+    pub message: String,
+    /// For OsdBoot: the OSD's id.
+    pub osd_id: Option<OsdId>,
+}
+
+/// Per-OSD usage, reported with heartbeats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsdStat {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Monitor membership changes (through Raft's joint consensus).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonMembership {
+    Add { name: String, addr: String },
+    Remove { name: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MonRequest {
+    /// Liveness and identity of a monitor (also used between monitors for quorum checks).
+    Ping,
+    /// The current map, as this monitor has it.
+    GetMap,
+    /// Send the map now if newer than `have_epoch`, then every new epoch as a push.
+    Subscribe { have_epoch: u64 },
+    /// A map change: forwarded to the leader if needed.
+    Command(MapCommand),
+    /// The cluster status (health, quorum, counts), computed by the answering monitor.
+    Status,
+    /// OSD liveness report; sent to every monitor.
+    OsdHeartbeat {
+        id: OsdId,
+        uuid: String,
+        stat: OsdStat,
+    },
+    /// Add or remove a monitor.
+    Membership(MonMembership),
+    /// A leader operation (Command or Membership) forwarded by a follower monitor: the
+    /// receiver does not forward it again, so leadership changes cannot make a loop.
+    Forward(Box<MonRequest>),
+    /// A Raft RPC between monitors; the bytes are private to the monitor crate.
+    Raft { kind: u8, body: Vec<u8> },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MonResponse {
+    Pong(PongInfo),
+    Map(Box<ClusterMap>),
+    Subscribed,
+    Outcome(CommandOutcome),
+    Status(Box<StatusReport>),
+    HeartbeatAck { epoch: u64 },
+    Raft(Vec<u8>),
+    Error(StoreError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PongInfo {
+    pub fsid: String,
+    pub mon_id: MonId,
+    pub name: String,
+    pub epoch: u64,
+    pub leader: Option<MonId>,
+}
+
+/// Health severity, ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Severity {
+    Ok,
+    Warn,
+    Err,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Ok => "HEALTH_OK",
+            Severity::Warn => "HEALTH_WARN",
+            Severity::Err => "HEALTH_ERR",
+        }
+    }
+}
+
+/// One active health check, as in `ceph health detail`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub severity: Severity,
+    pub summary: String,
+    pub detail: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonStatus {
+    pub id: MonId,
+    pub name: String,
+    pub addr: String,
+    /// Whether the answering monitor could reach it just now.
+    pub reachable: bool,
+    /// Why not, if not.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub fsid: String,
+    pub epoch: u64,
+    pub health: Severity,
+    /// Check code (e.g. `OSD_DOWN`) → check.
+    pub checks: BTreeMap<String, HealthCheck>,
+    pub mons: Vec<MonStatus>,
+    /// Names of the monitors in quorum; empty without quorum.
+    pub quorum_names: Vec<String>,
+    pub leader_name: Option<String>,
+    /// Name of the monitor that answered.
+    pub answered_by: String,
+    pub num_osds: usize,
+    pub num_up_osds: usize,
+    pub num_in_osds: usize,
+    pub num_pools: usize,
+    pub num_pgs: u64,
+    /// PG state string (e.g. `active+clean`) → count.
+    pub pgs_by_state: BTreeMap<String, u64>,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub flags: Vec<String>,
+}
