@@ -200,11 +200,20 @@ pub async fn run(settings: MonitorSettings) -> Result<(), StoreError> {
     );
     tokio::spawn(server::serve(core.clone(), listener));
     tokio::spawn(core.clone().leader_duties(Duration::from_millis(500)));
-    // Exit once a committed membership no longer includes us.
+    // Exit once a committed membership no longer includes us. The leader stops replicating
+    // to a removed monitor, so it may never apply its own removal: also ask the leader.
     let mut was_member = map_rx.borrow().mons.contains_key(&id);
+    let mut check = tokio::time::interval(Duration::from_secs(2));
     loop {
-        if map_rx.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = map_rx.changed() => if changed.is_err() { break },
+            _ = check.tick() => {
+                if was_member && removed_per_leader(&core, id).await {
+                    info!("mon.{} was removed from the monitor cluster (per the leader); exiting", settings.name);
+                    break;
+                }
+                continue;
+            }
         }
         let member = map_rx.borrow().mons.contains_key(&id);
         if was_member && !member {
@@ -218,6 +227,19 @@ pub async fn run(settings: MonitorSettings) -> Result<(), StoreError> {
     }
     core.consensus.shutdown().await;
     Ok(())
+}
+
+/// Whether the leader's map, newer than ours, no longer lists monitor `id`.
+async fn removed_per_leader(core: &Core, id: u64) -> bool {
+    let Some(leader) = core.consensus.leader().filter(|l| l.id != id) else {
+        return false;
+    };
+    let ours = core.consensus.map().borrow().epoch;
+    let client = store_client::MonClient::new(vec![leader.addr], Default::default());
+    match client.get_map().await {
+        Ok(map) => map.fsid == core.fsid && map.epoch > ours && !map.mons.contains_key(&id),
+        Err(_) => false,
+    }
 }
 
 /// For callers that want the core (tests, embedding).

@@ -123,6 +123,13 @@ impl<C: Consensus> MonitorCore<C> {
             .iter()
             .filter(|p| map.mons.get(&p.id).is_some_and(|m| m.voter))
             .collect();
+        if voters.is_empty() {
+            return Err(StoreError::new(
+                ErrorCode::NoQuorum,
+                "the monitor cluster has not formed yet (no membership committed): \
+                 waiting for a majority of mon_initial_members to start",
+            ));
+        }
         let up = voters.iter().filter(|p| p.reachable).count();
         let need = voters.len() / 2 + 1;
         if up >= need {
@@ -152,7 +159,12 @@ impl<C: Consensus> MonitorCore<C> {
         op: MonRequest,
         forwarded: bool,
     ) -> Result<MonResponse, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        // Adding a monitor waits for it to catch up; everything else is quick.
+        let budget = match &op {
+            MonRequest::Membership(_) => self.command_timeout + self.mon_catch_up,
+            _ => self.command_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + budget;
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero() {
@@ -161,7 +173,7 @@ impl<C: Consensus> MonitorCore<C> {
                     ErrorCode::Timeout,
                     format!(
                         "map change not committed within {} s (the leader may be changing); it may still apply",
-                        self.command_timeout.as_secs()
+                        budget.as_secs()
                     ),
                 ));
             }

@@ -159,3 +159,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn oversized_pool_is_capped_by_failure_domains() {
+    let map = common::golden_map();
+    // 4 hosts; 10 eligible OSDs (osd.4 is out, osd.10 weighs 0).
+    let host_pool = common::pool(9, u32::MAX, 4, FailureDomain::Host);
+    let osd_pool = common::pool(9, u32::MAX, 4, FailureDomain::Osd);
+    for seed in 0..4 {
+        assert_eq!(map_pg(&map, &host_pool, PgId::new(9, seed)).raw.len(), 4);
+        assert_eq!(map_pg(&map, &osd_pool, PgId::new(9, seed)).raw.len(), 10);
+    }
+}
+
+#[test]
+fn empty_and_zero_size_maps_give_empty_mappings() {
+    let empty = common::build_map(0, &[]);
+    let pool = common::pool(1, 3, 4, FailureDomain::Host);
+    assert_eq!(map_pg(&empty, &pool, PgId::new(1, 0)), PgMapping::default());
+    let zero = common::pool(1, 0, 4, FailureDomain::Osd);
+    assert_eq!(
+        map_pg(&common::golden_map(), &zero, PgId::new(1, 0)),
+        PgMapping::default()
+    );
+}

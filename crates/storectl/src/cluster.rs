@@ -13,7 +13,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use store_client::{MonClient, MonClientOptions};
 use store_types::config::{default_mon_name, Config};
-use store_types::msg::Severity;
 
 use crate::output::print_json;
 use crate::Format;
@@ -235,7 +234,14 @@ async fn up(
     let want_osds = list.iter().filter(|d| d.name.starts_with("osd")).count();
     let status = loop {
         let msg = match client.status().await {
-            Ok(s) if s.health == Severity::Ok && s.num_up_osds >= want_osds => break s,
+            // Flags an operator set (e.g. noout) are not a reason to keep waiting.
+            Ok(s)
+                if s.num_up_osds >= want_osds
+                    && !s.quorum_names.is_empty()
+                    && s.checks.keys().all(|c| c == "OSDMAP_FLAGS") =>
+            {
+                break s
+            }
             Ok(s) => {
                 let codes: Vec<&str> = s.checks.keys().map(String::as_str).collect();
                 format!(
@@ -279,8 +285,9 @@ async fn up(
         })),
         Format::Plain => {
             println!(
-                "cluster {} is HEALTH_OK after {:.1} s: {} monitors ({}), {} OSDs",
+                "cluster {} is {} after {:.1} s: {} monitors ({}), {} OSDs",
                 status.fsid,
+                status.health.as_str(),
                 t0.elapsed().as_secs_f64(),
                 status.mons.len(),
                 status.quorum_names.join(","),

@@ -62,7 +62,7 @@ fn hostname() -> String {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
