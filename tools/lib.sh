@@ -7,7 +7,7 @@
 set -euo pipefail
 
 # Needed to compile the workspace (RocksDB is built from source with bindgen).
-STORE_BUILD_DEPS=(libclang-dev clang pkg-config build-essential)
+STORE_BUILD_DEPS=(libclang-dev pkg-config build-essential)
 # Needed by the tests (qemu-img, NBD client tools and bindings, fio, ip/tc).
 STORE_TEST_DEPS=(qemu-utils libnbd-bin python3-libnbd fio iproute2)
 

@@ -114,7 +114,7 @@ fn mon_checks(input: &StatusInput, checks: &mut BTreeMap<String, HealthCheck>) -
             ),
         );
     }
-    if n > 0 && n % 2 == 0 {
+    if n > 0 && n.is_multiple_of(2) {
         checks.insert(
             "EVEN_MONITOR_COUNT".into(),
             check(

@@ -197,7 +197,7 @@ pub fn mons(format: Format, s: &StatusReport) {
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(header.iter().map(|h| Cell::new(h)));
+    t.set_header(header.iter().map(Cell::new));
     t
 }
 

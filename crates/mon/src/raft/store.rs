@@ -9,6 +9,9 @@
 //! machine is written through RocksDB's WAL without fsync: it can always be rebuilt from the
 //! durable log and committed index. Every record carries a format version.
 
+// openraft's trait methods return its StorageError by value; our helpers return the same.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
