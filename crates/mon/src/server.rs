@@ -390,6 +390,7 @@ async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) 
         }
     });
     let slots = Arc::new(Semaphore::new(PER_CONN_CONCURRENCY));
+    let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(item) = reader.next().await {
         let frame = match item {
             Ok(f) => f,
@@ -409,26 +410,52 @@ async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) 
                 break;
             }
         };
+        if let MonRequest::Subscribe { have_epoch } = req {
+            // One subscription per connection: its pushes share the connection's writer.
+            if subscription.is_some() {
+                let e = StoreError::invalid("this connection is already subscribed");
+                reply(&tx, frame.tag, &MonResponse::Error(e)).await;
+                continue;
+            }
+            reply(&tx, frame.tag, &MonResponse::Subscribed).await;
+            subscription = Some(tokio::spawn(push_maps(core.clone(), tx.clone(), have_epoch)));
+            continue;
+        }
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
         let core = core.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let MonRequest::Subscribe { have_epoch } = req {
-                reply(&tx, frame.tag, &MonResponse::Subscribed).await;
-                drop(_permit);
-                push_maps(core, tx, have_epoch).await;
-                return;
+        let span = tracing::debug_span!("request", tag = frame.tag, kind = request_kind(&req));
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let resp = core.handle(req).await;
+                reply(&tx, frame.tag, &resp).await;
             }
-            let resp = core.handle(req).await;
-            reply(&tx, frame.tag, &resp).await;
-        });
+            .instrument(span),
+        );
+    }
+    if let Some(sub) = subscription {
+        sub.abort();
     }
     drop(tx);
     // Let queued replies drain, but never wait on a stuck peer forever.
     let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+}
+
+fn request_kind(req: &MonRequest) -> &'static str {
+    match req {
+        MonRequest::Ping => "ping",
+        MonRequest::GetMap => "get_map",
+        MonRequest::Subscribe { .. } => "subscribe",
+        MonRequest::Command(_) => "command",
+        MonRequest::Status => "status",
+        MonRequest::OsdHeartbeat { .. } => "osd_heartbeat",
+        MonRequest::Membership(_) => "membership",
+        MonRequest::Forward(_) => "forward",
+        MonRequest::Raft { .. } => "raft",
+    }
 }
 
 async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &MonResponse) -> bool {

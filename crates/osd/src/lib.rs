@@ -5,6 +5,7 @@
 //! and re-booting when the map wrongly says it is down. Object storage and replication join
 //! it with the replicated I/O issue. It must not know how monitors agree or how CRUSH maps.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use store_types::msg::{MapCommand, MonRequest, MonResponse, OsdStat};
 use store_types::wire::{decode_record, encode_record, DEFAULT_MAX_FRAME_BYTES};
 use store_types::{ErrorCode, StoreError};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 const META_FILE: &str = "osd_meta";
@@ -151,10 +153,10 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     }
     info!(osd = id, %addr, host = %settings.host, "osd booted");
     let settings = Arc::new(settings);
-    tokio::spawn(heartbeat_loop(id, meta.uuid.clone(), settings.clone()));
     // Follow the map; if it says we are down while we run, boot again (Ceph's
     // "wrongly marked me down").
     let mut maps = mons.subscribe();
+    tokio::spawn(heartbeat_loop(id, meta.uuid.clone(), settings.clone(), maps.clone()));
     loop {
         if maps.changed().await.is_err() {
             return Err(StoreError::internal("map subscription ended"));
@@ -220,42 +222,51 @@ async fn boot(
     }
 }
 
-/// Heartbeats every monitor, so whichever leads has fresh data.
-async fn heartbeat_loop(id: u32, uuid: String, s: Arc<OsdSettings>) {
-    let mut conns: Vec<Option<RpcConn>> = vec![None; s.mon_addrs.len()];
+/// Heartbeats every monitor (those in the map, plus mon_host), so whichever leads has
+/// fresh data.
+async fn heartbeat_loop(
+    id: u32,
+    uuid: String,
+    s: Arc<OsdSettings>,
+    maps: watch::Receiver<Option<Arc<ClusterMap>>>,
+) {
+    let mut conns: HashMap<String, RpcConn> = HashMap::new();
     let mut tick = tokio::time::interval(s.heartbeat_interval);
+    let timeout = s.heartbeat_interval.max(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        let stat = fs_stat(&s.data_dir);
+        let mut addrs: BTreeSet<String> = s.mon_addrs.iter().cloned().collect();
+        if let Some(map) = maps.borrow().as_ref() {
+            addrs.extend(map.mons.values().map(|m| m.addr.clone()));
+        }
+        conns.retain(|a, c| addrs.contains(a) && !c.is_closed());
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
-            stat,
+            stat: fs_stat(&s.data_dir),
         };
-        let sends = s
-            .mon_addrs
-            .iter()
-            .zip(conns.iter_mut())
-            .map(|(addr, slot)| {
-                let req = &req;
-                let timeout = s.heartbeat_interval.max(Duration::from_millis(200));
-                async move {
-                    if slot.as_ref().is_none_or(|c| c.is_closed()) {
-                        *slot = RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES)
-                            .await
-                            .ok()
-                            .map(|(c, _)| c);
-                    }
-                    if let Some(c) = slot.as_ref() {
-                        match c.call::<_, MonResponse>(req, timeout).await {
-                            Ok(MonResponse::Error(e)) => debug!(%addr, "heartbeat refused: {e}"),
-                            Ok(_) => {}
-                            Err(e) => debug!(%addr, "heartbeat failed: {e}"),
-                        }
-                    }
+        let sends = addrs.iter().map(|addr| {
+            let existing = conns.get(addr).cloned();
+            let req = &req;
+            async move {
+                let conn = match existing {
+                    Some(c) => c,
+                    None => RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES)
+                        .await
+                        .ok()
+                        .map(|(c, _)| c)?,
+                };
+                match conn.call::<_, MonResponse>(req, timeout).await {
+                    Ok(MonResponse::Error(e)) => debug!(%addr, "heartbeat refused: {e}"),
+                    Ok(_) => {}
+                    Err(e) => debug!(%addr, "heartbeat failed: {e}"),
                 }
-            });
-        futures::future::join_all(sends).await;
+                Some((addr.clone(), conn))
+            }
+        });
+        for (addr, conn) in futures::future::join_all(sends).await.into_iter().flatten() {
+            conns.insert(addr, conn);
+        }
     }
 }
 

@@ -300,6 +300,9 @@ async fn up(
             );
             println!();
             println!("next:");
+            if let Some(bin) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+                println!("  export PATH={}:$PATH", bin.display());
+            }
             println!("  export STORE_CONF={conf_str}");
             println!("  storectl pool create vm-pool --size 3 --min_size 2");
             println!("  storectl status");

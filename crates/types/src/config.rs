@@ -8,7 +8,7 @@
 //!
 //! [mon]
 //! mon_data = /var/lib/store/mon/$id
-//! mon_osd_down_grace_secs = 20
+//! osd_heartbeat_grace = 20
 //!
 //! [osd.0]
 //! osd_data = /var/lib/store/osd/0
