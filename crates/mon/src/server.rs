@@ -418,7 +418,11 @@ async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) 
                 continue;
             }
             reply(&tx, frame.tag, &MonResponse::Subscribed).await;
-            subscription = Some(tokio::spawn(push_maps(core.clone(), tx.clone(), have_epoch)));
+            subscription = Some(tokio::spawn(push_maps(
+                core.clone(),
+                tx.clone(),
+                have_epoch,
+            )));
             continue;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {

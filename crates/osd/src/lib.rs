@@ -156,7 +156,12 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     // Follow the map; if it says we are down while we run, boot again (Ceph's
     // "wrongly marked me down").
     let mut maps = mons.subscribe();
-    tokio::spawn(heartbeat_loop(id, meta.uuid.clone(), settings.clone(), maps.clone()));
+    tokio::spawn(heartbeat_loop(
+        id,
+        meta.uuid.clone(),
+        settings.clone(),
+        maps.clone(),
+    ));
     loop {
         if maps.changed().await.is_err() {
             return Err(StoreError::internal("map subscription ended"));

@@ -300,7 +300,10 @@ async fn up(
             );
             println!();
             println!("next:");
-            if let Some(bin) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+            if let Some(bin) = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
                 println!("  export PATH={}:$PATH", bin.display());
             }
             println!("  export STORE_CONF={conf_str}");

@@ -36,9 +36,10 @@ enum Cmd {
     },
     /// Run an OSD.
     Osd {
-        /// The OSD's data directory (created and initialised when missing or empty).
+        /// The OSD's data directory (created and initialised when missing or empty);
+        /// default: `osd_data` from the [osd] section of store.conf.
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// CRUSH host bucket (default: this machine's hostname).
         #[arg(long)]
         host: Option<String>,
@@ -86,6 +87,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !(weight.is_finite() && weight > 0.0) {
                 bail!("--weight {weight}: must be a positive number");
             }
+            let data = match data {
+                Some(d) => d,
+                None => PathBuf::from(conf.get("osd", "osd_data").context(
+                    "no OSD data dir: pass --data DIR or set osd_data in the [osd] section of store.conf",
+                )?),
+            };
             let mons = conf.mons()?;
             let interval_s: f64 = conf.get_parsed("osd", "osd_heartbeat_interval", 2.0)?;
             if !(interval_s.is_finite() && interval_s > 0.0 && interval_s < 3600.0) {

@@ -1,0 +1,135 @@
+//! The OSD's object store: objects on one data device, metadata in RocksDB.
+//!
+//! Owns: the data device (io_uring or pread/pwrite, O_DIRECT), block allocation, the block
+//! map (object → device blocks, crc32c per 4 KiB block) and object metadata. It must not
+//! know about placement, replication, peers or the network; the [`ObjectStore`] trait has no
+//! RocksDB type in its signature so another metadata engine can sit behind it.
+//!
+//! Crash safety is copy-on-write: a write goes to free blocks, is durable (O_DSYNC) before
+//! the metadata that points to it commits in one synced RocksDB batch, and the old blocks
+//! are freed only after that commit. A crash at any point leaves every block of an object
+//! holding either its old or its new content. See docs/objstore.md.
+
+pub mod aligned;
+pub mod alloc;
+pub mod device;
+pub mod store;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use store::{BlockStore, Identity};
+
+/// The unit of checksums, allocation and device I/O.
+pub const BLOCK_SIZE: usize = 4096;
+/// Largest object.
+pub const MAX_OBJECT_BYTES: u64 = 64 << 20;
+/// Largest single read or write.
+pub const MAX_IO_BYTES: usize = 16 << 20;
+
+/// An object: its name within a placement group of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub pool: u32,
+    pub pg: u32,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:x}/{}", self.pool, self.pg, self.name)
+    }
+}
+
+/// Version of an object: (map epoch, sequence in its PG), as the primary assigns it.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Version {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectStat {
+    pub size: u64,
+    pub version: Version,
+    /// Bytes of device space the object uses (thin: holes take none).
+    pub allocated_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub objects: u64,
+    /// Checksum mismatches seen by reads since the store was opened.
+    pub checksum_errors: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjError {
+    #[error("no space left on the device: need {need_blocks} blocks, {free_blocks} free")]
+    NoSpace { need_blocks: u64, free_blocks: u64 },
+    #[error("checksum mismatch in {object} block {block}: the copy on this device is damaged")]
+    Checksum { object: String, block: u64 },
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("stale version {got:?} for {object}: it is at {have:?}")]
+    StaleVersion {
+        object: String,
+        got: Version,
+        have: Version,
+    },
+    #[error("device I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metadata store: {0}")]
+    Metadata(String),
+    #[error("refusing to open: {0}")]
+    Refused(String),
+}
+
+/// What every object store backend provides. The conformance suite (tests/conformance.rs)
+/// runs against each.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Writes `data` at `offset`, creating the object if needed; durable on return.
+    fn write(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        data: Bytes,
+        version: Version,
+    ) -> impl Future<Output = Result<(), ObjError>> + Send;
+    /// Reads up to `len` bytes at `offset` (short at the end of the object; holes are zeros).
+    fn read(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Bytes, ObjError>> + Send;
+    /// Zeroes a range, freeing every whole block in it; durable on return.
+    fn zero(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: u64,
+        version: Version,
+    ) -> impl Future<Output = Result<(), ObjError>> + Send;
+    fn stat(
+        &self,
+        id: &ObjectId,
+    ) -> impl Future<Output = Result<Option<ObjectStat>, ObjError>> + Send;
+    /// Removes the object and frees its space; false if it did not exist.
+    fn delete(&self, id: &ObjectId) -> impl Future<Output = Result<bool, ObjError>> + Send;
+    /// Names of a PG's objects, in order.
+    fn list(
+        &self,
+        pool: u32,
+        pg: u32,
+    ) -> impl Future<Output = Result<Vec<String>, ObjError>> + Send;
+    fn usage(&self) -> Usage;
+}

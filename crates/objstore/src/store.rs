@@ -1,0 +1,713 @@
+//! [`BlockStore`]: the object store on a block device with RocksDB metadata.
+//!
+//! Device layout: block 0 holds the superblock (identity, size); every other block is data.
+//! RocksDB column families:
+//! - `meta`: the identity record (must match the superblock);
+//! - `objects`: object key → `ObjMeta` (size, version);
+//! - `blocks`: object key + logical block (u32 BE) → `BlockRef` (device block, crc32c).
+//!
+//! Object keys are `pool u32 BE | pg u32 BE | name length u16 BE | name`, so one PG's
+//! objects, and one object's blocks, are contiguous key ranges.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+use store_types::wire::{decode_record, encode_record};
+use tokio::sync::RwLock;
+
+use crate::aligned::AlignedBuf;
+use crate::alloc::{Allocator, Extent};
+use crate::device::BlockDevice;
+use crate::{
+    ObjError, ObjectId, ObjectStat, ObjectStore, Usage, Version, BLOCK_SIZE, MAX_IO_BYTES,
+    MAX_OBJECT_BYTES,
+};
+
+const CF_META: &str = "meta";
+const CF_OBJECTS: &str = "objects";
+const CF_BLOCKS: &str = "blocks";
+const RECORD_V: u16 = 1;
+const KEY_IDENTITY: &[u8] = b"identity";
+const SUPERBLOCK_MAGIC: [u8; 8] = *b"STOREDEV";
+/// Object locks are striped: bounded memory, and distinct objects rarely share a stripe.
+const LOCK_STRIPES: usize = 1024;
+
+/// Who a device and its metadata belong to. Written to the superblock and to RocksDB at
+/// creation; both must match at every open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub fsid: String,
+    pub osd_uuid: String,
+    pub device_blocks: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct ObjMeta {
+    size: u64,
+    version: Version,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct BlockRef {
+    device_block: u64,
+    crc: u32,
+}
+
+pub struct BlockStore<D: BlockDevice> {
+    dev: D,
+    db: Arc<DB>,
+    alloc: Mutex<Allocator>,
+    locks: Vec<RwLock<()>>,
+    objects: AtomicU64,
+    checksum_errors: AtomicU64,
+}
+
+fn meta_err(e: impl std::fmt::Display) -> ObjError {
+    ObjError::Metadata(e.to_string())
+}
+
+fn object_key(id: &ObjectId) -> Vec<u8> {
+    let mut k = pg_prefix(id.pool, id.pg);
+    k.extend_from_slice(&(id.name.len() as u16).to_be_bytes());
+    k.extend_from_slice(id.name.as_bytes());
+    k
+}
+
+fn pg_prefix(pool: u32, pg: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.extend_from_slice(&pool.to_be_bytes());
+    k.extend_from_slice(&pg.to_be_bytes());
+    k
+}
+
+fn block_key(okey: &[u8], block: u32) -> Vec<u8> {
+    let mut k = okey.to_vec();
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+fn superblock(identity: &Identity) -> AlignedBuf {
+    let mut buf = AlignedBuf::zeroed(1);
+    let body = encode_record(RECORD_V, identity);
+    buf[..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+    buf[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    buf[12..12 + body.len()].copy_from_slice(&body);
+    let crc = crc32c::crc32c(&buf[..BLOCK_SIZE - 4]);
+    buf[BLOCK_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+fn parse_superblock(buf: &[u8]) -> Result<Identity, String> {
+    if buf[..8] != SUPERBLOCK_MAGIC {
+        return Err(
+            "no store superblock (not a device of this store, or never initialised)".into(),
+        );
+    }
+    let crc = u32::from_le_bytes(
+        buf[BLOCK_SIZE - 4..]
+            .try_into()
+            .map_err(|_| "short superblock")?,
+    );
+    if crc != crc32c::crc32c(&buf[..BLOCK_SIZE - 4]) {
+        return Err("superblock checksum mismatch: the device header is damaged".into());
+    }
+    let len = u32::from_le_bytes(buf[8..12].try_into().map_err(|_| "short superblock")?) as usize;
+    if 12 + len > BLOCK_SIZE - 4 {
+        return Err("superblock length field is out of range".into());
+    }
+    decode_record(RECORD_V, &buf[12..12 + len]).map_err(|e| format!("unreadable superblock: {e}"))
+}
+
+fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    opts.set_keep_log_file_num(4);
+    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS]
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    DB::open_cf_descriptors(&opts, dir, cfs)
+        .map_err(|e| ObjError::Refused(format!("metadata store {}: {e}", dir.display())))
+}
+
+fn dir_is_empty(dir: &Path) -> Result<bool, ObjError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(ObjError::Refused(format!("{}: {e}", dir.display()))),
+    }
+}
+
+impl<D: BlockDevice> BlockStore<D> {
+    /// Initialises a new store: writes the superblock and creates the metadata store in the
+    /// (missing or empty) `db_dir`. Refuses to overwrite a device that already has a
+    /// superblock or a non-empty `db_dir`.
+    pub async fn create(
+        dev: D,
+        db_dir: &Path,
+        fsid: &str,
+        osd_uuid: &str,
+    ) -> Result<Self, ObjError> {
+        if !dir_is_empty(db_dir)? {
+            return Err(ObjError::Refused(format!(
+                "{} is not empty: refusing to create a new store over it",
+                db_dir.display()
+            )));
+        }
+        let head = dev.read(0, 1).await?;
+        if head[..8] == SUPERBLOCK_MAGIC {
+            return Err(ObjError::Refused(
+                "the device already holds a store (superblock present); refusing to overwrite it"
+                    .into(),
+            ));
+        }
+        let identity = Identity {
+            fsid: fsid.to_string(),
+            osd_uuid: osd_uuid.to_string(),
+            device_blocks: dev.blocks(),
+        };
+        std::fs::create_dir_all(db_dir)
+            .map_err(|e| ObjError::Refused(format!("{}: {e}", db_dir.display())))?;
+        let db = open_db(db_dir, true)?;
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        let cf = db
+            .cf_handle(CF_META)
+            .expect("opened with this column family");
+        db.put_cf_opt(cf, KEY_IDENTITY, encode_record(RECORD_V, &identity), &wo)
+            .map_err(meta_err)?;
+        dev.write(0, superblock(&identity)).await?;
+        Self::mount(dev, db, &identity)
+    }
+
+    /// Opens an existing store, checking that device and metadata belong together and to
+    /// cluster `fsid`.
+    pub async fn open(dev: D, db_dir: &Path, fsid: &str) -> Result<Self, ObjError> {
+        if dir_is_empty(db_dir)? {
+            return Err(ObjError::Refused(format!(
+                "metadata dir {} is missing or empty: the device's metadata is gone; refusing to start",
+                db_dir.display()
+            )));
+        }
+        let head = dev.read(0, 1).await?;
+        let on_device = parse_superblock(&head).map_err(ObjError::Refused)?;
+        let db = open_db(db_dir, false)?;
+        let cf = db
+            .cf_handle(CF_META)
+            .expect("opened with this column family");
+        let bytes = db
+            .get_cf(cf, KEY_IDENTITY)
+            .map_err(meta_err)?
+            .ok_or_else(|| ObjError::Refused("metadata store has no identity record".into()))?;
+        let in_db: Identity = decode_record(RECORD_V, &bytes)
+            .map_err(|e| ObjError::Refused(format!("unreadable identity record: {e}")))?;
+        if in_db != on_device {
+            return Err(ObjError::Refused(format!(
+                "device and metadata do not belong together (device: {on_device:?}, metadata: {in_db:?})"
+            )));
+        }
+        if in_db.fsid != fsid {
+            return Err(ObjError::Refused(format!(
+                "store belongs to cluster {}, not {fsid}",
+                in_db.fsid
+            )));
+        }
+        if in_db.device_blocks != dev.blocks() {
+            return Err(ObjError::Refused(format!(
+                "device has {} blocks but was created with {}",
+                dev.blocks(),
+                in_db.device_blocks
+            )));
+        }
+        Self::mount(dev, db, &in_db)
+    }
+
+    /// Rebuilds the allocator from the block map and counts objects.
+    fn mount(dev: D, db: DB, identity: &Identity) -> Result<Self, ObjError> {
+        let mut used = Vec::new();
+        let blocks = db
+            .cf_handle(CF_BLOCKS)
+            .expect("opened with this column family");
+        for kv in db.iterator_cf(blocks, IteratorMode::Start) {
+            let (_, v) = kv.map_err(meta_err)?;
+            let r: BlockRef = decode_record(RECORD_V, &v).map_err(meta_err)?;
+            if r.device_block == 0 || r.device_block >= identity.device_blocks {
+                return Err(ObjError::Refused(format!(
+                    "block map points outside the device (block {})",
+                    r.device_block
+                )));
+            }
+            used.push(r.device_block);
+        }
+        let objects_cf = db
+            .cf_handle(CF_OBJECTS)
+            .expect("opened with this column family");
+        let objects = db.iterator_cf(objects_cf, IteratorMode::Start).count() as u64;
+        let alloc = Allocator::from_used(1, identity.device_blocks, used);
+        Ok(BlockStore {
+            dev,
+            db: Arc::new(db),
+            alloc: Mutex::new(alloc),
+            locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            objects: AtomicU64::new(objects),
+            checksum_errors: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self, okey: &[u8]) -> &RwLock<()> {
+        let h = crc32c::crc32c(okey) as usize;
+        &self.locks[h % LOCK_STRIPES]
+    }
+
+    fn get_meta(&self, okey: &[u8]) -> Result<Option<ObjMeta>, ObjError> {
+        let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        match self.db.get_cf(cf, okey).map_err(meta_err)? {
+            None => Ok(None),
+            Some(b) => decode_record(RECORD_V, &b).map(Some).map_err(meta_err),
+        }
+    }
+
+    /// Block map entries for logical blocks `b0..b1` of an object.
+    fn block_refs(&self, okey: &[u8], b0: u32, b1: u32) -> Result<Vec<Option<BlockRef>>, ObjError> {
+        let cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+        let mut out = vec![None; (b1 - b0) as usize];
+        let start = block_key(okey, b0);
+        for kv in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = kv.map_err(meta_err)?;
+            if k.len() != okey.len() + 4 || !k.starts_with(okey) {
+                break;
+            }
+            let b = u32::from_be_bytes(k[okey.len()..].try_into().map_err(meta_err)?);
+            if b >= b1 {
+                break;
+            }
+            out[(b - b0) as usize] = Some(decode_record(RECORD_V, &v).map_err(meta_err)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads mapped blocks (coalescing device-contiguous runs) and verifies every checksum.
+    /// Returns one buffer per logical block (None for holes).
+    async fn read_blocks(
+        &self,
+        id: &ObjectId,
+        b0: u32,
+        refs: &[Option<BlockRef>],
+    ) -> Result<Vec<Option<Bytes>>, ObjError> {
+        let mut out: Vec<Option<Bytes>> = vec![None; refs.len()];
+        let mut i = 0;
+        while i < refs.len() {
+            let Some(first) = refs[i] else {
+                i += 1;
+                continue;
+            };
+            let mut n = 1;
+            while i + n < refs.len()
+                && refs[i + n].is_some_and(|r| r.device_block == first.device_block + n as u64)
+            {
+                n += 1;
+            }
+            let buf = self.dev.read(first.device_block, n).await?;
+            for j in 0..n {
+                let want = refs[i + j].map(|r| r.crc).unwrap_or(0);
+                let block = buf.block(j);
+                if crc32c::crc32c(block) != want {
+                    self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(object = %id, block = b0 as usize + i + j, "checksum mismatch on read");
+                    return Err(ObjError::Checksum {
+                        object: id.to_string(),
+                        block: (b0 as usize + i + j) as u64,
+                    });
+                }
+                out[i + j] = Some(Bytes::copy_from_slice(block));
+            }
+            i += n;
+        }
+        Ok(out)
+    }
+
+    fn alloc(&self, n: u64) -> Result<Vec<Extent>, ObjError> {
+        let mut a = self
+            .alloc
+            .lock()
+            .map_err(|_| ObjError::Metadata("allocator lock poisoned".into()))?;
+        let free = a.free_blocks();
+        a.alloc(n).ok_or(ObjError::NoSpace {
+            need_blocks: n,
+            free_blocks: free,
+        })
+    }
+
+    fn release(&self, extents: impl IntoIterator<Item = Extent>) {
+        if let Ok(mut a) = self.alloc.lock() {
+            for e in extents {
+                a.free_extent(e);
+            }
+        }
+    }
+
+    async fn commit(&self, batch: WriteBatch) -> Result<(), ObjError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.write_opt(batch, &wo)
+        })
+        .await
+        .map_err(meta_err)?
+        .map_err(meta_err)
+    }
+
+    /// Writes new contents for logical blocks `b0..` (copy-on-write) and commits the block
+    /// map and object metadata. `new_size`/`version` go into the object's metadata.
+    async fn cow_commit(
+        &self,
+        okey: &[u8],
+        b0: u32,
+        contents: AlignedBuf,
+        old: &[Option<BlockRef>],
+        meta: ObjMeta,
+        created: bool,
+    ) -> Result<(), ObjError> {
+        let n = contents.blocks() as u64;
+        let extents = self.alloc(n)?;
+        let res = self.write_extents(&extents, contents).await;
+        let crcs = match res {
+            Ok(c) => c,
+            Err(e) => {
+                self.release(extents);
+                return Err(e);
+            }
+        };
+        let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+        let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let mut batch = WriteBatch::default();
+        let mut dev_blocks = extents.iter().flat_map(|e| e.start..e.start + e.len);
+        for (i, crc) in crcs.iter().enumerate() {
+            let device_block = dev_blocks.next().expect("as many blocks as allocated");
+            let r = BlockRef {
+                device_block,
+                crc: *crc,
+            };
+            batch.put_cf(
+                blocks_cf,
+                block_key(okey, b0 + i as u32),
+                encode_record(RECORD_V, &r),
+            );
+        }
+        batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &meta));
+        if let Err(e) = self.commit(batch).await {
+            self.release(extents);
+            return Err(e);
+        }
+        if created {
+            self.objects.fetch_add(1, Ordering::Relaxed);
+        }
+        let freed = old.iter().flatten().map(|r| Extent {
+            start: r.device_block,
+            len: 1,
+        });
+        self.release(freed);
+        Ok(())
+    }
+
+    /// Writes `contents` over the extents in order; returns each block's crc32c.
+    async fn write_extents(
+        &self,
+        extents: &[Extent],
+        contents: AlignedBuf,
+    ) -> Result<Vec<u32>, ObjError> {
+        let crcs: Vec<u32> = (0..contents.blocks())
+            .map(|i| crc32c::crc32c(contents.block(i)))
+            .collect();
+        if extents.len() == 1 {
+            self.dev.write(extents[0].start, contents).await?;
+            return Ok(crcs);
+        }
+        let mut at = 0usize;
+        for e in extents {
+            let mut piece = AlignedBuf::zeroed(e.len as usize);
+            piece.copy_from_slice(&contents[at * BLOCK_SIZE..(at + e.len as usize) * BLOCK_SIZE]);
+            self.dev.write(e.start, piece).await?;
+            at += e.len as usize;
+        }
+        Ok(crcs)
+    }
+
+    fn check_range(id: &ObjectId, offset: u64, len: u64) -> Result<(), ObjError> {
+        if id.name.is_empty() || id.name.len() > u16::MAX as usize {
+            return Err(ObjError::Invalid(
+                "object name must be 1-65535 bytes".into(),
+            ));
+        }
+        if len > MAX_IO_BYTES as u64 {
+            return Err(ObjError::Invalid(format!(
+                "I/O of {len} bytes exceeds {MAX_IO_BYTES}"
+            )));
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > MAX_OBJECT_BYTES)
+        {
+            return Err(ObjError::Invalid(format!(
+                "range {offset}+{len} exceeds the object size limit of {MAX_OBJECT_BYTES} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_version(
+        id: &ObjectId,
+        meta: Option<ObjMeta>,
+        version: Version,
+    ) -> Result<(), ObjError> {
+        match meta {
+            Some(m) if version < m.version => Err(ObjError::StaleVersion {
+                object: id.to_string(),
+                got: version,
+                have: m.version,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Logical blocks `b0..b1` covering `offset..offset+len` (len > 0).
+fn block_span(offset: u64, len: u64) -> (u32, u32) {
+    let bs = BLOCK_SIZE as u64;
+    ((offset / bs) as u32, (offset + len).div_ceil(bs) as u32)
+}
+
+impl<D: BlockDevice> ObjectStore for BlockStore<D> {
+    async fn write(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        data: Bytes,
+        version: Version,
+    ) -> Result<(), ObjError> {
+        Self::check_range(id, offset, data.len() as u64)?;
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).write().await;
+        let meta = self.get_meta(&okey)?;
+        Self::check_version(id, meta, version)?;
+        let end = offset + data.len() as u64;
+        let new_meta = ObjMeta {
+            size: meta.map_or(end, |m| m.size.max(end)),
+            version,
+        };
+        if data.is_empty() {
+            let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf, &okey, encode_record(RECORD_V, &new_meta));
+            self.commit(batch).await?;
+            if meta.is_none() {
+                self.objects.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(());
+        }
+        let (b0, b1) = block_span(offset, data.len() as u64);
+        let old = self.block_refs(&okey, b0, b1)?;
+        let mut contents = AlignedBuf::zeroed((b1 - b0) as usize);
+        // Partial edge blocks keep their other bytes: read, verify, merge.
+        let head_partial = !offset.is_multiple_of(BLOCK_SIZE as u64);
+        let tail_partial = !end.is_multiple_of(BLOCK_SIZE as u64);
+        let last = (b1 - b0 - 1) as usize;
+        for (i, partial) in [(0usize, head_partial), (last, tail_partial)] {
+            if partial && old[i].is_some() {
+                let got = self.read_blocks(id, b0 + i as u32, &old[i..=i]).await?;
+                if let Some(b) = &got[0] {
+                    contents.block_mut(i).copy_from_slice(b);
+                }
+            }
+        }
+        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
+        contents[start..start + data.len()].copy_from_slice(&data);
+        self.cow_commit(&okey, b0, contents, &old, new_meta, meta.is_none())
+            .await
+    }
+
+    async fn read(&self, id: &ObjectId, offset: u64, len: usize) -> Result<Bytes, ObjError> {
+        Self::check_range(
+            id,
+            offset.min(MAX_OBJECT_BYTES),
+            len.min(MAX_IO_BYTES) as u64,
+        )?;
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).read().await;
+        let meta = self
+            .get_meta(&okey)?
+            .ok_or_else(|| ObjError::NotFound(id.to_string()))?;
+        if offset >= meta.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let len = (len as u64).min(meta.size - offset);
+        let (b0, b1) = block_span(offset, len);
+        let refs = self.block_refs(&okey, b0, b1)?;
+        let blocks = self.read_blocks(id, b0, &refs).await?;
+        let mut out = BytesMut::zeroed(((b1 - b0) as usize) * BLOCK_SIZE);
+        for (i, b) in blocks.iter().enumerate() {
+            if let Some(b) = b {
+                out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(b);
+            }
+        }
+        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
+        Ok(out.freeze().slice(start..start + len as usize))
+    }
+
+    async fn zero(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: u64,
+        version: Version,
+    ) -> Result<(), ObjError> {
+        Self::check_range(id, offset, len.min(MAX_OBJECT_BYTES))?;
+        if offset + len > MAX_OBJECT_BYTES {
+            return Err(ObjError::Invalid(
+                "zero range beyond the object size limit".into(),
+            ));
+        }
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).write().await;
+        let meta = self.get_meta(&okey)?;
+        Self::check_version(id, meta, version)?;
+        let end = offset + len;
+        let new_meta = ObjMeta {
+            size: meta.map_or(end, |m| m.size.max(end)),
+            version,
+        };
+        let (b0, b1) = if len == 0 {
+            (0, 0)
+        } else {
+            block_span(offset, len)
+        };
+        let refs = if len == 0 {
+            Vec::new()
+        } else {
+            self.block_refs(&okey, b0, b1)?
+        };
+        let bs = BLOCK_SIZE as u64;
+        // Whole blocks are unmapped (freed); partial edge blocks that hold data are rewritten.
+        let mut deletes = Vec::new();
+        let mut edges = Vec::new();
+        for (i, r) in refs.iter().enumerate() {
+            let b = b0 + i as u32;
+            let (bstart, bend) = (b as u64 * bs, (b as u64 + 1) * bs);
+            let Some(r) = r else { continue };
+            if offset <= bstart && end >= bend {
+                deletes.push((b, *r));
+            } else {
+                edges.push((b, *r, offset.max(bstart) - bstart, end.min(bend) - bstart));
+            }
+        }
+        for (b, r, from, to) in edges {
+            let got = self.read_blocks(id, b, &[Some(r)]).await?;
+            let mut contents = AlignedBuf::zeroed(1);
+            if let Some(data) = &got[0] {
+                contents.copy_from_slice(data);
+            }
+            contents[from as usize..to as usize].fill(0);
+            self.cow_commit(&okey, b, contents, &[Some(r)], new_meta, meta.is_none())
+                .await?;
+        }
+        let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+        let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let mut batch = WriteBatch::default();
+        for (b, _) in &deletes {
+            batch.delete_cf(blocks_cf, block_key(&okey, *b));
+        }
+        batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
+        self.commit(batch).await?;
+        if meta.is_none() {
+            self.objects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.release(deletes.iter().map(|(_, r)| Extent {
+            start: r.device_block,
+            len: 1,
+        }));
+        Ok(())
+    }
+
+    async fn stat(&self, id: &ObjectId) -> Result<Option<ObjectStat>, ObjError> {
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).read().await;
+        let Some(meta) = self.get_meta(&okey)? else {
+            return Ok(None);
+        };
+        let (_, b1) = block_span(0, meta.size);
+        let allocated = self
+            .block_refs(&okey, 0, b1.max(1))?
+            .iter()
+            .flatten()
+            .count() as u64;
+        Ok(Some(ObjectStat {
+            size: meta.size,
+            version: meta.version,
+            allocated_bytes: allocated * BLOCK_SIZE as u64,
+        }))
+    }
+
+    async fn delete(&self, id: &ObjectId) -> Result<bool, ObjError> {
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).write().await;
+        let Some(meta) = self.get_meta(&okey)? else {
+            return Ok(false);
+        };
+        let (_, b1) = block_span(0, meta.size);
+        let refs = self.block_refs(&okey, 0, b1.max(1))?;
+        let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+        let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(blocks_cf, block_key(&okey, 0), block_key(&okey, u32::MAX));
+        batch.delete_cf(blocks_cf, block_key(&okey, u32::MAX));
+        batch.delete_cf(objects_cf, &okey);
+        self.commit(batch).await?;
+        self.objects.fetch_sub(1, Ordering::Relaxed);
+        self.release(refs.iter().flatten().map(|r| Extent {
+            start: r.device_block,
+            len: 1,
+        }));
+        Ok(true)
+    }
+
+    async fn list(&self, pool: u32, pg: u32) -> Result<Vec<String>, ObjError> {
+        let prefix = pg_prefix(pool, pg);
+        let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let mut names = Vec::new();
+        for kv in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = kv.map_err(meta_err)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = k
+                .get(prefix.len() + 2..)
+                .ok_or_else(|| meta_err("short object key"))?;
+            names.push(String::from_utf8_lossy(name).into_owned());
+        }
+        Ok(names)
+    }
+
+    fn usage(&self) -> Usage {
+        let free = self.alloc.lock().map(|a| a.free_blocks()).unwrap_or(0);
+        let data_blocks = self.dev.blocks().saturating_sub(1);
+        Usage {
+            total_bytes: data_blocks * BLOCK_SIZE as u64,
+            used_bytes: data_blocks.saturating_sub(free) * BLOCK_SIZE as u64,
+            objects: self.objects.load(Ordering::Relaxed),
+            checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
+        }
+    }
+}

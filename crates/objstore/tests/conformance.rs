@@ -1,0 +1,383 @@
+//! The conformance suite every object store backend passes: the same tests run on the
+//! io_uring device and on the pread/pwrite device, with real RocksDB and real O_DIRECT
+//! files in a temp dir.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use store_objstore::device::file::FileDevice;
+use store_objstore::device::uring::UringDevice;
+use store_objstore::device::{create_file_device, BlockDevice};
+use store_objstore::{BlockStore, ObjError, ObjectId, ObjectStore, Version, BLOCK_SIZE};
+
+const FSID: &str = "conformance-fsid";
+const MIB: u64 = 1 << 20;
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    dev: PathBuf,
+    db: PathBuf,
+}
+
+fn env(size_bytes: u64) -> Env {
+    // O_DIRECT needs a filesystem that supports it: tmpfs does not, so use the target dir's
+    // filesystem rather than /tmp when it is tmpfs.
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("objstore-")
+        .tempdir_in(base)
+        .expect("tmp");
+    let dev = tmp.path().join("dev.img");
+    create_file_device(&dev, size_bytes).expect("device");
+    let db = tmp.path().join("db");
+    Env { _tmp: tmp, dev, db }
+}
+
+fn id(name: &str) -> ObjectId {
+    ObjectId {
+        pool: 1,
+        pg: 7,
+        name: name.into(),
+    }
+}
+
+fn v(seq: u64) -> Version {
+    Version { epoch: 1, seq }
+}
+
+fn pattern(seed: u8, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| seed.wrapping_add((i * 31 % 251) as u8))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+trait Open: BlockDevice + Sized {
+    fn open_dev(p: &Path) -> Self;
+}
+impl Open for FileDevice {
+    fn open_dev(p: &Path) -> Self {
+        FileDevice::open(p).expect("open file device")
+    }
+}
+impl Open for UringDevice {
+    fn open_dev(p: &Path) -> Self {
+        UringDevice::open(p).expect("open uring device")
+    }
+}
+
+async fn create<D: Open>(e: &Env) -> BlockStore<D> {
+    BlockStore::create(D::open_dev(&e.dev), &e.db, FSID, "osd-uuid")
+        .await
+        .expect("create")
+}
+
+async fn reopen<D: Open>(e: &Env) -> BlockStore<D> {
+    BlockStore::open(D::open_dev(&e.dev), &e.db, FSID)
+        .await
+        .expect("open")
+}
+
+async fn roundtrip_unaligned_and_holes<D: Open>() {
+    let e = env(16 * MIB);
+    let s = create::<D>(&e).await;
+    let o = id("obj");
+    assert!(matches!(
+        s.read(&o, 0, 10).await,
+        Err(ObjError::NotFound(_))
+    ));
+    // Unaligned write spanning three blocks.
+    let data = pattern(1, 2 * BLOCK_SIZE + 100);
+    s.write(&o, 1000, data.clone(), v(1)).await.unwrap();
+    assert_eq!(s.read(&o, 1000, data.len()).await.unwrap(), data);
+    // The bytes before it are zeros; reads stop at the end of the object.
+    assert_eq!(
+        s.read(&o, 0, 1000).await.unwrap(),
+        Bytes::from(vec![0u8; 1000])
+    );
+    let st = s.stat(&o).await.unwrap().unwrap();
+    assert_eq!(st.size, 1000 + data.len() as u64);
+    assert_eq!(st.version, v(1));
+    assert_eq!(s.read(&o, st.size - 10, 100).await.unwrap().len(), 10);
+    assert!(s.read(&o, st.size + 5, 100).await.unwrap().is_empty());
+    // A sparse write far away: the hole between takes no space and reads as zeros.
+    s.write(&o, 3 * MIB, pattern(2, 10), v(2)).await.unwrap();
+    let st = s.stat(&o).await.unwrap().unwrap();
+    assert_eq!(st.size, 3 * MIB + 10);
+    assert_eq!(
+        st.allocated_bytes,
+        4 * BLOCK_SIZE as u64,
+        "thin provisioning"
+    );
+    assert_eq!(
+        s.read(&o, MIB, 4096).await.unwrap(),
+        Bytes::from(vec![0u8; 4096])
+    );
+    // Overwrite in the middle keeps the neighbours.
+    s.write(&o, 1500, pattern(9, 10), v(3)).await.unwrap();
+    let back = s.read(&o, 1000, data.len()).await.unwrap();
+    assert_eq!(&back[..500], &data[..500]);
+    assert_eq!(&back[500..510], &pattern(9, 10)[..]);
+    assert_eq!(&back[510..], &data[510..]);
+}
+
+async fn versions_only_grow<D: Open>() {
+    let e = env(8 * MIB);
+    let s = create::<D>(&e).await;
+    let o = id("v");
+    s.write(&o, 0, pattern(1, 10), v(5)).await.unwrap();
+    let err = s.write(&o, 0, pattern(2, 10), v(4)).await.unwrap_err();
+    assert!(matches!(err, ObjError::StaleVersion { .. }), "{err}");
+    assert_eq!(
+        s.read(&o, 0, 10).await.unwrap(),
+        pattern(1, 10),
+        "a refused write changes nothing"
+    );
+}
+
+async fn zero_and_delete_free_space<D: Open>() {
+    let e = env(16 * MIB);
+    let s = create::<D>(&e).await;
+    let base = s.usage().used_bytes;
+    let o = id("z");
+    s.write(&o, 0, pattern(3, 4 * MIB as usize), v(1))
+        .await
+        .unwrap();
+    assert_eq!(s.usage().used_bytes - base, 4 * MIB);
+    // Zero 1 MiB + 100 bytes from offset 100: whole blocks freed, edges rewritten.
+    s.zero(&o, 100, MIB + 100, v(2)).await.unwrap();
+    let back = s.read(&o, 0, 2 * MIB as usize).await.unwrap();
+    assert_eq!(&back[..100], &pattern(3, 100)[..]);
+    assert!(back[100..(MIB + 200) as usize].iter().all(|b| *b == 0));
+    assert_eq!(
+        &back[(MIB + 200) as usize..],
+        &pattern(3, 2 * MIB as usize)[(MIB + 200) as usize..]
+    );
+    let freed = 4 * MIB - (s.usage().used_bytes - base);
+    assert_eq!(freed, MIB - BLOCK_SIZE as u64, "255 whole blocks freed");
+    assert_eq!(s.usage().objects, 1);
+    assert!(s.delete(&o).await.unwrap());
+    assert!(!s.delete(&o).await.unwrap());
+    assert_eq!(s.usage().used_bytes, base);
+    assert_eq!(s.usage().objects, 0);
+}
+
+async fn list_by_pg<D: Open>() {
+    let e = env(8 * MIB);
+    let s = create::<D>(&e).await;
+    for (pg, name) in [(7, "b"), (7, "a"), (8, "c"), (7, "a-longer")] {
+        let o = ObjectId {
+            pool: 1,
+            pg,
+            name: name.into(),
+        };
+        s.write(&o, 0, pattern(1, 1), v(1)).await.unwrap();
+    }
+    let mut names = s.list(1, 7).await.unwrap();
+    names.sort();
+    assert_eq!(names, vec!["a", "a-longer", "b"]);
+    assert_eq!(s.list(1, 8).await.unwrap(), vec!["c"]);
+    assert!(s.list(2, 7).await.unwrap().is_empty());
+}
+
+async fn survives_reopen_and_detects_corruption<D: Open>() {
+    let e = env(8 * MIB);
+    let o = id("persist");
+    {
+        let s = create::<D>(&e).await;
+        s.write(&o, 0, pattern(4, 3 * BLOCK_SIZE), v(1))
+            .await
+            .unwrap();
+        s.write(&o, BLOCK_SIZE as u64, pattern(5, BLOCK_SIZE), v(2))
+            .await
+            .unwrap();
+    }
+    let s = reopen::<D>(&e).await;
+    let back = s.read(&o, 0, 3 * BLOCK_SIZE).await.unwrap();
+    assert_eq!(
+        &back[BLOCK_SIZE..2 * BLOCK_SIZE],
+        &pattern(5, BLOCK_SIZE)[..]
+    );
+    assert_eq!(
+        s.usage().used_bytes,
+        3 * BLOCK_SIZE as u64,
+        "freed blocks stay free after reopen"
+    );
+    drop(s);
+    // Flip a bit in every data block on the device: every read of the object must fail.
+    let mut raw = std::fs::read(&e.dev).unwrap();
+    for b in 1..(raw.len() / BLOCK_SIZE) {
+        let chunk = &raw[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+        if chunk.iter().any(|x| *x != 0) {
+            raw[b * BLOCK_SIZE + 17] ^= 0x04;
+        }
+    }
+    std::fs::write(&e.dev, raw).unwrap();
+    let s = reopen::<D>(&e).await;
+    let err = s.read(&o, 0, 10).await.unwrap_err();
+    assert!(matches!(err, ObjError::Checksum { .. }), "{err}");
+    assert_eq!(s.usage().checksum_errors, 1);
+}
+
+async fn full_device_fails_cleanly<D: Open>() {
+    let e = env(MIB);
+    let s = create::<D>(&e).await;
+    let keep = id("keep");
+    s.write(&keep, 0, pattern(6, 100 * BLOCK_SIZE), v(1))
+        .await
+        .unwrap();
+    let big = id("big");
+    let err = s
+        .write(&big, 0, pattern(7, 200 * BLOCK_SIZE), v(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ObjError::NoSpace { .. }), "{err}");
+    assert_eq!(
+        s.read(&keep, 0, 100 * BLOCK_SIZE).await.unwrap(),
+        pattern(6, 100 * BLOCK_SIZE)
+    );
+    assert!(
+        s.stat(&big).await.unwrap().is_none(),
+        "a failed write creates nothing"
+    );
+    // Overwriting in place still works when there is room for the copy.
+    s.write(&keep, 0, pattern(8, 10 * BLOCK_SIZE), v(2))
+        .await
+        .unwrap();
+}
+
+async fn foreign_or_missing_metadata_is_refused<D: Open>() {
+    let e = env(8 * MIB);
+    drop(create::<D>(&e).await);
+    let err = BlockStore::open(D::open_dev(&e.dev), &e.db, "other-cluster")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("belongs to cluster"), "{err}");
+    // Creating over an existing device is refused too.
+    let empty = e.db.with_extension("new");
+    let err = BlockStore::create(D::open_dev(&e.dev), &empty, FSID, "u")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("already holds a store"), "{err}");
+    // Metadata gone: refuse, never start empty over live data.
+    std::fs::remove_dir_all(&e.db).unwrap();
+    let err = BlockStore::open(D::open_dev(&e.dev), &e.db, FSID)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("missing or empty"), "{err}");
+}
+
+/// Random operations against an in-memory model, with a reopen in the middle.
+async fn random_ops_match_a_model<D: Open>() {
+    let e = env(32 * MIB);
+    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut s = create::<D>(&e).await;
+    for step in 0..400u64 {
+        if step == 200 {
+            drop(s);
+            s = reopen::<D>(&e).await;
+        }
+        let name = format!("o{}", next(6));
+        let o = id(&name);
+        let off = next(64 * 1024);
+        let len = 1 + next(3 * BLOCK_SIZE as u64 + 500) as usize;
+        match next(10) {
+            0..=5 => {
+                let data = pattern(step as u8, len);
+                s.write(&o, off, data.clone(), v(step)).await.unwrap();
+                let m = model.entry(name).or_default();
+                let end = off as usize + len;
+                if m.len() < end {
+                    m.resize(end, 0);
+                }
+                m[off as usize..end].copy_from_slice(&data);
+            }
+            6 => {
+                s.zero(&o, off, len as u64, v(step)).await.unwrap();
+                let m = model.entry(name).or_default();
+                let end = off as usize + len;
+                if m.len() < end {
+                    m.resize(end, 0);
+                }
+                m[off as usize..end].fill(0);
+            }
+            7 => {
+                assert_eq!(s.delete(&o).await.unwrap(), model.remove(&name).is_some());
+            }
+            _ => match model.get(&name) {
+                None => assert!(s.read(&o, off, len).await.is_err()),
+                Some(m) => {
+                    let got = s.read(&o, off, len).await.unwrap();
+                    let from = (off as usize).min(m.len());
+                    let to = (off as usize + len).min(m.len());
+                    assert_eq!(&got[..], &m[from..to], "step {step} {name} {off}+{len}");
+                }
+            },
+        }
+    }
+    for (name, m) in &model {
+        assert_eq!(
+            &s.read(&id(name), 0, m.len()).await.unwrap()[..],
+            &m[..],
+            "{name}"
+        );
+    }
+    assert_eq!(s.usage().objects, model.len() as u64);
+}
+
+macro_rules! conformance {
+    ($module:ident, $dev:ty) => {
+        mod $module {
+            use super::*;
+            #[tokio::test]
+            async fn roundtrip_unaligned_and_holes() {
+                super::roundtrip_unaligned_and_holes::<$dev>().await
+            }
+            #[tokio::test]
+            async fn versions_only_grow() {
+                super::versions_only_grow::<$dev>().await
+            }
+            #[tokio::test]
+            async fn zero_and_delete_free_space() {
+                super::zero_and_delete_free_space::<$dev>().await
+            }
+            #[tokio::test]
+            async fn list_by_pg() {
+                super::list_by_pg::<$dev>().await
+            }
+            #[tokio::test]
+            async fn survives_reopen_and_detects_corruption() {
+                super::survives_reopen_and_detects_corruption::<$dev>().await
+            }
+            #[tokio::test]
+            async fn full_device_fails_cleanly() {
+                super::full_device_fails_cleanly::<$dev>().await
+            }
+            #[tokio::test]
+            async fn foreign_or_missing_metadata_is_refused() {
+                super::foreign_or_missing_metadata_is_refused::<$dev>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn random_ops_match_a_model() {
+                super::random_ops_match_a_model::<$dev>().await
+            }
+        }
+    };
+}
+
+conformance!(uring, UringDevice);
+conformance!(file, FileDevice);
