@@ -259,3 +259,43 @@ fn corrupted_or_foreign_monitor_dirs_are_refused() {
     c.allow_error("belongs to cluster");
     c.allow_error("not a monitor store");
 }
+
+#[test]
+fn osd_device_problems_are_refused() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 1,
+        ..Default::default()
+    });
+    let conf = c.conf();
+    let run_osd = |args: &[&str]| {
+        let o = Command::new(bin_dir().join("stored"))
+            .args(["--conf", conf.to_str().expect("utf8"), "osd"])
+            .args(args)
+            .output()
+            .expect("run stored");
+        (o.status.success(), stderr(&o))
+    };
+    let fresh = c.dir.path().join("fresh");
+    let fresh_s = fresh.to_str().expect("utf8").to_string();
+    // No device and no size to create one.
+    let (ok, e) = run_osd(&["--data", &fresh_s]);
+    assert!(!ok && e.contains("pass --size"), "{e}");
+    // Another OSD's device (it has a superblock) with empty metadata: never overwritten.
+    let taken = c.dir.path().join(TestCluster::osd_name(0)).join("block");
+    let (ok, e) = run_osd(&[
+        "--data",
+        &fresh_s,
+        "--device",
+        taken.to_str().expect("utf8"),
+    ]);
+    assert!(!ok && e.contains("already holds a store"), "{e}");
+    // Bad sizes and backends are refused at the command line.
+    let (ok, e) = run_osd(&["--data", &fresh_s, "--size", "12Q"]);
+    assert!(!ok && e.contains("size suffix"), "{e}");
+    let (ok, e) = run_osd(&["--data", &fresh_s, "--size", "1G", "--io-backend", "magic"]);
+    assert!(!ok && e.contains("unknown I/O backend"), "{e}");
+    // The running OSD was not disturbed.
+    assert_eq!(c.status()["osdmap"]["num_up_osds"], 1);
+    c.check_logs();
+}

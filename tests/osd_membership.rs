@@ -44,9 +44,12 @@ fn killed_osd_is_marked_down_and_its_pgs_degraded() {
     let nodes = tree["nodes"].as_array().expect("nodes");
     let osds: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["type"] == "osd").collect();
     assert_eq!(osds.len(), 3);
+    // Weights come from device capacity: equal devices, equal positive weights.
+    let w0 = osds[0]["weight"].as_f64().expect("weight");
+    assert!(w0 > 0.0);
     assert!(osds
         .iter()
-        .all(|o| o["status"] == "up" && o["weight"].as_f64() == Some(1.0)));
+        .all(|o| o["status"] == "up" && o["weight"].as_f64() == Some(w0)));
     assert_eq!(nodes.iter().filter(|n| n["type"] == "host").count(), 3);
     assert_eq!(nodes[0]["type"], "root");
 

@@ -185,6 +185,8 @@ impl TestCluster {
                 data.display().to_string(),
                 "--host".into(),
                 format!("node{}", i + 1),
+                "--size".into(),
+                "256M".into(),
             ],
         );
     }

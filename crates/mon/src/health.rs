@@ -177,6 +177,66 @@ fn osd_checks(map: &ClusterMap, checks: &mut BTreeMap<String, HealthCheck>) {
     }
 }
 
+/// Ceph's defaults: mon_osd_full_ratio and mon_osd_nearfull_ratio.
+pub const FULL_RATIO: f64 = 0.95;
+pub const NEARFULL_RATIO: f64 = 0.85;
+
+fn usage_checks(
+    map: &ClusterMap,
+    stats: &HashMap<OsdId, OsdStat>,
+    checks: &mut BTreeMap<String, HealthCheck>,
+) {
+    let mut full = Vec::new();
+    let mut nearfull = Vec::new();
+    let mut scrub = Vec::new();
+    for (id, st) in stats.iter().filter(|(id, _)| map.osds.contains_key(id)) {
+        let ratio = if st.total_bytes == 0 {
+            0.0
+        } else {
+            st.used_bytes as f64 / st.total_bytes as f64
+        };
+        let line = format!("osd.{id} is {:.1}% full", ratio * 100.0);
+        if ratio >= FULL_RATIO {
+            full.push(line);
+        } else if ratio >= NEARFULL_RATIO {
+            nearfull.push(line);
+        }
+        if st.checksum_errors > 0 {
+            scrub.push(format!(
+                "osd.{id} found {} checksum mismatches on its device",
+                st.checksum_errors
+            ));
+        }
+    }
+    let mut add = |code: &str, sev: Severity, summary: String, mut detail: Vec<String>| {
+        if !detail.is_empty() {
+            detail.sort();
+            checks.insert(code.into(), check(sev, summary, detail));
+        }
+    };
+    let n = full.len();
+    add(
+        "OSD_FULL",
+        Severity::Err,
+        format!("{n} full osd(s): writes to them fail"),
+        full,
+    );
+    let n = nearfull.len();
+    add(
+        "OSD_NEARFULL",
+        Severity::Warn,
+        format!("{n} nearfull osd(s)"),
+        nearfull,
+    );
+    let n = scrub.len();
+    add(
+        "OSD_SCRUB_ERRORS",
+        Severity::Err,
+        format!("{n} osd(s) report checksum errors: damaged copies were detected"),
+        scrub,
+    );
+}
+
 fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCheck>) {
     let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
@@ -214,6 +274,7 @@ pub fn status(input: StatusInput) -> StatusReport {
     let mut checks = BTreeMap::new();
     let quorum_names = mon_checks(&input, &mut checks);
     osd_checks(map, &mut checks);
+    usage_checks(map, input.osd_stats, &mut checks);
     let pgs = pgs_by_state(map);
     pg_checks(&pgs, &mut checks);
     let health = checks
@@ -365,6 +426,33 @@ mod tests {
         let m = cluster(3, 2);
         let r = report(&m, &[true, true]);
         assert!(r.checks.contains_key("EVEN_MONITOR_COUNT"));
+    }
+
+    #[test]
+    fn full_and_damaged_osds_are_reported() {
+        let m = cluster(3, 1);
+        let mut stats = HashMap::new();
+        let st = |used, errs| OsdStat {
+            total_bytes: 100,
+            used_bytes: used,
+            objects: 1,
+            checksum_errors: errs,
+        };
+        stats.insert(0, st(96, 0));
+        stats.insert(1, st(90, 2));
+        stats.insert(2, st(10, 0));
+        let r = status(StatusInput {
+            map: &m,
+            mons: vec![],
+            leader_name: None,
+            answered_by: "m1".into(),
+            osd_stats: &stats,
+        });
+        assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
+        assert_eq!(r.checks["OSD_NEARFULL"].detail, vec!["osd.1 is 90.0% full"]);
+        assert!(r.checks["OSD_SCRUB_ERRORS"].detail[0].contains("osd.1"));
+        assert_eq!(r.health, Severity::Err);
+        assert_eq!(r.used_bytes, 196);
     }
 
     #[test]

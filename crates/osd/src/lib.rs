@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use store_client::{MonClient, RpcConn};
-use store_types::map::{ClusterMap, CrushWeight};
+use store_objstore::device::{self, AnyDevice, Backend};
+use store_objstore::{BlockStore, ObjectStore};
+use store_types::map::{ClusterMap, CrushWeight, WEIGHT_ONE};
 use store_types::msg::{MapCommand, MonRequest, MonResponse, OsdStat};
 use store_types::wire::{decode_record, encode_record, DEFAULT_MAX_FRAME_BYTES};
 use store_types::{ErrorCode, StoreError};
@@ -35,11 +37,18 @@ pub struct OsdMeta {
 #[derive(Clone, Debug)]
 pub struct OsdSettings {
     pub fsid: String,
+    /// Identity record and the object store's RocksDB (`db/`).
     pub data_dir: PathBuf,
+    /// The data device: a block device or a file.
+    pub device: PathBuf,
+    /// Create a file-backed device of this size when `device` does not exist.
+    pub device_size_bytes: Option<u64>,
+    pub backend: Backend,
     pub host: String,
     /// Address to listen on; port 0 picks a free one.
     pub addr: String,
-    pub weight: CrushWeight,
+    /// CRUSH weight; None: the device's size in TiB (as Ceph does).
+    pub weight: Option<CrushWeight>,
     pub mon_addrs: Vec<String>,
     pub heartbeat_interval: Duration,
 }
@@ -113,30 +122,62 @@ fn write_meta(dir: &Path, meta: &OsdMeta) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Capacity and use of the filesystem holding the data dir.
-fn fs_stat(dir: &Path) -> OsdStat {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
-        return OsdStat::default();
-    };
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path and s a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return OsdStat::default();
+type Store = BlockStore<AnyDevice>;
+
+fn refused(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(ErrorCode::NotPermitted, e.to_string())
+}
+
+/// Opens the object store, creating the device file and the store on first start.
+async fn open_store(s: &OsdSettings, meta: &OsdMeta) -> Result<Store, StoreError> {
+    if !s.device.exists() {
+        let Some(size) = s.device_size_bytes else {
+            return Err(refused(format!(
+                "device {} does not exist: pass --size to create a file-backed device",
+                s.device.display()
+            )));
+        };
+        device::create_file_device(&s.device, size)
+            .map_err(|e| refused(format!("creating device {}: {e}", s.device.display())))?;
+        info!(device = %s.device.display(), size, "created file-backed device");
     }
-    let frsize = s.f_frsize as u64;
-    let total = s.f_blocks as u64 * frsize;
-    let free = s.f_bfree as u64 * frsize;
+    let dev = AnyDevice::open(&s.device, s.backend)
+        .map_err(|e| refused(format!("opening device {}: {e}", s.device.display())))?;
+    let db = s.data_dir.join("db");
+    let fresh = std::fs::read_dir(&db)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true);
+    let store = if fresh {
+        BlockStore::create(dev, &db, &s.fsid, &meta.uuid).await
+    } else {
+        BlockStore::open(dev, &db, &s.fsid).await
+    };
+    store.map_err(|e| refused(format!("object store ({}): {e}", s.device.display())))
+}
+
+/// CRUSH weight from capacity: 1.0 per TiB, at least the smallest non-zero weight.
+fn weight_for(total_bytes: u64) -> CrushWeight {
+    let w = (total_bytes as u128 * WEIGHT_ONE as u128) >> 40;
+    w.clamp(1, u32::MAX as u128) as CrushWeight
+}
+
+fn stat_of(store: &Store) -> OsdStat {
+    let u = store.usage();
     OsdStat {
-        total_bytes: total,
-        used_bytes: total.saturating_sub(free),
+        total_bytes: u.total_bytes,
+        used_bytes: u.used_bytes,
+        objects: u.objects,
+        checksum_errors: u.checksum_errors,
     }
 }
 
 /// Runs the OSD until the process is stopped.
 pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     let mut meta = open_data_dir(&settings.data_dir, &settings.fsid)?;
+    let store = Arc::new(open_store(&settings, &meta).await?);
+    let weight = settings
+        .weight
+        .unwrap_or_else(|| weight_for(store.usage().total_bytes));
     let listener = TcpListener::bind(&settings.addr)
         .await
         .map_err(|e| StoreError::invalid(format!("cannot listen on {}: {e}", settings.addr)))?;
@@ -146,7 +187,7 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
         .to_string();
     tokio::spawn(accept_loop(listener));
     let mons = MonClient::new(settings.mon_addrs.clone(), Default::default());
-    let id = boot(&mons, &meta, &addr, &settings).await?;
+    let id = boot(&mons, &meta, &addr, &settings.host, weight).await?;
     if meta.id != Some(id) {
         meta.id = Some(id);
         write_meta(&settings.data_dir, &meta)?;
@@ -161,6 +202,7 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
         meta.uuid.clone(),
         settings.clone(),
         maps.clone(),
+        store.clone(),
     ));
     loop {
         if maps.changed().await.is_err() {
@@ -175,7 +217,7 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
                     epoch = map.epoch,
                     "map marks this OSD down while it runs; booting again"
                 );
-                if let Err(e) = boot(&mons, &meta, &addr, &settings).await {
+                if let Err(e) = boot(&mons, &meta, &addr, &settings.host, weight).await {
                     warn!("re-boot failed: {e}");
                 }
             }
@@ -189,13 +231,14 @@ async fn boot(
     mons: &MonClient,
     meta: &OsdMeta,
     addr: &str,
-    s: &OsdSettings,
+    host: &str,
+    weight: CrushWeight,
 ) -> Result<u32, StoreError> {
     let cmd = MapCommand::OsdBoot {
         uuid: meta.uuid.clone(),
         addr: addr.to_string(),
-        host: s.host.clone(),
-        weight: s.weight,
+        host: host.to_string(),
+        weight,
     };
     let mut delay = Duration::from_millis(200);
     loop {
@@ -234,6 +277,7 @@ async fn heartbeat_loop(
     uuid: String,
     s: Arc<OsdSettings>,
     maps: watch::Receiver<Option<Arc<ClusterMap>>>,
+    store: Arc<Store>,
 ) {
     let mut conns: HashMap<String, RpcConn> = HashMap::new();
     let mut tick = tokio::time::interval(s.heartbeat_interval);
@@ -248,7 +292,7 @@ async fn heartbeat_loop(
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
-            stat: fs_stat(&s.data_dir),
+            stat: stat_of(&store),
         };
         let sends = addrs.iter().map(|addr| {
             let existing = conns.get(addr).cloned();

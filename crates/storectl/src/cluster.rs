@@ -141,6 +141,8 @@ fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> 
                 dir.join(format!("osd-dev{i}")).display().to_string(),
                 "--host".into(),
                 format!("node{}", i + 1),
+                "--size".into(),
+                "1G".into(),
             ],
         });
     }

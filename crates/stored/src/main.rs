@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use store_objstore::device::Backend;
 use store_types::config::Config;
 use store_types::map::weight_from_f64;
 
@@ -47,10 +48,43 @@ enum Cmd {
         /// real cluster).
         #[arg(long, default_value = "127.0.0.1:0")]
         addr: String,
-        /// CRUSH weight (conventionally the capacity in TiB).
-        #[arg(long, default_value_t = 1.0)]
-        weight: f64,
+        /// The data device: a block device, or a file (default DATA/block).
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Create a file-backed device of this size (e.g. 10G, 512M) if it does not exist.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// I/O backend: uring (default) or file (pread/pwrite).
+        #[arg(long = "io-backend")]
+        io_backend: Option<Backend>,
+        /// CRUSH weight (default: the device's capacity in TiB).
+        #[arg(long)]
+        weight: Option<f64>,
     },
+}
+
+/// Parses a size like `10G`, `512M`, `4096` (binary units: K = 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in '{s}': use K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 10G, 512M)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn hostname() -> String {
@@ -80,12 +114,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Osd {
             data,
+            device,
+            size,
+            io_backend,
             host,
             addr,
             weight,
         } => {
-            if !(weight.is_finite() && weight > 0.0) {
-                bail!("--weight {weight}: must be a positive number");
+            if let Some(w) = weight.filter(|w| !(w.is_finite() && *w > 0.0)) {
+                bail!("--weight {w}: must be a positive number");
             }
             let data = match data {
                 Some(d) => d,
@@ -98,12 +135,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !(interval_s.is_finite() && interval_s > 0.0 && interval_s < 3600.0) {
                 bail!("osd_heartbeat_interval = {interval_s}: must be between 0 and 3600 seconds");
             }
+            let backend = match io_backend {
+                Some(b) => b,
+                None => conf.get_parsed("osd", "osd_io_backend", Backend::Uring)?,
+            };
             let settings = store_osd::OsdSettings {
                 fsid: conf.fsid()?,
+                device: device.unwrap_or_else(|| data.join("block")),
                 data_dir: data,
+                device_size_bytes: size,
+                backend,
                 host: host.unwrap_or_else(hostname),
                 addr,
-                weight: weight_from_f64(weight),
+                weight: weight.map(weight_from_f64),
                 mon_addrs: mons.into_iter().map(|m| m.addr).collect(),
                 heartbeat_interval: Duration::from_secs_f64(interval_s),
             };

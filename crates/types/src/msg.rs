@@ -72,6 +72,9 @@ pub struct CommandOutcome {
 pub struct OsdStat {
     pub total_bytes: u64,
     pub used_bytes: u64,
+    pub objects: u64,
+    /// Checksum mismatches found by reads since the OSD started.
+    pub checksum_errors: u64,
 }
 
 /// Monitor membership changes (through Raft's joint consensus).

@@ -112,3 +112,54 @@ fn check_range(start: u64, blocks: usize, total: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Either backend, chosen at run time (`osd_io_backend`).
+pub enum AnyDevice {
+    Uring(uring::UringDevice),
+    File(file::FileDevice),
+}
+
+impl AnyDevice {
+    pub fn open(path: &Path, backend: Backend) -> io::Result<AnyDevice> {
+        Ok(match backend {
+            Backend::Uring => AnyDevice::Uring(uring::UringDevice::open(path)?),
+            Backend::File => AnyDevice::File(file::FileDevice::open(path)?),
+        })
+    }
+}
+
+impl BlockDevice for AnyDevice {
+    fn blocks(&self) -> u64 {
+        match self {
+            AnyDevice::Uring(d) => d.blocks(),
+            AnyDevice::File(d) => d.blocks(),
+        }
+    }
+
+    async fn read(&self, start: u64, blocks: usize) -> io::Result<AlignedBuf> {
+        match self {
+            AnyDevice::Uring(d) => d.read(start, blocks).await,
+            AnyDevice::File(d) => d.read(start, blocks).await,
+        }
+    }
+
+    async fn write(&self, start: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        match self {
+            AnyDevice::Uring(d) => d.write(start, buf).await,
+            AnyDevice::File(d) => d.write(start, buf).await,
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uring" | "io_uring" => Ok(Backend::Uring),
+            "file" | "pread" => Ok(Backend::File),
+            other => Err(format!(
+                "unknown I/O backend '{other}': expected uring or file"
+            )),
+        }
+    }
+}
