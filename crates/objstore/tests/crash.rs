@@ -46,7 +46,7 @@ fn rng(mut x: u64) -> impl FnMut() -> u64 {
 fn nth_write(w: u64, n: u64) -> (u64, Bytes) {
     let mut r = rng(w * 1_000_003 + n);
     // Mix aligned multi-block writes and unaligned partial ones.
-    let (off, len) = if r() % 2 == 0 {
+    let (off, len) = if r().is_multiple_of(2) {
         let b = r() % (OBJECT_SPAN / BLOCK_SIZE as u64 - 8);
         (b * BLOCK_SIZE as u64, (1 + r() % 8) * BLOCK_SIZE as u64)
     } else {
