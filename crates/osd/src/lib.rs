@@ -5,6 +5,8 @@
 //! and re-booting when the map wrongly says it is down. Object storage and replication join
 //! it with the replicated I/O issue. It must not know how monitors agree or how CRUSH maps.
 
+pub mod pg;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
