@@ -157,12 +157,19 @@ impl RpcConn {
 
     /// Sends raw payload bytes and waits for the reply's payload.
     pub async fn call_raw(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, StoreError> {
+        self.send_raw(payload).await?.wait(timeout).await
+    }
+
+    /// Queues a request and returns its pending reply. Requests queued by one task go out
+    /// in the order of these calls, so a caller can pipeline ordered requests.
+    pub async fn send_raw(&self, payload: Bytes) -> Result<PendingReply, StoreError> {
         if let Some(cause) = self.closed.lock().ok().and_then(|c| c.clone()) {
             return Err(cause);
         }
-        let _slot = self
+        let slot = self
             .slots
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| unreachable(&self.addr, "connection closed"))?;
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
@@ -179,22 +186,57 @@ impl RpcConn {
             self.forget(tag);
             return Err(unreachable(&self.addr, "connection closed"));
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(_)) => Err(unreachable(&self.addr, "connection closed")),
-            Err(_) => {
-                self.forget(tag);
-                Err(StoreError::new(
-                    ErrorCode::Timeout,
-                    format!("{}: no reply within {} ms", self.addr, timeout.as_millis()),
-                ))
-            }
-        }
+        Ok(PendingReply {
+            conn: self.clone(),
+            tag,
+            rx,
+            _slot: slot,
+        })
     }
 
     fn forget(&self, tag: u64) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(&tag);
         }
+    }
+}
+
+/// A request on the wire, waiting for its reply.
+pub struct PendingReply {
+    conn: RpcConn,
+    tag: u64,
+    rx: oneshot::Receiver<Result<Bytes, StoreError>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl PendingReply {
+    /// Waits at most `timeout` for the reply payload.
+    pub async fn wait(self, timeout: Duration) -> Result<Bytes, StoreError> {
+        match tokio::time::timeout(timeout, self.rx).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err(unreachable(&self.conn.addr, "connection closed")),
+            Err(_) => {
+                self.conn.forget(self.tag);
+                Err(StoreError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "{}: no reply within {} ms",
+                        self.conn.addr,
+                        timeout.as_millis()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Waits and decodes the reply.
+    pub async fn wait_decoded<Resp: DeserializeOwned>(
+        self,
+        timeout: Duration,
+    ) -> Result<Resp, StoreError> {
+        let addr = self.conn.addr.clone();
+        let bytes = self.wait(timeout).await?;
+        wire::decode_payload(&bytes)
+            .map_err(|e| StoreError::new(e.code(), format!("{addr}: undecodable reply: {e}")))
     }
 }

@@ -1,11 +1,13 @@
 //! The client library: how gateways, OSDs and `storectl` talk to the cluster.
 //!
-//! It owns connections (multiplexed request/reply over the frame protocol), monitor failover
-//! and map subscriptions. It must not know how monitors reach consensus or how OSDs store
-//! data; object I/O to OSDs joins it with the replicated I/O issue.
+//! It owns connections (multiplexed request/reply over the frame protocol), monitor failover,
+//! map subscriptions and object I/O routed to each PG's primary. It must not know how
+//! monitors reach consensus or how OSDs store data.
 
 pub mod conn;
 pub mod mon;
+pub mod objects;
 
 pub use conn::RpcConn;
 pub use mon::{MonClient, MonClientOptions};
+pub use objects::ObjectClient;

@@ -18,7 +18,6 @@ pub mod store;
 use std::future::Future;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 pub use store::{BlockStore, Identity};
 
@@ -44,13 +43,7 @@ impl std::fmt::Display for ObjectId {
 }
 
 /// Version of an object: (map epoch, sequence in its PG), as the primary assigns it.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-pub struct Version {
-    pub epoch: u64,
-    pub seq: u64,
-}
+pub use store_types::osdmsg::ObjVersion as Version;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectStat {

@@ -6,6 +6,7 @@
 //! it with the replicated I/O issue. It must not know how monitors agree or how CRUSH maps.
 
 pub mod pg;
+pub mod service;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -53,6 +54,7 @@ pub struct OsdSettings {
     pub weight: Option<CrushWeight>,
     pub mon_addrs: Vec<String>,
     pub heartbeat_interval: Duration,
+    pub pg_limits: pg::PgLimits,
 }
 
 /// Reads or creates the identity record. An empty or missing dir is initialised; a dir with
@@ -187,7 +189,6 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
         .local_addr()
         .map_err(|e| StoreError::internal(e.to_string()))?
         .to_string();
-    tokio::spawn(accept_loop(listener));
     let mons = MonClient::new(settings.mon_addrs.clone(), Default::default());
     let id = boot(&mons, &meta, &addr, &settings.host, weight).await?;
     if meta.id != Some(id) {
@@ -199,6 +200,9 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     // Follow the map; if it says we are down while we run, boot again (Ceph's
     // "wrongly marked me down").
     let mut maps = mons.subscribe();
+    let service = service::OsdService::new(id, store.clone(), maps.clone(), settings.pg_limits);
+    tokio::spawn(service.clone().serve(listener));
+    tokio::spawn(service.housekeeping());
     tokio::spawn(heartbeat_loop(
         id,
         meta.uuid.clone(),
@@ -317,23 +321,6 @@ async fn heartbeat_loop(
         });
         for (addr, conn) in futures::future::join_all(sends).await.into_iter().flatten() {
             conns.insert(addr, conn);
-        }
-    }
-}
-
-/// The data port. Object I/O arrives with the replicated I/O issue; until then connections
-/// are accepted (so the address is proven live) and closed.
-async fn accept_loop(listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                debug!(%peer, "data connection (no object service yet); closing");
-                drop(stream);
-            }
-            Err(e) => {
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
     }
 }

@@ -24,11 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use store_types::map::OsdId;
 
 /// Version of a mutation: (map epoch when ordered, sequence within the PG).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub epoch: u64,
-    pub seq: u64,
-}
+pub use store_types::osdmsg::ObjVersion as Version;
 
 /// The runtime's id for a client operation.
 pub type OpId = u64;

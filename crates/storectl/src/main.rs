@@ -2,6 +2,7 @@
 
 mod cluster;
 mod crush;
+mod obj;
 mod output;
 
 use std::path::PathBuf;
@@ -65,6 +66,11 @@ enum Cmd {
     Cluster(cluster::ClusterCmd),
     /// Print the current cluster map.
     Map,
+    /// Objects in a pool (like `rados`).
+    #[command(subcommand)]
+    Obj(obj::ObjCmd),
+    /// Measure object I/O (like `rados bench`).
+    Bench(obj::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -181,6 +187,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Mon(m) => mon(&cli, m).await?,
         Cmd::Crush(CrushCmd::Test(args)) => crush::test(cli.format, args)?,
         Cmd::Cluster(c) => cluster::run(cli.format, c).await?,
+        Cmd::Obj(o) => obj::run(cli.format, connect(&cli)?, o).await?,
+        Cmd::Bench(b) => obj::bench(cli.format, connect(&cli)?, b).await?,
     }
     Ok(())
 }

@@ -63,6 +63,14 @@ enum Cmd {
     },
 }
 
+/// Seconds from the conf file as milliseconds, refusing nonsense.
+fn secs_ms(v: f64) -> anyhow::Result<u64> {
+    if !(v.is_finite() && v > 0.0 && v < 1e7) {
+        bail!("{v} is not a valid number of seconds");
+    }
+    Ok((v * 1000.0) as u64)
+}
+
 /// Parses a size like `10G`, `512M`, `4096` (binary units: K = 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -150,6 +158,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 weight: weight.map(weight_from_f64),
                 mon_addrs: mons.into_iter().map(|m| m.addr).collect(),
                 heartbeat_interval: Duration::from_secs_f64(interval_s),
+                pg_limits: store_osd::pg::PgLimits {
+                    op_timeout_ms: secs_ms(conf.get_parsed("osd", "osd_op_timeout", 30.0)?)?,
+                    ..Default::default()
+                },
             };
             store_osd::run(settings).await.context("osd")?;
         }

@@ -29,6 +29,12 @@ pub enum ErrorCode {
     NotPermitted,
     /// The peer belongs to another cluster (fsid mismatch).
     WrongCluster,
+    /// The data cannot be served now: its PG has fewer than min_size OSDs up, or is busy.
+    Unavailable,
+    /// The device is full.
+    NoSpace,
+    /// A stored copy failed its checksum.
+    Corrupt,
     /// A bug or an unexpected local failure; the message says which.
     Internal,
 }
@@ -46,6 +52,9 @@ impl ErrorCode {
             ErrorCode::Malformed => "MALFORMED",
             ErrorCode::NotPermitted => "NOT_PERMITTED",
             ErrorCode::WrongCluster => "WRONG_CLUSTER",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::NoSpace => "NO_SPACE",
+            ErrorCode::Corrupt => "CORRUPT",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -69,6 +78,11 @@ impl ErrorCode {
             ErrorCode::WrongCluster => {
                 "the conf file or data dir belongs to another cluster; check fsid in store.conf"
             }
+            ErrorCode::Unavailable => {
+                "check `storectl status` for down OSDs and inactive PGs; bring OSDs back up"
+            }
+            ErrorCode::NoSpace => "add OSDs or free space; `storectl status` shows usage",
+            ErrorCode::Corrupt => "the copy is damaged on one OSD; it is read from another replica when one exists",
             ErrorCode::Internal => "report a bug with the daemon's log",
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod map;
 pub mod msg;
+pub mod osdmsg;
 pub mod wire;
 
 pub use error::{ErrorCode, StoreError};

@@ -1,0 +1,684 @@
+//! The OSD's data service: the runtime around [`crate::pg::PgPrimary`].
+//!
+//! - Client operations arrive on the OSD port, are fed to the PG's engine, and the engine's
+//!   commands are carried out here.
+//! - Every mutation, local or from a primary, goes through the PG's apply queue: one task
+//!   per PG applies them in arrival order, so each OSD applies a PG's mutations in the
+//!   primary's order.
+//! - Mutations for another OSD go through that peer's sender task, which puts them on the
+//!   wire in the order the engine emitted them.
+//!
+//! The apply and peer queues are unbounded channels whose contents are bounded by the
+//! engines' `max_waiting` (operations per PG) on the primaries that feed them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use store_client::RpcConn;
+use store_objstore::{ObjError, ObjectId, ObjectStore};
+use store_placement::{map_pg, PgId};
+use store_types::map::{ClusterMap, OsdId};
+use store_types::osdmsg::{
+    ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
+};
+use store_types::wire::{self, Frame, FrameCodec, FrameKind};
+use store_types::{ErrorCode, StoreError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, warn, Instrument};
+
+use crate::pg::{Command, Event, OpId, PgError, PgLimits, PgPrimary};
+
+/// Requests handled at once per connection.
+const PER_CONN_CONCURRENCY: usize = 256;
+/// How long a replica operation may take before the primary counts it as failed.
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub type MapRx = watch::Receiver<Option<Arc<ClusterMap>>>;
+
+/// Converts object store errors to wire errors with stable codes.
+pub fn obj_err(e: ObjError) -> StoreError {
+    let code = match &e {
+        ObjError::NoSpace { .. } => ErrorCode::NoSpace,
+        ObjError::Checksum { .. } => ErrorCode::Corrupt,
+        ObjError::NotFound(_) => ErrorCode::NotFound,
+        ObjError::Invalid(_) | ObjError::StaleVersion { .. } => ErrorCode::InvalidArgument,
+        _ => ErrorCode::Internal,
+    };
+    StoreError::new(code, e.to_string())
+}
+
+fn pg_err(e: PgError) -> OsdResponse {
+    match e {
+        PgError::NotPrimary { epoch } => OsdResponse::NotPrimary { epoch },
+        other => OsdResponse::Error(StoreError::new(ErrorCode::Unavailable, other.to_string())),
+    }
+}
+
+/// A mutation to apply in PG order, and where its result goes.
+struct ApplyJob {
+    object: String,
+    version: ObjVersion,
+    mutation: Mutation,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What a client waits for.
+enum Waiter {
+    Mutation(oneshot::Sender<OsdResponse>),
+    Read {
+        tx: oneshot::Sender<OsdResponse>,
+        object: String,
+        op: ClientOpKind,
+    },
+}
+
+struct PgSlot {
+    pg: Pg,
+    engine: Mutex<PgPrimary<Mutation>>,
+    epoch_fed: AtomicU64,
+    waiters: Mutex<HashMap<OpId, Waiter>>,
+    apply_tx: mpsc::UnboundedSender<ApplyJob>,
+}
+
+struct PeerJob {
+    slot: Arc<PgSlot>,
+    payload: Bytes,
+    version: ObjVersion,
+}
+
+pub struct OsdService<S: ObjectStore> {
+    id: OsdId,
+    store: Arc<S>,
+    maps: MapRx,
+    limits: PgLimits,
+    pgs: Mutex<HashMap<Pg, Arc<PgSlot>>>,
+    peers: Mutex<HashMap<OsdId, mpsc::UnboundedSender<PeerJob>>>,
+    next_op: AtomicU64,
+    started: Instant,
+}
+
+impl<S: ObjectStore> OsdService<S> {
+    pub fn new(id: OsdId, store: Arc<S>, maps: MapRx, limits: PgLimits) -> Arc<Self> {
+        Arc::new(OsdService {
+            id,
+            store,
+            maps,
+            limits,
+            pgs: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            next_op: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn map(&self) -> Option<Arc<ClusterMap>> {
+        self.maps.borrow().clone()
+    }
+
+    /// The PG's slot, created on first use with its apply task.
+    fn slot(self: &Arc<Self>, pg: Pg) -> Arc<PgSlot> {
+        let mut pgs = self.pgs.lock().expect("pg table lock");
+        pgs.entry(pg)
+            .or_insert_with(|| {
+                let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+                tokio::spawn(self.clone().apply_loop(pg, apply_rx));
+                Arc::new(PgSlot {
+                    pg,
+                    engine: Mutex::new(PgPrimary::new(self.id, 0, self.limits)),
+                    epoch_fed: AtomicU64::new(0),
+                    waiters: Mutex::new(HashMap::new()),
+                    apply_tx,
+                })
+            })
+            .clone()
+    }
+
+    /// Applies a PG's mutations one at a time, in arrival order.
+    async fn apply_loop(self: Arc<Self>, pg: Pg, mut rx: mpsc::UnboundedReceiver<ApplyJob>) {
+        while let Some(job) = rx.recv().await {
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: job.object,
+            };
+            let res = match job.mutation {
+                Mutation::Write { offset, data } => {
+                    self.store.write(&id, offset, data, job.version).await
+                }
+                Mutation::Zero { offset, len } => {
+                    self.store.zero(&id, offset, len, job.version).await
+                }
+                Mutation::Delete => self.store.delete(&id).await.map(|_| ()),
+            };
+            let _ = job.done.send(res.map_err(obj_err));
+        }
+    }
+
+    /// The engine's Map event for the current map, if the engine has not seen it.
+    fn map_event(&self, slot: &PgSlot) -> Option<Event<Mutation>> {
+        let map = self.map()?;
+        if slot.epoch_fed.load(Ordering::Acquire) >= map.epoch {
+            return None;
+        }
+        slot.epoch_fed.store(map.epoch, Ordering::Release);
+        let (acting, min_size) = match map.pools.get(&slot.pg.pool) {
+            Some(pool) => {
+                let m = map_pg(
+                    &map,
+                    pool,
+                    PgId {
+                        pool: pool.id,
+                        seed: slot.pg.seed,
+                    },
+                );
+                (m.up, pool.min_size)
+            }
+            // Pool removed: nobody is primary.
+            None => (Vec::new(), 1),
+        };
+        Some(Event::Map {
+            epoch: map.epoch,
+            acting,
+            min_size,
+        })
+    }
+
+    /// Feeds an event (after the current map) and carries out the commands while holding the
+    /// engine: commands reach the apply and peer queues in the order the engine emitted
+    /// them, which is what keeps every OSD applying a PG's mutations in the same order.
+    fn feed(self: &Arc<Self>, slot: &Arc<PgSlot>, event: Event<Mutation>) {
+        let mut engine = slot.engine.lock().expect("engine lock");
+        let mut events: VecDeque<Event<Mutation>> = self.map_event(slot).into_iter().collect();
+        events.push_back(event);
+        while let Some(ev) = events.pop_front() {
+            let cmds = engine.handle(ev);
+            self.execute(slot, cmds, &mut events);
+        }
+    }
+
+    /// Carries out engine commands. Never blocks: I/O goes to tasks and queues; outcomes
+    /// known at once (a dead queue) come back through `events`.
+    fn execute(
+        self: &Arc<Self>,
+        slot: &Arc<PgSlot>,
+        cmds: Vec<Command<Mutation>>,
+        events: &mut VecDeque<Event<Mutation>>,
+    ) {
+        for c in cmds {
+            match c {
+                Command::Apply {
+                    to,
+                    version,
+                    object,
+                    payload,
+                } => {
+                    if !self.apply_on(slot, to, version, object, payload) {
+                        events.push_back(Event::Failed { version, from: to });
+                    }
+                }
+                Command::Read { op } => {
+                    let waiter = slot.waiters.lock().expect("waiters lock").remove(&op);
+                    if let Some(Waiter::Read {
+                        tx,
+                        object,
+                        op: kind,
+                    }) = waiter
+                    {
+                        let me = self.clone();
+                        let slot = slot.clone();
+                        tokio::spawn(async move {
+                            let resp = me.local_read(slot.pg, &object, kind).await;
+                            let _ = tx.send(resp);
+                            me.feed(&slot, Event::ReadDone { op });
+                        });
+                    }
+                }
+                Command::Acked { op, version } => {
+                    if let Some(Waiter::Mutation(tx)) =
+                        slot.waiters.lock().expect("waiters lock").remove(&op)
+                    {
+                        let _ = tx.send(OsdResponse::Committed { version });
+                    }
+                }
+                Command::Reject { op, error } => {
+                    let w = slot.waiters.lock().expect("waiters lock").remove(&op);
+                    let tx = match w {
+                        Some(Waiter::Mutation(tx)) | Some(Waiter::Read { tx, .. }) => tx,
+                        None => continue,
+                    };
+                    let _ = tx.send(pg_err(error));
+                }
+            }
+        }
+    }
+
+    /// Queues a mutation for OSD `to`; false if it cannot even be queued.
+    fn apply_on(
+        self: &Arc<Self>,
+        slot: &Arc<PgSlot>,
+        to: OsdId,
+        version: ObjVersion,
+        object: String,
+        mutation: Mutation,
+    ) -> bool {
+        if to == self.id {
+            let (done, rx) = oneshot::channel();
+            let job = ApplyJob {
+                object,
+                version,
+                mutation,
+                done,
+            };
+            if slot.apply_tx.send(job).is_err() {
+                return false;
+            }
+            let me = self.clone();
+            let slot = slot.clone();
+            tokio::spawn(async move {
+                let ev = match rx.await {
+                    Ok(Ok(())) => Event::Durable { version, from: to },
+                    Ok(Err(e)) => {
+                        warn!(pg = ?slot.pg, ?version, "local apply failed: {e}");
+                        Event::Failed { version, from: to }
+                    }
+                    Err(_) => Event::Failed { version, from: to },
+                };
+                me.feed(&slot, ev);
+            });
+            return true;
+        }
+        let map_epoch = self.map().map(|m| m.epoch).unwrap_or(0);
+        let req = OsdRequest::Replica {
+            map_epoch,
+            pg: slot.pg,
+            object,
+            version,
+            mutation,
+        };
+        let payload = match wire::encode_payload(&req) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("cannot encode replica op: {e}");
+                return false;
+            }
+        };
+        let job = PeerJob {
+            slot: slot.clone(),
+            payload,
+            version,
+        };
+        self.peer_sender(to).send(job).is_ok()
+    }
+
+    fn peer_sender(self: &Arc<Self>, to: OsdId) -> mpsc::UnboundedSender<PeerJob> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        peers
+            .entry(to)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(self.clone().peer_loop(to, rx));
+                tx
+            })
+            .clone()
+    }
+
+    /// Puts one peer's replica operations on the wire in order; results come back as
+    /// Durable/Failed events.
+    async fn peer_loop(self: Arc<Self>, to: OsdId, mut rx: mpsc::UnboundedReceiver<PeerJob>) {
+        let mut conn: Option<(String, RpcConn)> = None;
+        while let Some(job) = rx.recv().await {
+            let addr = self
+                .map()
+                .and_then(|m| m.osds.get(&to).map(|o| o.addr.clone()));
+            let Some(addr) = addr else {
+                self.feed(
+                    &job.slot,
+                    Event::Failed {
+                        version: job.version,
+                        from: to,
+                    },
+                );
+                continue;
+            };
+            if conn
+                .as_ref()
+                .is_none_or(|(a, c)| *a != addr || c.is_closed())
+            {
+                conn = match RpcConn::connect(&addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES)
+                    .await
+                {
+                    Ok((c, _)) => Some((addr.clone(), c)),
+                    Err(e) => {
+                        debug!(peer = to, "replica connection failed: {e}");
+                        None
+                    }
+                };
+            }
+            let Some((_, c)) = conn.as_ref() else {
+                self.feed(
+                    &job.slot,
+                    Event::Failed {
+                        version: job.version,
+                        from: to,
+                    },
+                );
+                continue;
+            };
+            let pending = match c.send_raw(job.payload.clone()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!(peer = to, "replica send failed: {e}");
+                    conn = None;
+                    self.feed(
+                        &job.slot,
+                        Event::Failed {
+                            version: job.version,
+                            from: to,
+                        },
+                    );
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let ev = match pending.wait_decoded::<OsdResponse>(REPLICA_TIMEOUT).await {
+                    Ok(OsdResponse::Committed { .. }) => Event::Durable {
+                        version: job.version,
+                        from: to,
+                    },
+                    Ok(other) => {
+                        warn!(peer = to, version = ?job.version, "replica refused: {other:?}");
+                        Event::Failed {
+                            version: job.version,
+                            from: to,
+                        }
+                    }
+                    Err(e) => {
+                        debug!(peer = to, "replica op failed: {e}");
+                        Event::Failed {
+                            version: job.version,
+                            from: to,
+                        }
+                    }
+                };
+                me.feed(&job.slot, ev);
+            });
+        }
+    }
+
+    async fn local_read(&self, pg: Pg, object: &str, op: ClientOpKind) -> OsdResponse {
+        let id = ObjectId {
+            pool: pg.pool,
+            pg: pg.seed,
+            name: object.to_string(),
+        };
+        let res = match op {
+            ClientOpKind::Read { offset, len } => self
+                .store
+                .read(&id, offset, len as usize)
+                .await
+                .map(OsdResponse::Data),
+            ClientOpKind::Stat => self.store.stat(&id).await.map(|s| {
+                OsdResponse::Stat(s.map(|s| ObjStat {
+                    size: s.size,
+                    version: s.version,
+                }))
+            }),
+            _ => return OsdResponse::Error(StoreError::internal("not a read")),
+        };
+        res.unwrap_or_else(|e| OsdResponse::Error(obj_err(e)))
+    }
+
+    /// Waits (briefly) until our map is at least the client's, so a client with a newer
+    /// map is not bounced for nothing.
+    async fn catch_up(&self, epoch: u64) {
+        let mut rx = self.maps.clone();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            rx.wait_for(|m| m.as_ref().is_some_and(|m| m.epoch >= epoch)),
+        )
+        .await;
+    }
+
+    async fn client_op(
+        self: &Arc<Self>,
+        map_epoch: u64,
+        pg: Pg,
+        object: String,
+        op: ClientOpKind,
+    ) -> OsdResponse {
+        self.catch_up(map_epoch).await;
+        let Some(map) = self.map() else {
+            return OsdResponse::Error(StoreError::new(
+                ErrorCode::Unavailable,
+                "this OSD has no map yet",
+            ));
+        };
+        let Some(pool) = map.pools.get(&pg.pool) else {
+            return OsdResponse::Error(StoreError::not_found(format!(
+                "pool {} does not exist",
+                pg.pool
+            )));
+        };
+        if pg.seed >= pool.pg_num || object.is_empty() && !matches!(op, ClientOpKind::List) {
+            return OsdResponse::Error(StoreError::invalid("bad PG or empty object name"));
+        }
+        if let ClientOpKind::List = op {
+            let m = map_pg(
+                &map,
+                pool,
+                PgId {
+                    pool: pg.pool,
+                    seed: pg.seed,
+                },
+            );
+            if m.primary != Some(self.id) {
+                return OsdResponse::NotPrimary { epoch: map.epoch };
+            }
+            return match self.store.list(pg.pool, pg.seed).await {
+                Ok(names) => OsdResponse::Listed(names),
+                Err(e) => OsdResponse::Error(obj_err(e)),
+            };
+        }
+        let slot = self.slot(pg);
+        let op_id = self.next_op.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let now_ms = self.now_ms();
+        let event = match op {
+            ClientOpKind::Mutate(m) => {
+                slot.waiters
+                    .lock()
+                    .expect("waiters lock")
+                    .insert(op_id, Waiter::Mutation(tx));
+                Event::Mutate {
+                    op: op_id,
+                    object,
+                    payload: m,
+                    now_ms,
+                }
+            }
+            kind => {
+                slot.waiters.lock().expect("waiters lock").insert(
+                    op_id,
+                    Waiter::Read {
+                        tx,
+                        object: object.clone(),
+                        op: kind,
+                    },
+                );
+                Event::Read {
+                    op: op_id,
+                    object,
+                    now_ms,
+                }
+            }
+        };
+        self.feed(&slot, event);
+        rx.await
+            .unwrap_or_else(|_| OsdResponse::Error(StoreError::internal("operation dropped")))
+    }
+
+    /// Replica side: apply in PG order, answer when durable here.
+    fn replica_op(
+        self: &Arc<Self>,
+        pg: Pg,
+        object: String,
+        version: ObjVersion,
+        mutation: Mutation,
+    ) -> oneshot::Receiver<Result<(), StoreError>> {
+        let slot = self.slot(pg);
+        let (done, rx) = oneshot::channel();
+        let _ = slot.apply_tx.send(ApplyJob {
+            object,
+            version,
+            mutation,
+            done,
+        });
+        rx
+    }
+
+    /// Feeds clock ticks and new maps to every PG engine.
+    pub async fn housekeeping(self: Arc<Self>) {
+        let mut maps = self.maps.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = maps.changed() => if r.is_err() { return },
+            }
+            let slots: Vec<Arc<PgSlot>> = self
+                .pgs
+                .lock()
+                .expect("pg table lock")
+                .values()
+                .cloned()
+                .collect();
+            let now_ms = self.now_ms();
+            for s in slots {
+                self.feed(&s, Event::Tick { now_ms });
+            }
+        }
+    }
+
+    /// Serves the OSD port until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let span = tracing::debug_span!("osd_conn", %peer);
+                    tokio::spawn(self.clone().connection(stream).instrument(span));
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, stream: TcpStream) {
+        stream.set_nodelay(true).ok();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let (rd, wr) = stream.into_split();
+        let mut reader = FramedRead::new(rd, FrameCodec::new(OSD_MAX_FRAME_BYTES));
+        let mut writer = FramedWrite::new(wr, FrameCodec::new(OSD_MAX_FRAME_BYTES));
+        let (tx, mut rx) = mpsc::channel::<Frame>(PER_CONN_CONCURRENCY);
+        let write_task = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if writer.send(f).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let slots = Arc::new(Semaphore::new(PER_CONN_CONCURRENCY));
+        while let Some(item) = reader.next().await {
+            let frame = match item {
+                Ok(f) if f.kind == FrameKind::Request => f,
+                Ok(f) => {
+                    warn!(%peer, "closing connection: expected a request frame, got {:?}", f.kind);
+                    break;
+                }
+                Err(e) => {
+                    warn!(%peer, "closing connection: {e}");
+                    break;
+                }
+            };
+            let req: OsdRequest = match wire::decode_payload(&frame.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%peer, "closing connection: undecodable request: {e}");
+                    break;
+                }
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let tx = tx.clone();
+            let tag = frame.tag;
+            match req {
+                // Enqueued here, in frame order, so replicas apply in the primary's order.
+                OsdRequest::Replica {
+                    pg,
+                    object,
+                    version,
+                    mutation,
+                    ..
+                } => {
+                    let done = self.replica_op(pg, object, version, mutation);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let resp = match done.await {
+                            Ok(Ok(())) => OsdResponse::Committed { version },
+                            Ok(Err(e)) => OsdResponse::Error(e),
+                            Err(_) => OsdResponse::Error(StoreError::internal("apply dropped")),
+                        };
+                        reply(&tx, tag, &resp).await;
+                    });
+                }
+                OsdRequest::Client {
+                    map_epoch,
+                    pg,
+                    object,
+                    op,
+                } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let resp = me.client_op(map_epoch, pg, object, op).await;
+                        reply(&tx, tag, &resp).await;
+                    });
+                }
+            }
+        }
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+    }
+}
+
+async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &OsdResponse) {
+    match wire::encode_payload(resp) {
+        Ok(payload) => {
+            let _ = tx
+                .send(Frame {
+                    kind: FrameKind::Reply,
+                    tag,
+                    payload,
+                })
+                .await;
+        }
+        Err(e) => warn!("cannot encode reply: {e}"),
+    }
+}

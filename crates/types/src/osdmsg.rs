@@ -1,0 +1,84 @@
+//! Messages of the OSD protocol: client operations to a PG's primary, and replica
+//! operations from the primary to the other OSDs of the acting set.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+
+/// Bound for OSD connections: the largest I/O plus headroom for the message around it.
+pub const OSD_MAX_FRAME_BYTES: usize = 32 << 20;
+
+/// Version of a mutation: (map epoch when the primary ordered it, sequence in the PG).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct ObjVersion {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// A PG: pool id and seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Pg {
+    pub pool: u32,
+    pub seed: u32,
+}
+
+/// A mutation, as the primary orders it and the replicas apply it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    Write { offset: u64, data: Bytes },
+    Zero { offset: u64, len: u64 },
+    Delete,
+}
+
+/// A client operation on one object (or, for `List`, on the whole PG).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientOpKind {
+    Mutate(Mutation),
+    Read { offset: u64, len: u32 },
+    Stat,
+    List,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsdRequest {
+    /// From a client to the PG's primary. `map_epoch` is the client's map.
+    Client {
+        map_epoch: u64,
+        pg: Pg,
+        object: String,
+        op: ClientOpKind,
+    },
+    /// From the primary to an OSD of the acting set: apply this mutation at this version.
+    Replica {
+        map_epoch: u64,
+        pg: Pg,
+        object: String,
+        version: ObjVersion,
+        mutation: Mutation,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjStat {
+    pub size: u64,
+    pub version: ObjVersion,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OsdResponse {
+    /// A mutation is durable on the whole acting set (or, for a replica op, here).
+    Committed {
+        version: ObjVersion,
+    },
+    Data(Bytes),
+    Stat(Option<ObjStat>),
+    Listed(Vec<String>),
+    /// The receiver is not this PG's primary at `epoch`: get a newer map and resend.
+    NotPrimary {
+        epoch: u64,
+    },
+    Error(StoreError),
+}
