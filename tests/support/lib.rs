@@ -60,6 +60,8 @@ pub struct ClusterOpts {
     pub grace_secs: f64,
     pub heartbeat_secs: f64,
     pub down_out_secs: f64,
+    /// osd_op_timeout: how long I/O waits for an inactive PG.
+    pub op_timeout_secs: f64,
 }
 
 impl Default for ClusterOpts {
@@ -70,7 +72,15 @@ impl Default for ClusterOpts {
             grace_secs: 3.0,
             heartbeat_secs: 0.5,
             down_out_secs: 600.0,
+            op_timeout_secs: 30.0,
         }
+    }
+}
+
+/// The monitors' addresses, for clients built in the test.
+impl TestCluster {
+    pub fn mon_addrs(&self) -> Vec<String> {
+        self.mons.iter().map(|m| m.addr.clone()).collect()
     }
 }
 
@@ -104,13 +114,14 @@ impl TestCluster {
             })
             .collect();
         let conf = format!(
-            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\n\n[osd]\nosd_heartbeat_interval = {}\n",
+            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n",
             fake_uuid(),
             mons.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             mons.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(", "),
             opts.grace_secs,
             opts.down_out_secs,
             opts.heartbeat_secs,
+            opts.op_timeout_secs,
         );
         std::fs::write(dir.path().join("store.conf"), conf).expect("write conf");
         let mut c = TestCluster {

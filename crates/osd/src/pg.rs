@@ -41,6 +41,8 @@ pub enum PgError {
     },
     /// Too many operations already wait for this PG.
     QueueFull { limit: usize },
+    /// An OSD of the acting set could not apply the mutation and is still in it.
+    ReplicaFailed { waited_ms: u64 },
 }
 
 impl std::fmt::Display for PgError {
@@ -56,6 +58,10 @@ impl std::fmt::Display for PgError {
                 "PG inactive: {up} OSDs up, min_size {min_size}; waited {waited_ms} ms"
             ),
             PgError::QueueFull { limit } => write!(f, "PG queue full ({limit} operations waiting)"),
+            PgError::ReplicaFailed { waited_ms } => write!(
+                f,
+                "a replica could not apply the write and stayed in the acting set for {waited_ms} ms"
+            ),
         }
     }
 }
@@ -67,6 +73,9 @@ pub enum Event<P> {
         epoch: u64,
         acting: Vec<OsdId>,
         min_size: u32,
+        /// Changes when an acting OSD restarted (its up_from): a restart is a new interval
+        /// even with the same acting set, as in Ceph.
+        incarnation: u64,
     },
     /// A client mutation of `object`.
     Mutate {
@@ -149,6 +158,8 @@ struct InFlight<P> {
     m: Mutation<P>,
     pending: BTreeSet<OsdId>,
     acting: usize,
+    /// When an OSD first reported it could not apply this mutation.
+    failed_since_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -240,6 +251,9 @@ pub struct PgPrimary<P> {
     reads: HashMap<OpId, String>,
     /// Operations waiting in object gates.
     gated: usize,
+    incarnation: u64,
+    /// The newest clock reading seen (from events that carry one).
+    now_ms: u64,
 }
 
 impl<P: Clone> PgPrimary<P> {
@@ -255,6 +269,8 @@ impl<P: Clone> PgPrimary<P> {
             objects: HashMap::new(),
             reads: HashMap::new(),
             gated: 0,
+            incarnation: 0,
+            now_ms: 0,
         }
     }
 
@@ -270,12 +286,18 @@ impl<P: Clone> PgPrimary<P> {
     /// The one transition function.
     pub fn handle(&mut self, event: Event<P>) -> Vec<Command<P>> {
         let mut out = Vec::new();
+        if let Event::Mutate { now_ms, .. } | Event::Read { now_ms, .. } | Event::Tick { now_ms } =
+            &event
+        {
+            self.now_ms = self.now_ms.max(*now_ms);
+        }
         match event {
             Event::Map {
                 epoch,
                 acting,
                 min_size,
-            } => self.on_map(epoch, acting, min_size, &mut out),
+                incarnation,
+            } => self.on_map(epoch, acting, min_size, incarnation, &mut out),
             Event::Mutate {
                 op,
                 object,
@@ -300,9 +322,14 @@ impl<P: Clone> PgPrimary<P> {
             ),
             Event::ReadDone { op } => self.on_read_done(op, &mut out),
             Event::Durable { version, from } => self.on_durable(version, from, &mut out),
-            Event::Failed { .. } => {
-                // The op stays pending: the failed OSD will be marked down, and the next
-                // interval re-drives the op without it. Never acknowledge without it.
+            Event::Failed { version, .. } => {
+                // The op stays pending: the failed OSD will be marked down (or restart), and
+                // the next interval re-drives the op. Never acknowledge without it. If no new
+                // interval comes within the op timeout, the op fails (see on_tick).
+                let now = self.now_ms;
+                if let Some(f) = self.in_flight.get_mut(&version) {
+                    f.failed_since_ms.get_or_insert(now);
+                }
             }
             Event::Tick { now_ms } => self.on_tick(now_ms, &mut out),
         }
@@ -322,7 +349,14 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
-    fn on_map(&mut self, epoch: u64, acting: Vec<OsdId>, min_size: u32, out: &mut Vec<Command<P>>) {
+    fn on_map(
+        &mut self,
+        epoch: u64,
+        acting: Vec<OsdId>,
+        min_size: u32,
+        incarnation: u64,
+        out: &mut Vec<Command<P>>,
+    ) {
         if epoch < self.epoch() {
             return; // maps only move forward
         }
@@ -336,9 +370,10 @@ impl<P: Clone> PgPrimary<P> {
                 acting: a,
                 min_size: m,
                 ..
-            } => *a == acting && *m == min_size,
+            } => *a == acting && *m == min_size && self.incarnation == incarnation,
             _ => false,
         };
+        self.incarnation = incarnation;
         if same_interval {
             self.set_epoch(epoch);
             return;
@@ -479,8 +514,15 @@ impl<P: Clone> PgPrimary<P> {
         self.objects.entry(m.object.clone()).or_default().writers += 1;
         let pending = acting.iter().copied().collect();
         let acting = acting.len();
-        self.in_flight
-            .insert(version, InFlight { m, pending, acting });
+        self.in_flight.insert(
+            version,
+            InFlight {
+                m,
+                pending,
+                acting,
+                failed_since_ms: None,
+            },
+        );
     }
 
     fn on_read_done(&mut self, op: OpId, out: &mut Vec<Command<P>>) {
@@ -541,14 +583,15 @@ impl<P: Clone> PgPrimary<P> {
     }
 
     fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
+        let timeout = self.limits.op_timeout_ms;
         let (up, min_size) = match &self.state {
             State::Inactive {
                 acting, min_size, ..
             } => (acting.len(), *min_size),
             State::Unknown => (0, 0),
-            _ => return,
+            State::Active { .. } => return self.expire_failed(now_ms, out),
+            State::NotPrimary { .. } => return,
         };
-        let timeout = self.limits.op_timeout_ms;
         let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
             .into_iter()
             .partition(|q| now_ms.saturating_sub(q.arrived_ms()) >= timeout);
@@ -562,6 +605,34 @@ impl<P: Clone> PgPrimary<P> {
                     waited_ms: now_ms.saturating_sub(q.arrived_ms()),
                 },
             });
+        }
+    }
+
+    /// Mutations an OSD failed to apply, with no new interval since for the op timeout:
+    /// answered with an error (never acknowledged), and their object is released.
+    fn expire_failed(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
+        let timeout = self.limits.op_timeout_ms;
+        let stuck: Vec<Version> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| {
+                f.failed_since_ms
+                    .is_some_and(|t| now_ms.saturating_sub(t) >= timeout)
+            })
+            .map(|(v, _)| *v)
+            .collect();
+        for v in stuck {
+            let f = self.in_flight.remove(&v).expect("listed above");
+            out.push(Command::Reject {
+                op: f.m.op,
+                error: PgError::ReplicaFailed {
+                    waited_ms: now_ms.saturating_sub(f.failed_since_ms.unwrap_or(now_ms)),
+                },
+            });
+            if let Some(g) = self.objects.get_mut(&f.m.object) {
+                g.writers = g.writers.saturating_sub(1);
+            }
+            self.drain_gate(&f.m.object, out);
         }
     }
 }

@@ -186,10 +186,16 @@ impl<S: ObjectStore> OsdService<S> {
             // Pool removed: nobody is primary.
             None => (Vec::new(), 1),
         };
+        // An acting OSD that restarted (new up_from) makes a new interval.
+        let incarnation = acting.iter().fold(0u64, |h, id| {
+            let up_from = map.osds.get(id).map_or(0, |o| o.up_from);
+            h.wrapping_mul(0x100_0000_01b3).wrapping_add(up_from)
+        });
         Some(Event::Map {
             epoch: map.epoch,
             acting,
             min_size,
+            incarnation,
         })
     }
 

@@ -18,6 +18,7 @@ fn map(pg: &mut Pg, epoch: u64, acting: &[OsdId], min_size: u32) -> Vec<Command<
         epoch,
         acting: acting.to_vec(),
         min_size,
+        incarnation: 0,
     })
 }
 
@@ -382,6 +383,7 @@ fn run_schedule(seed: u64) {
                     epoch,
                     acting: acting.clone(),
                     min_size,
+                    incarnation: 0,
                 })
             }
             _ => p.handle(Event::Tick { now_ms: now }),
@@ -404,6 +406,7 @@ fn run_schedule(seed: u64) {
             epoch,
             acting: a,
             min_size,
+            incarnation: 0,
         });
         check(
             c,
@@ -451,4 +454,64 @@ fn run_schedule(seed: u64) {
         "seed {seed}: unanswered ops {unanswered:?}"
     );
     assert_eq!(p.outstanding(), 0, "seed {seed}");
+}
+
+#[test]
+fn a_restarted_replica_is_a_new_interval() {
+    let mut p = pg();
+    p.handle(Event::Map {
+        epoch: 1,
+        acting: vec![0, 1],
+        min_size: 2,
+        incarnation: 7,
+    });
+    mutate(&mut p, 1, "a", 0);
+    durable(&mut p, v(1, 1), 0);
+    p.handle(Event::Failed {
+        version: v(1, 1),
+        from: 1,
+    });
+    // osd.1 restarts: same acting set, new incarnation: the write is sent again.
+    let c = p.handle(Event::Map {
+        epoch: 2,
+        acting: vec![0, 1],
+        min_size: 2,
+        incarnation: 8,
+    });
+    assert_eq!(applies(&c), vec![(0, v(2, 2)), (1, v(2, 2))]);
+    // The same incarnation at a later epoch is the same interval.
+    assert!(p
+        .handle(Event::Map {
+            epoch: 3,
+            acting: vec![0, 1],
+            min_size: 2,
+            incarnation: 8
+        })
+        .is_empty());
+}
+
+#[test]
+fn a_failed_write_without_a_new_interval_fails_after_the_timeout() {
+    let mut p = pg();
+    map(&mut p, 1, &[0, 1], 2);
+    mutate(&mut p, 1, "a", 100);
+    assert!(read(&mut p, 2, "a").is_empty());
+    durable(&mut p, v(1, 1), 0);
+    p.handle(Event::Failed {
+        version: v(1, 1),
+        from: 1,
+    });
+    assert!(p.handle(Event::Tick { now_ms: 1000 }).is_empty());
+    let c = p.handle(Event::Tick { now_ms: 1200 });
+    assert_eq!(
+        c,
+        vec![
+            Command::Reject {
+                op: 1,
+                error: PgError::ReplicaFailed { waited_ms: 1100 }
+            },
+            Command::Read { op: 2 },
+        ]
+    );
+    assert_eq!(p.outstanding(), 0);
 }
