@@ -62,6 +62,8 @@ pub struct ClusterOpts {
     pub down_out_secs: f64,
     /// osd_op_timeout: how long I/O waits for an inactive PG.
     pub op_timeout_secs: f64,
+    /// Size of each OSD's file-backed device.
+    pub device_size: &'static str,
 }
 
 impl Default for ClusterOpts {
@@ -73,6 +75,7 @@ impl Default for ClusterOpts {
             heartbeat_secs: 0.5,
             down_out_secs: 600.0,
             op_timeout_secs: 30.0,
+            device_size: "256M",
         }
     }
 }
@@ -94,6 +97,7 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub mons: Vec<Mon>,
     children: BTreeMap<String, Child>,
+    device_size: &'static str,
     /// ERROR log lines containing one of these are expected by the test.
     allowed_errors: Vec<String>,
     checked: bool,
@@ -128,6 +132,7 @@ impl TestCluster {
             dir,
             mons,
             children: BTreeMap::new(),
+            device_size: opts.device_size,
             // openraft logs a replication RPC that missed its (heartbeat-sized) deadline at
             // ERROR; on a loaded 2-core machine that happens without any fault. Raft retries.
             allowed_errors: vec!["ERROR openraft::replication: RPCError err=timeout after".into()],
@@ -197,9 +202,21 @@ impl TestCluster {
                 "--host".into(),
                 format!("node{}", i + 1),
                 "--size".into(),
-                "256M".into(),
+                self.device_size.into(),
             ],
         );
+    }
+
+    /// The OSD id that daemon `osd-devN` booted as (from its log).
+    pub fn osd_id(&self, i: usize) -> Option<u32> {
+        let log = std::fs::read_to_string(self.log_path(&Self::osd_name(i))).ok()?;
+        let line = log.lines().rev().find(|l| l.contains("osd booted"))?;
+        line.split("osd=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     pub fn pid(&self, name: &str) -> Option<u32> {

@@ -165,13 +165,14 @@ fn weight_for(total_bytes: u64) -> CrushWeight {
     w.clamp(1, u32::MAX as u128) as CrushWeight
 }
 
-fn stat_of(store: &Store) -> OsdStat {
+/// Usage for heartbeats; checksum errors count only damage not yet repaired.
+fn stat_of(store: &Store, repaired: u64) -> OsdStat {
     let u = store.usage();
     OsdStat {
         total_bytes: u.total_bytes,
         used_bytes: u.used_bytes,
         objects: u.objects,
-        checksum_errors: u.checksum_errors,
+        checksum_errors: u.checksum_errors.saturating_sub(repaired),
     }
 }
 
@@ -202,13 +203,14 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     let mut maps = mons.subscribe();
     let service = service::OsdService::new(id, store.clone(), maps.clone(), settings.pg_limits);
     tokio::spawn(service.clone().serve(listener));
-    tokio::spawn(service.housekeeping());
+    tokio::spawn(service.clone().housekeeping());
     tokio::spawn(heartbeat_loop(
         id,
         meta.uuid.clone(),
         settings.clone(),
         maps.clone(),
         store.clone(),
+        service.clone(),
     ));
     loop {
         if maps.changed().await.is_err() {
@@ -284,6 +286,7 @@ async fn heartbeat_loop(
     s: Arc<OsdSettings>,
     maps: watch::Receiver<Option<Arc<ClusterMap>>>,
     store: Arc<Store>,
+    service: Arc<service::OsdService<Store>>,
 ) {
     let mut conns: HashMap<String, RpcConn> = HashMap::new();
     let mut tick = tokio::time::interval(s.heartbeat_interval);
@@ -298,7 +301,7 @@ async fn heartbeat_loop(
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
-            stat: stat_of(&store),
+            stat: stat_of(&store, service.repaired()),
         };
         let sends = addrs.iter().map(|addr| {
             let existing = conns.get(addr).cloned();

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use store_types::map::OsdId;
+use store_types::StoreError;
 
 /// Version of a mutation: (map epoch when ordered, sequence within the PG).
 pub use store_types::osdmsg::ObjVersion as Version;
@@ -43,6 +44,8 @@ pub enum PgError {
     QueueFull { limit: usize },
     /// An OSD of the acting set could not apply the mutation and is still in it.
     ReplicaFailed { waited_ms: u64 },
+    /// An OSD refused the mutation (e.g. its device is full): not acknowledged.
+    Refused { osd: OsdId, error: StoreError },
 }
 
 impl std::fmt::Display for PgError {
@@ -58,6 +61,7 @@ impl std::fmt::Display for PgError {
                 "PG inactive: {up} OSDs up, min_size {min_size}; waited {waited_ms} ms"
             ),
             PgError::QueueFull { limit } => write!(f, "PG queue full ({limit} operations waiting)"),
+            PgError::Refused { osd, error } => write!(f, "osd.{osd} refused the write: {error}"),
             PgError::ReplicaFailed { waited_ms } => write!(
                 f,
                 "a replica could not apply the write and stayed in the acting set for {waited_ms} ms"
@@ -98,6 +102,13 @@ pub enum Event<P> {
     Durable {
         version: Version,
         from: OsdId,
+    },
+    /// OSD `from` answered that it will not apply `version` (an error, not a lost
+    /// connection): the mutation fails now, unacknowledged.
+    Refused {
+        version: Version,
+        from: OsdId,
+        error: StoreError,
     },
     /// OSD `from` could not apply `version`; it waits for the next interval.
     Failed {
@@ -331,6 +342,11 @@ impl<P: Clone> PgPrimary<P> {
                     f.failed_since_ms.get_or_insert(now);
                 }
             }
+            Event::Refused {
+                version,
+                from,
+                error,
+            } => self.fail_mutation(version, PgError::Refused { osd: from, error }, &mut out),
             Event::Tick { now_ms } => self.on_tick(now_ms, &mut out),
         }
         out
@@ -622,18 +638,24 @@ impl<P: Clone> PgPrimary<P> {
             .map(|(v, _)| *v)
             .collect();
         for v in stuck {
-            let f = self.in_flight.remove(&v).expect("listed above");
-            out.push(Command::Reject {
-                op: f.m.op,
-                error: PgError::ReplicaFailed {
-                    waited_ms: now_ms.saturating_sub(f.failed_since_ms.unwrap_or(now_ms)),
-                },
-            });
-            if let Some(g) = self.objects.get_mut(&f.m.object) {
-                g.writers = g.writers.saturating_sub(1);
-            }
-            self.drain_gate(&f.m.object, out);
+            let waited_ms = self.in_flight[&v]
+                .failed_since_ms
+                .map_or(0, |t| now_ms.saturating_sub(t));
+            self.fail_mutation(v, PgError::ReplicaFailed { waited_ms }, out);
         }
+    }
+
+    /// Answers an in-flight mutation with an error (never acknowledged) and releases its
+    /// object.
+    fn fail_mutation(&mut self, version: Version, error: PgError, out: &mut Vec<Command<P>>) {
+        let Some(f) = self.in_flight.remove(&version) else {
+            return; // already answered, or from an earlier interval
+        };
+        out.push(Command::Reject { op: f.m.op, error });
+        if let Some(g) = self.objects.get_mut(&f.m.object) {
+            g.writers = g.writers.saturating_sub(1);
+        }
+        self.drain_gate(&f.m.object, out);
     }
 }
 

@@ -56,6 +56,10 @@ pub fn obj_err(e: ObjError) -> StoreError {
 fn pg_err(e: PgError) -> OsdResponse {
     match e {
         PgError::NotPrimary { epoch } => OsdResponse::NotPrimary { epoch },
+        PgError::Refused { osd, error } => OsdResponse::Error(StoreError::new(
+            error.code,
+            format!("osd.{osd}: {}", error.message),
+        )),
         other => OsdResponse::Error(StoreError::new(ErrorCode::Unavailable, other.to_string())),
     }
 }
@@ -101,6 +105,8 @@ pub struct OsdService<S: ObjectStore> {
     peers: Mutex<HashMap<OsdId, mpsc::UnboundedSender<PeerJob>>>,
     next_op: AtomicU64,
     started: Instant,
+    /// Damaged local copies rewritten from a replica.
+    repaired: AtomicU64,
 }
 
 impl<S: ObjectStore> OsdService<S> {
@@ -114,6 +120,7 @@ impl<S: ObjectStore> OsdService<S> {
             peers: Mutex::new(HashMap::new()),
             next_op: AtomicU64::new(1),
             started: Instant::now(),
+            repaired: AtomicU64::new(0),
         })
     }
 
@@ -293,9 +300,13 @@ impl<S: ObjectStore> OsdService<S> {
             tokio::spawn(async move {
                 let ev = match rx.await {
                     Ok(Ok(())) => Event::Durable { version, from: to },
-                    Ok(Err(e)) => {
-                        warn!(pg = ?slot.pg, ?version, "local apply failed: {e}");
-                        Event::Failed { version, from: to }
+                    Ok(Err(error)) => {
+                        warn!(pg = ?slot.pg, ?version, "local apply refused: {error}");
+                        Event::Refused {
+                            version,
+                            from: to,
+                            error,
+                        }
                     }
                     Err(_) => Event::Failed { version, from: to },
                 };
@@ -402,8 +413,16 @@ impl<S: ObjectStore> OsdService<S> {
                         version: job.version,
                         from: to,
                     },
+                    Ok(OsdResponse::Error(error)) => {
+                        warn!(peer = to, version = ?job.version, "replica refused: {error}");
+                        Event::Refused {
+                            version: job.version,
+                            from: to,
+                            error,
+                        }
+                    }
                     Ok(other) => {
-                        warn!(peer = to, version = ?job.version, "replica refused: {other:?}");
+                        warn!(peer = to, version = ?job.version, "unexpected replica reply: {other:?}");
                         Event::Failed {
                             version: job.version,
                             from: to,
@@ -422,6 +441,11 @@ impl<S: ObjectStore> OsdService<S> {
         }
     }
 
+    /// Damaged copies this OSD has repaired from replicas since it started.
+    pub fn repaired(&self) -> u64 {
+        self.repaired.load(Ordering::Relaxed)
+    }
+
     async fn local_read(&self, pg: Pg, object: &str, op: ClientOpKind) -> OsdResponse {
         let id = ObjectId {
             pool: pg.pool,
@@ -429,11 +453,16 @@ impl<S: ObjectStore> OsdService<S> {
             name: object.to_string(),
         };
         let res = match op {
-            ClientOpKind::Read { offset, len } => self
-                .store
-                .read(&id, offset, len as usize)
-                .await
-                .map(OsdResponse::Data),
+            ClientOpKind::Read { offset, len } => {
+                match self.store.read(&id, offset, len as usize).await {
+                    Err(ObjError::Checksum { .. }) => match self.repair(pg, &id).await {
+                        Ok(()) => self.store.read(&id, offset, len as usize).await,
+                        Err(e) => return OsdResponse::Error(e),
+                    },
+                    other => other,
+                }
+                .map(OsdResponse::Data)
+            }
             ClientOpKind::Stat => self.store.stat(&id).await.map(|s| {
                 OsdResponse::Stat(s.map(|s| ObjStat {
                     size: s.size,
@@ -443,6 +472,120 @@ impl<S: ObjectStore> OsdService<S> {
             _ => return OsdResponse::Error(StoreError::internal("not a read")),
         };
         res.unwrap_or_else(|e| OsdResponse::Error(obj_err(e)))
+    }
+
+    /// Rewrites a damaged local object from the first other acting OSD that has a good
+    /// copy. Runs inside a read of the object, so no mutation of it can interleave.
+    async fn repair(&self, pg: Pg, id: &ObjectId) -> Result<(), StoreError> {
+        let map = self.map().ok_or_else(|| StoreError::internal("no map"))?;
+        let pool = map
+            .pools
+            .get(&pg.pool)
+            .ok_or_else(|| StoreError::not_found("pool removed"))?;
+        let peers: Vec<(OsdId, String)> = map_pg(
+            &map,
+            pool,
+            PgId {
+                pool: pg.pool,
+                seed: pg.seed,
+            },
+        )
+        .up
+        .into_iter()
+        .filter(|o| *o != self.id)
+        .filter_map(|o| map.osds.get(&o).map(|i| (o, i.addr.clone())))
+        .collect();
+        let mut errors = Vec::new();
+        for (peer, addr) in peers {
+            match self.fetch_whole(pg, id, &addr).await {
+                Ok((data, version)) => {
+                    self.store
+                        .write(id, 0, data, version)
+                        .await
+                        .map_err(obj_err)?;
+                    self.repaired.fetch_add(1, Ordering::Relaxed);
+                    warn!(object = %id, from = peer, "repaired a damaged local copy from a replica");
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("osd.{peer}: {e}")),
+            }
+        }
+        Err(StoreError::new(
+            ErrorCode::Corrupt,
+            format!(
+                "{id}: the local copy is damaged and no replica could supply a good one ({})",
+                if errors.is_empty() {
+                    "no other OSD up".to_string()
+                } else {
+                    errors.join("; ")
+                }
+            ),
+        ))
+    }
+
+    async fn fetch_whole(
+        &self,
+        pg: Pg,
+        id: &ObjectId,
+        addr: &str,
+    ) -> Result<(Bytes, ObjVersion), StoreError> {
+        const CHUNK: u32 = 4 << 20;
+        let (conn, _) = RpcConn::connect(addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
+        let mut out = bytes::BytesMut::new();
+        let mut version = None;
+        loop {
+            let req = OsdRequest::Fetch {
+                pg,
+                object: id.name.clone(),
+                offset: out.len() as u64,
+                len: CHUNK,
+            };
+            match conn.call::<_, OsdResponse>(&req, REPLICA_TIMEOUT).await? {
+                OsdResponse::Fetched {
+                    size,
+                    version: v,
+                    data,
+                } => {
+                    if version.is_some_and(|old| old != v) {
+                        return Err(StoreError::internal("object changed while fetching"));
+                    }
+                    version = Some(v);
+                    out.extend_from_slice(&data);
+                    if data.is_empty() || out.len() as u64 >= size {
+                        break;
+                    }
+                }
+                OsdResponse::Error(e) => return Err(e),
+                other => return Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+            }
+        }
+        Ok((out.freeze(), version.unwrap_or_default()))
+    }
+
+    /// Serves a replica's range of an object to a repairing primary.
+    async fn fetch(&self, pg: Pg, object: String, offset: u64, len: u32) -> OsdResponse {
+        let id = ObjectId {
+            pool: pg.pool,
+            pg: pg.seed,
+            name: object,
+        };
+        let st = match self.store.stat(&id).await {
+            Ok(Some(st)) => st,
+            Ok(None) => {
+                return OsdResponse::Error(StoreError::not_found(format!(
+                    "{id} does not exist here"
+                )))
+            }
+            Err(e) => return OsdResponse::Error(obj_err(e)),
+        };
+        match self.store.read(&id, offset, len as usize).await {
+            Ok(data) => OsdResponse::Fetched {
+                size: st.size,
+                version: st.version,
+                data,
+            },
+            Err(e) => OsdResponse::Error(obj_err(e)),
+        }
     }
 
     /// Waits (briefly) until our map is at least the client's, so a client with a newer
@@ -651,6 +794,19 @@ impl<S: ObjectStore> OsdService<S> {
                             Ok(Err(e)) => OsdResponse::Error(e),
                             Err(_) => OsdResponse::Error(StoreError::internal("apply dropped")),
                         };
+                        reply(&tx, tag, &resp).await;
+                    });
+                }
+                OsdRequest::Fetch {
+                    pg,
+                    object,
+                    offset,
+                    len,
+                } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let resp = me.fetch(pg, object, offset, len).await;
                         reply(&tx, tag, &resp).await;
                     });
                 }

@@ -59,6 +59,14 @@ pub enum OsdRequest {
         version: ObjVersion,
         mutation: Mutation,
     },
+    /// From a primary to another OSD of the acting set: a range of its copy of an object,
+    /// checksums verified, to repair a damaged local copy.
+    Fetch {
+        pg: Pg,
+        object: String,
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +84,12 @@ pub enum OsdResponse {
     Data(Bytes),
     Stat(Option<ObjStat>),
     Listed(Vec<String>),
+    /// Answer to `Fetch`: the object's size and version, and the requested bytes.
+    Fetched {
+        size: u64,
+        version: ObjVersion,
+        data: Bytes,
+    },
     /// The receiver is not this PG's primary at `epoch`: get a newer map and resend.
     NotPrimary {
         epoch: u64,

@@ -515,3 +515,27 @@ fn a_failed_write_without_a_new_interval_fails_after_the_timeout() {
     );
     assert_eq!(p.outstanding(), 0);
 }
+
+#[test]
+fn a_refusal_fails_the_write_at_once() {
+    let mut p = pg();
+    map(&mut p, 1, &[0, 1], 2);
+    mutate(&mut p, 1, "a", 0);
+    durable(&mut p, v(1, 1), 0);
+    let error = StoreError::new(store_types::ErrorCode::NoSpace, "full");
+    let c = p.handle(Event::Refused {
+        version: v(1, 1),
+        from: 1,
+        error: error.clone(),
+    });
+    assert_eq!(
+        c,
+        vec![Command::Reject {
+            op: 1,
+            error: PgError::Refused { osd: 1, error }
+        }]
+    );
+    // A late acknowledgement of the refused version changes nothing.
+    assert!(durable(&mut p, v(1, 1), 1).is_empty());
+    assert_eq!(p.outstanding(), 0);
+}
