@@ -168,7 +168,7 @@ impl TestCluster {
             .arg("--conf")
             .arg(self.conf())
             .args(args)
-            .env("STORE_LOG", "info,openraft=error")
+            .env("STORE_LOG", "info,openraft=off")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -193,7 +193,10 @@ impl<C: Consensus> MonitorCore<C> {
             {
                 Some(leader) if !forwarded => {
                     match self.forward(&leader.addr, &op, remaining).await {
-                        Ok(resp) => return Ok(resp),
+                        Ok(resp) => {
+                            self.catch_up(&resp).await;
+                            return Ok(resp);
+                        }
                         Err(e)
                             if e.code == ErrorCode::Unreachable || e.code == ErrorCode::Timeout =>
                         {
@@ -216,6 +219,20 @@ impl<C: Consensus> MonitorCore<C> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Read-your-writes: before answering a forwarded change, wait (briefly) until this
+    /// monitor has applied it too, so the client's next read here sees it.
+    async fn catch_up(&self, resp: &MonResponse) {
+        let MonResponse::Outcome(out) = resp else {
+            return;
+        };
+        let mut rx = self.consensus.map();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            rx.wait_for(|m| m.epoch >= out.epoch),
+        )
+        .await;
     }
 
     async fn forward(

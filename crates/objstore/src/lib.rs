@@ -25,6 +25,8 @@ pub use store::{BlockStore, Identity};
 pub const BLOCK_SIZE: usize = 4096;
 /// Largest object.
 pub const MAX_OBJECT_BYTES: u64 = 64 << 20;
+/// Entries kept per PG log (Ceph's osd_max_pg_log_entries is of this order).
+pub const PG_LOG_MAX_ENTRIES: u64 = 3000;
 /// Largest single read or write.
 pub const MAX_IO_BYTES: usize = 16 << 20;
 
@@ -44,6 +46,7 @@ impl std::fmt::Display for ObjectId {
 
 /// Version of an object: (map epoch, sequence in its PG), as the primary assigns it.
 pub use store_types::osdmsg::ObjVersion as Version;
+pub use store_types::osdmsg::{LogOp, PgLogEntry};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectStat {
@@ -117,7 +120,27 @@ pub trait ObjectStore: Send + Sync + 'static {
         id: &ObjectId,
     ) -> impl Future<Output = Result<Option<ObjectStat>, ObjError>> + Send;
     /// Removes the object and frees its space; false if it did not exist.
-    fn delete(&self, id: &ObjectId) -> impl Future<Output = Result<bool, ObjError>> + Send;
+    fn delete(
+        &self,
+        id: &ObjectId,
+        version: Version,
+    ) -> impl Future<Output = Result<bool, ObjError>> + Send;
+    /// The PG's log after `after` (all kept entries when None), oldest first, at most `limit`.
+    /// Every mutation appends one entry in the same atomic commit as the change itself; the
+    /// newest [`PG_LOG_MAX_ENTRIES`] are kept.
+    fn pg_log(
+        &self,
+        pool: u32,
+        pg: u32,
+        after: Option<Version>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<PgLogEntry>, ObjError>> + Send;
+    /// The newest version in the PG's log.
+    fn pg_log_head(
+        &self,
+        pool: u32,
+        pg: u32,
+    ) -> impl Future<Output = Result<Option<Version>, ObjError>> + Send;
     /// Names of a PG's objects, in order.
     fn list(
         &self,

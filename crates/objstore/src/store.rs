@@ -9,6 +9,7 @@
 //! Object keys are `pool u32 BE | pg u32 BE | name length u16 BE | name`, so one PG's
 //! objects, and one object's blocks, are contiguous key ranges.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,13 +26,16 @@ use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
 use crate::device::BlockDevice;
 use crate::{
-    ObjError, ObjectId, ObjectStat, ObjectStore, Usage, Version, BLOCK_SIZE, MAX_IO_BYTES,
-    MAX_OBJECT_BYTES,
+    LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgLogEntry, Usage, Version, BLOCK_SIZE,
+    MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
 };
 
 const CF_META: &str = "meta";
 const CF_OBJECTS: &str = "objects";
 const CF_BLOCKS: &str = "blocks";
+const CF_PGLOG: &str = "pglog";
+/// Trim a PG log only once it is this far over its bound, to batch the work.
+const PG_LOG_TRIM_SLACK: u64 = 256;
 const RECORD_V: u16 = 1;
 const KEY_IDENTITY: &[u8] = b"identity";
 const SUPERBLOCK_MAGIC: [u8; 8] = *b"STOREDEV";
@@ -66,6 +70,9 @@ pub struct BlockStore<D: BlockDevice> {
     locks: Vec<RwLock<()>>,
     objects: AtomicU64,
     checksum_errors: AtomicU64,
+    /// Entries in each PG's log, counted on first use.
+    log_len: Mutex<HashMap<(u32, u32), u64>>,
+    log_max: u64,
 }
 
 fn meta_err(e: impl std::fmt::Display) -> ObjError {
@@ -129,7 +136,7 @@ fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
     opts.create_if_missing(create);
     opts.create_missing_column_families(create);
     opts.set_keep_log_file_num(4);
-    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS]
+    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS, CF_PGLOG]
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     DB::open_cf_descriptors(&opts, dir, cfs)
@@ -257,7 +264,15 @@ impl<D: BlockDevice> BlockStore<D> {
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             objects: AtomicU64::new(objects),
             checksum_errors: AtomicU64::new(0),
+            log_len: Mutex::new(HashMap::new()),
+            log_max: PG_LOG_MAX_ENTRIES,
         })
+    }
+
+    /// Keeps at most `entries` per PG log (tests use small logs).
+    pub fn with_pg_log_limit(mut self, entries: u64) -> Self {
+        self.log_max = entries.max(1);
+        self
     }
 
     fn lock(&self, okey: &[u8]) -> &RwLock<()> {
@@ -368,15 +383,14 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// Writes new contents for logical blocks `b0..` (copy-on-write) and commits the block
-    /// map and object metadata. `new_size`/`version` go into the object's metadata.
+    /// map, the object metadata and the PG log entry in one batch.
     async fn cow_commit(
         &self,
         okey: &[u8],
         b0: u32,
         contents: AlignedBuf,
         old: &[Option<BlockRef>],
-        meta: ObjMeta,
-        created: bool,
+        change: Change<'_>,
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
         let extents = self.alloc(n)?;
@@ -404,12 +418,15 @@ impl<D: BlockDevice> BlockStore<D> {
                 encode_record(RECORD_V, &r),
             );
         }
-        batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &meta));
+        batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &change.meta));
+        if let Some(op) = change.log {
+            self.log_into(&mut batch, change.id, change.meta.version, op)?;
+        }
         if let Err(e) = self.commit(batch).await {
             self.release(extents);
             return Err(e);
         }
-        if created {
+        if change.created {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
         let freed = old.iter().flatten().map(|r| Extent {
@@ -481,6 +498,79 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 }
 
+/// What a copy-on-write commit records besides the block map.
+struct Change<'a> {
+    id: &'a ObjectId,
+    meta: ObjMeta,
+    created: bool,
+    /// The PG log entry to append in the same batch (None for partial steps of one op).
+    log: Option<LogOp>,
+}
+
+fn log_key(pool: u32, pg: u32, v: Version) -> Vec<u8> {
+    let mut k = pg_prefix(pool, pg);
+    k.extend_from_slice(&v.epoch.to_be_bytes());
+    k.extend_from_slice(&v.seq.to_be_bytes());
+    k
+}
+
+impl<D: BlockDevice> BlockStore<D> {
+    /// Adds a PG log entry to `batch`, and trims the PG's log in the same batch once it is
+    /// over its bound.
+    fn log_into(
+        &self,
+        batch: &mut WriteBatch,
+        id: &ObjectId,
+        version: Version,
+        op: LogOp,
+    ) -> Result<(), ObjError> {
+        let cf = self.db.cf_handle(CF_PGLOG).expect("column family exists");
+        let entry = PgLogEntry {
+            version,
+            object: id.name.clone(),
+            op,
+        };
+        let key = log_key(id.pool, id.pg, version);
+        let existed = self.db.get_cf(cf, &key).map_err(meta_err)?.is_some();
+        batch.put_cf(cf, &key, encode_record(RECORD_V, &entry));
+        let mut lens = self
+            .log_len
+            .lock()
+            .map_err(|_| meta_err("log lock poisoned"))?;
+        let prefix = pg_prefix(id.pool, id.pg);
+        let len = match lens.get(&(id.pool, id.pg)) {
+            Some(n) => *n,
+            None => self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+                .take_while(|kv| kv.as_ref().is_ok_and(|(k, _)| k.starts_with(&prefix)))
+                .count() as u64,
+        } + u64::from(!existed);
+        let slack = PG_LOG_TRIM_SLACK.min(self.log_max);
+        let len = if len > self.log_max + slack {
+            // Delete everything before the oldest entry to keep.
+            let skip = (len - self.log_max) as usize;
+            let cut = self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+                .nth(skip)
+                .and_then(|kv| kv.ok())
+                .map(|(k, _)| k.to_vec());
+            match cut {
+                Some(cut) if cut.starts_with(&prefix) && cut < key => {
+                    batch.delete_range_cf(cf, &prefix, &cut);
+                    self.log_max
+                }
+                _ => len,
+            }
+        } else {
+            len
+        };
+        lens.insert((id.pool, id.pg), len);
+        Ok(())
+    }
+}
+
 /// Logical blocks `b0..b1` covering `offset..offset+len` (len > 0).
 fn block_span(offset: u64, len: u64) -> (u32, u32) {
     let bs = BLOCK_SIZE as u64;
@@ -509,6 +599,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
             let mut batch = WriteBatch::default();
             batch.put_cf(cf, &okey, encode_record(RECORD_V, &new_meta));
+            self.log_into(&mut batch, id, version, LogOp::Write { offset, len: 0 })?;
             self.commit(batch).await?;
             if meta.is_none() {
                 self.objects.fetch_add(1, Ordering::Relaxed);
@@ -532,8 +623,16 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         }
         let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
         contents[start..start + data.len()].copy_from_slice(&data);
-        self.cow_commit(&okey, b0, contents, &old, new_meta, meta.is_none())
-            .await
+        let change = Change {
+            id,
+            meta: new_meta,
+            created: meta.is_none(),
+            log: Some(LogOp::Write {
+                offset,
+                len: data.len() as u64,
+            }),
+        };
+        self.cow_commit(&okey, b0, contents, &old, change).await
     }
 
     async fn read(&self, id: &ObjectId, offset: u64, len: usize) -> Result<Bytes, ObjError> {
@@ -617,7 +716,13 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
                 contents.copy_from_slice(data);
             }
             contents[from as usize..to as usize].fill(0);
-            self.cow_commit(&okey, b, contents, &[Some(r)], new_meta, meta.is_none())
+            let change = Change {
+                id,
+                meta: new_meta,
+                created: false,
+                log: None,
+            };
+            self.cow_commit(&okey, b, contents, &[Some(r)], change)
                 .await?;
         }
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
@@ -627,6 +732,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             batch.delete_cf(blocks_cf, block_key(&okey, *b));
         }
         batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
+        self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })?;
         self.commit(batch).await?;
         if meta.is_none() {
             self.objects.fetch_add(1, Ordering::Relaxed);
@@ -657,12 +763,13 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         }))
     }
 
-    async fn delete(&self, id: &ObjectId) -> Result<bool, ObjError> {
+    async fn delete(&self, id: &ObjectId, version: Version) -> Result<bool, ObjError> {
         let okey = object_key(id);
         let _guard = self.lock(&okey).write().await;
         let Some(meta) = self.get_meta(&okey)? else {
             return Ok(false);
         };
+        Self::check_version(id, Some(meta), version)?;
         let (_, b1) = block_span(0, meta.size);
         let refs = self.block_refs(&okey, 0, b1.max(1))?;
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
@@ -671,6 +778,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         batch.delete_range_cf(blocks_cf, block_key(&okey, 0), block_key(&okey, u32::MAX));
         batch.delete_cf(blocks_cf, block_key(&okey, u32::MAX));
         batch.delete_cf(objects_cf, &okey);
+        self.log_into(&mut batch, id, version, LogOp::Delete)?;
         self.commit(batch).await?;
         self.objects.fetch_sub(1, Ordering::Relaxed);
         self.release(refs.iter().flatten().map(|r| Extent {
@@ -678,6 +786,57 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             len: 1,
         }));
         Ok(true)
+    }
+
+    async fn pg_log(
+        &self,
+        pool: u32,
+        pg: u32,
+        after: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<PgLogEntry>, ObjError> {
+        let prefix = pg_prefix(pool, pg);
+        let start = match after {
+            Some(v) => {
+                let mut k = log_key(pool, pg, v);
+                k.push(0); // strictly after v
+                k
+            }
+            None => prefix.clone(),
+        };
+        let cf = self.db.cf_handle(CF_PGLOG).expect("column family exists");
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = kv.map_err(meta_err)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(decode_record(RECORD_V, &v).map_err(meta_err)?);
+        }
+        Ok(out)
+    }
+
+    async fn pg_log_head(&self, pool: u32, pg: u32) -> Result<Option<Version>, ObjError> {
+        let prefix = pg_prefix(pool, pg);
+        let mut end = prefix.clone();
+        end.extend_from_slice(&[0xff; 16]);
+        let cf = self.db.cf_handle(CF_PGLOG).expect("column family exists");
+        let newest = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&end, Direction::Reverse))
+            .next()
+            .transpose()
+            .map_err(meta_err)?;
+        match newest {
+            Some((k, v)) if k.starts_with(&prefix) => {
+                let e: PgLogEntry = decode_record(RECORD_V, &v).map_err(meta_err)?;
+                Ok(Some(e.version))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn list(&self, pool: u32, pg: u32) -> Result<Vec<String>, ObjError> {

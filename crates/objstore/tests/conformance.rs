@@ -9,7 +9,7 @@ use bytes::Bytes;
 use store_objstore::device::file::FileDevice;
 use store_objstore::device::uring::UringDevice;
 use store_objstore::device::{create_file_device, BlockDevice};
-use store_objstore::{BlockStore, ObjError, ObjectId, ObjectStore, Version, BLOCK_SIZE};
+use store_objstore::{BlockStore, LogOp, ObjError, ObjectId, ObjectStore, Version, BLOCK_SIZE};
 
 const FSID: &str = "conformance-fsid";
 const MIB: u64 = 1 << 20;
@@ -160,8 +160,8 @@ async fn zero_and_delete_free_space<D: Open>() {
     let freed = 4 * MIB - (s.usage().used_bytes - base);
     assert_eq!(freed, MIB - BLOCK_SIZE as u64, "255 whole blocks freed");
     assert_eq!(s.usage().objects, 1);
-    assert!(s.delete(&o).await.unwrap());
-    assert!(!s.delete(&o).await.unwrap());
+    assert!(s.delete(&o, v(3)).await.unwrap());
+    assert!(!s.delete(&o, v(4)).await.unwrap());
     assert_eq!(s.usage().used_bytes, base);
     assert_eq!(s.usage().objects, 0);
 }
@@ -274,6 +274,61 @@ async fn foreign_or_missing_metadata_is_refused<D: Open>() {
     assert!(err.to_string().contains("missing or empty"), "{err}");
 }
 
+async fn pg_log_records_every_mutation_and_is_trimmed<D: Open>() {
+    let e = env(8 * MIB);
+    let s = create::<D>(&e).await.with_pg_log_limit(20);
+    let a = id("a");
+    let other_pg = ObjectId {
+        pool: 1,
+        pg: 8,
+        name: "x".into(),
+    };
+    s.write(&a, 0, pattern(1, 10), v(1)).await.unwrap();
+    s.zero(&a, 0, 4, v(2)).await.unwrap();
+    s.write(&other_pg, 0, pattern(1, 1), v(3)).await.unwrap();
+    s.delete(&a, v(4)).await.unwrap();
+    let log = s.pg_log(1, 7, None, 100).await.unwrap();
+    let ops: Vec<(u64, LogOp)> = log.iter().map(|e| (e.version.seq, e.op.clone())).collect();
+    assert_eq!(
+        ops,
+        vec![
+            (1, LogOp::Write { offset: 0, len: 10 }),
+            (2, LogOp::Zero { offset: 0, len: 4 }),
+            (4, LogOp::Delete),
+        ]
+    );
+    assert!(log.iter().all(|e| e.object == "a"));
+    assert_eq!(s.pg_log(1, 7, Some(v(2)), 100).await.unwrap().len(), 1);
+    assert_eq!(s.pg_log(1, 8, None, 100).await.unwrap().len(), 1);
+    assert_eq!(s.pg_log_head(1, 7).await.unwrap(), Some(v(4)));
+    assert_eq!(s.pg_log_head(1, 8).await.unwrap(), Some(v(3)));
+    assert_eq!(s.pg_log_head(1, 9).await.unwrap(), None);
+    // A refused (stale) write adds nothing.
+    s.write(&a, 0, pattern(1, 1), v(10)).await.unwrap();
+    assert!(s.write(&a, 0, pattern(1, 1), v(9)).await.is_err());
+    assert_eq!(s.pg_log(1, 7, None, 100).await.unwrap().len(), 4);
+    // The log is bounded; the newest entries are kept.
+    for seq in 11..80 {
+        s.write(&a, 0, pattern(2, 1), v(seq)).await.unwrap();
+    }
+    let log = s.pg_log(1, 7, None, 1000).await.unwrap();
+    assert!(log.len() <= 40, "{} entries kept", log.len());
+    assert_eq!(log.last().unwrap().version, v(79));
+    assert!(log.windows(2).all(|w| w[0].version < w[1].version));
+    drop(s);
+    // The log survives a restart with the data.
+    let s = reopen::<D>(&e).await;
+    assert_eq!(
+        s.pg_log(1, 7, None, 1000)
+            .await
+            .unwrap()
+            .last()
+            .unwrap()
+            .version,
+        v(79)
+    );
+}
+
 /// Random operations against an in-memory model, with a reopen in the middle.
 async fn random_ops_match_a_model<D: Open>() {
     let e = env(32 * MIB);
@@ -316,7 +371,10 @@ async fn random_ops_match_a_model<D: Open>() {
                 m[off as usize..end].fill(0);
             }
             7 => {
-                assert_eq!(s.delete(&o).await.unwrap(), model.remove(&name).is_some());
+                assert_eq!(
+                    s.delete(&o, v(step)).await.unwrap(),
+                    model.remove(&name).is_some()
+                );
             }
             _ => match model.get(&name) {
                 None => assert!(s.read(&o, off, len).await.is_err()),
@@ -370,6 +428,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn foreign_or_missing_metadata_is_refused() {
                 super::foreign_or_missing_metadata_is_refused::<$dev>().await
+            }
+            #[tokio::test]
+            async fn pg_log_records_every_mutation_and_is_trimmed() {
+                super::pg_log_records_every_mutation_and_is_trimmed::<$dev>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn random_ops_match_a_model() {

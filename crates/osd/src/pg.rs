@@ -285,6 +285,11 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
+    /// Continues sequence numbers after `seq` (from the PG log found on disk).
+    pub fn raise_seq(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+    }
+
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active { .. })
     }

@@ -88,6 +88,8 @@ struct PgSlot {
     epoch_fed: AtomicU64,
     waiters: Mutex<HashMap<OpId, Waiter>>,
     apply_tx: mpsc::UnboundedSender<ApplyJob>,
+    /// Whether the engine's sequence was raised to the PG log's head.
+    seq_loaded: std::sync::atomic::AtomicBool,
 }
 
 struct PeerJob {
@@ -145,6 +147,7 @@ impl<S: ObjectStore> OsdService<S> {
                     epoch_fed: AtomicU64::new(0),
                     waiters: Mutex::new(HashMap::new()),
                     apply_tx,
+                    seq_loaded: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -165,7 +168,7 @@ impl<S: ObjectStore> OsdService<S> {
                 Mutation::Zero { offset, len } => {
                     self.store.zero(&id, offset, len, job.version).await
                 }
-                Mutation::Delete => self.store.delete(&id).await.map(|_| ()),
+                Mutation::Delete => self.store.delete(&id, job.version).await.map(|_| ()),
             };
             let _ = job.done.send(res.map_err(obj_err));
         }
@@ -640,6 +643,16 @@ impl<S: ObjectStore> OsdService<S> {
             };
         }
         let slot = self.slot(pg);
+        if !slot.seq_loaded.load(Ordering::Acquire) {
+            match self.store.pg_log_head(pg.pool, pg.seed).await {
+                Ok(head) => {
+                    let seq = head.map_or(0, |v| v.seq);
+                    slot.engine.lock().expect("engine lock").raise_seq(seq);
+                    slot.seq_loaded.store(true, Ordering::Release);
+                }
+                Err(e) => return OsdResponse::Error(obj_err(e)),
+            }
+        }
         let op_id = self.next_op.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let now_ms = self.now_ms();

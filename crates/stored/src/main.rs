@@ -105,7 +105,7 @@ fn hostname() -> String {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

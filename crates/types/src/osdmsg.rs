@@ -96,3 +96,19 @@ pub enum OsdResponse {
     },
     Error(StoreError),
 }
+
+/// What a PG log entry records about a mutation (the data itself is in the object).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogOp {
+    Write { offset: u64, len: u64 },
+    Zero { offset: u64, len: u64 },
+    Delete,
+}
+
+/// One entry of a PG's log: which object changed, how, at which version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgLogEntry {
+    pub version: ObjVersion,
+    pub object: String,
+    pub op: LogOp,
+}

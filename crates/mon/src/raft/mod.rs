@@ -153,7 +153,10 @@ impl RaftConsensus {
             RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
                 ConsensusError::Rejected(StoreError::new(ErrorCode::NotPermitted, e.to_string()))
             }
-            RaftError::Fatal(f) => ConsensusError::Fatal(f.to_string()),
+            RaftError::Fatal(f) => {
+                tracing::error!("raft stopped: {f}");
+                ConsensusError::Fatal(f.to_string())
+            }
         }
     }
 

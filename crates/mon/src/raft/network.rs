@@ -66,7 +66,10 @@ impl PeerClient {
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, MonNode, RaftError<u64, E>>> {
+        // openraft's own logs are off by default (it reports a down peer at ERROR on every
+        // retry); peer trouble is logged here at debug and shows in health as MON_DOWN.
         let unreachable = |e: &dyn std::fmt::Display| {
+            tracing::debug!(peer = self.target, addr = %self.addr, "raft rpc failed: {e}");
             RPCError::Unreachable(Unreachable::new(&PeerErr(format!("{}: {e}", self.addr))))
         };
         let timeout = option.hard_ttl();
