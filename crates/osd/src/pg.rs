@@ -46,6 +46,8 @@ pub enum PgError {
     ReplicaFailed { waited_ms: u64 },
     /// An OSD refused the mutation (e.g. its device is full): not acknowledged.
     Refused { osd: OsdId, error: StoreError },
+    /// The PG did not finish peering within the op timeout.
+    Peering { waited_ms: u64 },
 }
 
 impl std::fmt::Display for PgError {
@@ -62,6 +64,10 @@ impl std::fmt::Display for PgError {
             ),
             PgError::QueueFull { limit } => write!(f, "PG queue full ({limit} operations waiting)"),
             PgError::Refused { osd, error } => write!(f, "osd.{osd} refused the write: {error}"),
+            PgError::Peering { waited_ms } => write!(
+                f,
+                "PG still peering (its OSDs are catching up) after {waited_ms} ms"
+            ),
             PgError::ReplicaFailed { waited_ms } => write!(
                 f,
                 "a replica could not apply the write and stayed in the acting set for {waited_ms} ms"
@@ -118,6 +124,22 @@ pub enum Event<P> {
     Tick {
         now_ms: u64,
     },
+    /// Peering: OSD `from`'s PG log head, asked for in `interval`.
+    Head {
+        from: OsdId,
+        interval: u64,
+        head: Option<Version>,
+    },
+    /// Peering: OSD `to` now holds the newest PG contents.
+    Recovered {
+        to: OsdId,
+        interval: u64,
+    },
+    /// Peering: a head query or recovery involving `osd` failed; retried on a tick.
+    PeerFailed {
+        osd: OsdId,
+        interval: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +157,15 @@ pub enum Command<P> {
     Acked { op: OpId, version: Version },
     /// An operation failed.
     Reject { op: OpId, error: PgError },
+    /// Peering: ask OSD `to` (this one included) for its PG log head.
+    QueryHead { to: OsdId, interval: u64 },
+    /// Peering: make OSD `to`'s copy of the PG equal to OSD `from`'s (one of them is this
+    /// OSD): objects whose version differs are replaced, objects `from` lacks are removed.
+    Recover {
+        from: OsdId,
+        to: OsdId,
+        interval: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,11 +180,31 @@ enum State {
         acting: Vec<OsdId>,
         min_size: u32,
     },
+    /// A new interval: the acting OSDs agree on the newest PG contents before any I/O.
+    Peering {
+        epoch: u64,
+        acting: Vec<OsdId>,
+        min_size: u32,
+        p: Peering,
+    },
     Active {
         epoch: u64,
         acting: Vec<OsdId>,
         min_size: u32,
     },
+}
+
+/// Progress of peering in one interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Peering {
+    /// Epoch at which the interval began: answers from other intervals are ignored.
+    interval: u64,
+    /// Each acting OSD's PG log head, once known.
+    heads: BTreeMap<OsdId, Option<Version>>,
+    /// OSDs being brought up to the newest head.
+    recovering: BTreeSet<OsdId>,
+    /// OSDs whose head query or recovery failed: retried on the next tick.
+    failed: BTreeSet<OsdId>,
 }
 
 #[derive(Clone, Debug)]
@@ -353,6 +404,13 @@ impl<P: Clone> PgPrimary<P> {
                 error,
             } => self.fail_mutation(version, PgError::Refused { osd: from, error }, &mut out),
             Event::Tick { now_ms } => self.on_tick(now_ms, &mut out),
+            Event::Head {
+                from,
+                interval,
+                head,
+            } => self.on_head(from, interval, head, &mut out),
+            Event::Recovered { to, interval } => self.on_recovered(to, interval, &mut out),
+            Event::PeerFailed { osd, interval } => self.on_peer_failed(osd, interval),
         }
         out
     }
@@ -366,6 +424,7 @@ impl<P: Clone> PgPrimary<P> {
             State::Unknown => 0,
             State::NotPrimary { epoch }
             | State::Inactive { epoch, .. }
+            | State::Peering { epoch, .. }
             | State::Active { epoch, .. } => *epoch,
         }
     }
@@ -388,6 +447,11 @@ impl<P: Clone> PgPrimary<P> {
                 ..
             }
             | State::Inactive {
+                acting: a,
+                min_size: m,
+                ..
+            }
+            | State::Peering {
                 acting: a,
                 min_size: m,
                 ..
@@ -431,6 +495,39 @@ impl<P: Clone> PgPrimary<P> {
             };
             return;
         }
+        for to in &acting {
+            out.push(Command::QueryHead {
+                to: *to,
+                interval: epoch,
+            });
+        }
+        self.state = State::Peering {
+            epoch,
+            acting,
+            min_size,
+            p: Peering {
+                interval: epoch,
+                heads: BTreeMap::new(),
+                recovering: BTreeSet::new(),
+                failed: BTreeSet::new(),
+            },
+        };
+    }
+
+    /// Peering is done: start serving, queued operations first.
+    fn activate(&mut self, out: &mut Vec<Command<P>>) {
+        let State::Peering {
+            epoch,
+            acting,
+            min_size,
+            p,
+        } = std::mem::replace(&mut self.state, State::Unknown)
+        else {
+            unreachable!("activate is only called while peering");
+        };
+        if let Some(seq) = p.heads.values().flatten().map(|v| v.seq).max() {
+            self.raise_seq(seq);
+        }
         self.state = State::Active {
             epoch,
             acting,
@@ -441,10 +538,141 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
+    fn on_head(
+        &mut self,
+        from: OsdId,
+        interval: u64,
+        head: Option<Version>,
+        out: &mut Vec<Command<P>>,
+    ) {
+        let State::Peering { acting, p, .. } = &mut self.state else {
+            return;
+        };
+        if p.interval != interval || !acting.contains(&from) || p.heads.contains_key(&from) {
+            return;
+        }
+        p.heads.insert(from, head);
+        p.failed.remove(&from);
+        if p.heads.len() == acting.len() {
+            self.plan_recovery(out);
+        }
+    }
+
+    /// With every head known: bring this OSD to the newest head first (from an OSD that
+    /// has it), then every other OSD that is behind (from this one).
+    fn plan_recovery(&mut self, out: &mut Vec<Command<P>>) {
+        let me = self.whoami;
+        let State::Peering { acting, p, .. } = &mut self.state else {
+            return;
+        };
+        let newest = p.heads.values().max().copied().flatten();
+        let mine = p.heads.get(&me).copied().flatten();
+        if mine < newest {
+            let source = acting
+                .iter()
+                .copied()
+                .find(|o| p.heads.get(o).copied().flatten() == newest)
+                .expect("the newest head belongs to an acting OSD");
+            p.recovering.insert(me);
+            out.push(Command::Recover {
+                from: source,
+                to: me,
+                interval: p.interval,
+            });
+            return;
+        }
+        let behind: Vec<OsdId> = acting
+            .iter()
+            .copied()
+            .filter(|o| *o != me && p.heads.get(o).copied().flatten() < newest)
+            .collect();
+        for to in behind {
+            p.recovering.insert(to);
+            out.push(Command::Recover {
+                from: me,
+                to,
+                interval: p.interval,
+            });
+        }
+        if p.recovering.is_empty() {
+            self.activate(out);
+        }
+    }
+
+    fn on_recovered(&mut self, to: OsdId, interval: u64, out: &mut Vec<Command<P>>) {
+        let State::Peering { p, .. } = &mut self.state else {
+            return;
+        };
+        if p.interval != interval || !p.recovering.remove(&to) {
+            return;
+        }
+        let newest = p.heads.values().max().copied().flatten();
+        p.heads.insert(to, newest);
+        p.failed.remove(&to);
+        if p.recovering.is_empty() {
+            self.plan_recovery(out);
+        }
+    }
+
+    fn on_peer_failed(&mut self, osd: OsdId, interval: u64) {
+        if let State::Peering { p, .. } = &mut self.state {
+            if p.interval == interval {
+                p.failed.insert(osd);
+            }
+        }
+    }
+
+    /// While peering: expire operations that waited too long, and retry failed head
+    /// queries and recoveries (one attempt per tick).
+    fn peering_tick(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
+        let timeout = self.limits.op_timeout_ms;
+        let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|q| now_ms.saturating_sub(q.arrived_ms()) >= timeout);
+        self.queue = keep;
+        for q in expired {
+            out.push(Command::Reject {
+                op: q.op(),
+                error: PgError::Peering {
+                    waited_ms: now_ms.saturating_sub(q.arrived_ms()),
+                },
+            });
+        }
+        let me = self.whoami;
+        let State::Peering { p, .. } = &mut self.state else {
+            return;
+        };
+        let newest = p.heads.values().max().copied().flatten();
+        for osd in std::mem::take(&mut p.failed) {
+            if !p.heads.contains_key(&osd) {
+                out.push(Command::QueryHead {
+                    to: osd,
+                    interval: p.interval,
+                });
+            } else if p.recovering.contains(&osd) {
+                let from = if osd == me {
+                    p.heads
+                        .iter()
+                        .find(|(o, h)| **o != me && **h == newest)
+                        .map(|(o, _)| *o)
+                        .unwrap_or(me)
+                } else {
+                    me
+                };
+                out.push(Command::Recover {
+                    from,
+                    to: osd,
+                    interval: p.interval,
+                });
+            }
+        }
+    }
+
     fn set_epoch(&mut self, e: u64) {
         match &mut self.state {
             State::NotPrimary { epoch }
             | State::Inactive { epoch, .. }
+            | State::Peering { epoch, .. }
             | State::Active { epoch, .. } => *epoch = e,
             State::Unknown => {}
         }
@@ -462,7 +690,7 @@ impl<P: Clone> PgPrimary<P> {
                 op: q.op(),
                 error: PgError::NotPrimary { epoch: *epoch },
             }),
-            State::Unknown | State::Inactive { .. } => {
+            State::Unknown | State::Inactive { .. } | State::Peering { .. } => {
                 if self.waiting() >= self.limits.max_waiting {
                     return self.reject_full(q, out);
                 }
@@ -611,6 +839,7 @@ impl<P: Clone> PgPrimary<P> {
             } => (acting.len(), *min_size),
             State::Unknown => (0, 0),
             State::Active { .. } => return self.expire_failed(now_ms, out),
+            State::Peering { .. } => return self.peering_tick(now_ms, out),
             State::NotPrimary { .. } => return,
         };
         let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)

@@ -11,7 +11,7 @@
 //! The apply and peer queues are unbounded channels whose contents are bounded by the
 //! engines' `max_waiting` (operations per PG) on the primaries that feed them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use store_types::{ErrorCode, StoreError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::pg::{Command, Event, OpId, PgError, PgLimits, PgPrimary};
 
@@ -265,6 +265,48 @@ impl<S: ObjectStore> OsdService<S> {
                     {
                         let _ = tx.send(OsdResponse::Committed { version });
                     }
+                }
+                Command::QueryHead { to, interval } => {
+                    let me = self.clone();
+                    let slot = slot.clone();
+                    tokio::spawn(async move {
+                        let ev = match me.query_head(slot.pg, to).await {
+                            Ok(head) => Event::Head {
+                                from: to,
+                                interval,
+                                head,
+                            },
+                            Err(e) => {
+                                debug!(pg = ?slot.pg, osd = to, "peering: head query failed: {e}");
+                                Event::PeerFailed { osd: to, interval }
+                            }
+                        };
+                        me.feed(&slot, ev);
+                    });
+                }
+                Command::Recover { from, to, interval } => {
+                    let me = self.clone();
+                    let slot = slot.clone();
+                    tokio::spawn(async move {
+                        let res = if to == me.id {
+                            me.pull(slot.pg, from).await
+                        } else {
+                            me.push(slot.pg, to).await
+                        };
+                        let ev = match res {
+                            Ok(n) => {
+                                if n > 0 {
+                                    info!(pg = ?slot.pg, from, to, objects = n, "recovered");
+                                }
+                                Event::Recovered { to, interval }
+                            }
+                            Err(e) => {
+                                warn!(pg = ?slot.pg, from, to, "recovery failed, will retry: {e}");
+                                Event::PeerFailed { osd: to, interval }
+                            }
+                        };
+                        me.feed(&slot, ev);
+                    });
                 }
                 Command::Reject { op, error } => {
                     let w = slot.waiters.lock().expect("waiters lock").remove(&op);
@@ -565,6 +607,167 @@ impl<S: ObjectStore> OsdService<S> {
         Ok((out.freeze(), version.unwrap_or_default()))
     }
 
+    /// One request to another OSD, on a fresh connection (peering and recovery only).
+    async fn peer_call(&self, osd: OsdId, req: &OsdRequest) -> Result<OsdResponse, StoreError> {
+        let addr = self
+            .map()
+            .and_then(|m| m.osds.get(&osd).map(|o| o.addr.clone()))
+            .ok_or_else(|| StoreError::not_found(format!("osd.{osd} is not in the map")))?;
+        let (conn, _) =
+            RpcConn::connect(&addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
+        match conn.call::<_, OsdResponse>(req, REPLICA_TIMEOUT).await? {
+            OsdResponse::Error(e) => Err(e),
+            other => Ok(other),
+        }
+    }
+
+    async fn query_head(&self, pg: Pg, osd: OsdId) -> Result<Option<ObjVersion>, StoreError> {
+        if osd == self.id {
+            return self
+                .store
+                .pg_log_head(pg.pool, pg.seed)
+                .await
+                .map_err(obj_err);
+        }
+        match self.peer_call(osd, &OsdRequest::PgHead { pg }).await? {
+            OsdResponse::Head(h) => Ok(h),
+            other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// This OSD's objects of a PG with their versions.
+    async fn local_objects(&self, pg: Pg) -> Result<BTreeMap<String, ObjVersion>, StoreError> {
+        let mut out = BTreeMap::new();
+        for name in self.store.list(pg.pool, pg.seed).await.map_err(obj_err)? {
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: name.clone(),
+            };
+            if let Some(st) = self.store.stat(&id).await.map_err(obj_err)? {
+                out.insert(name, st.version);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remote_objects(
+        &self,
+        pg: Pg,
+        osd: OsdId,
+    ) -> Result<BTreeMap<String, ObjVersion>, StoreError> {
+        match self.peer_call(osd, &OsdRequest::PgList { pg }).await? {
+            OsdResponse::Objects(list) => Ok(list.into_iter().collect()),
+            other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Recovery into this OSD: make its copy of the PG equal to `from`'s. Objects whose
+    /// version differs are replaced whole; objects `from` lacks are removed. Returns how
+    /// many objects changed.
+    async fn pull(&self, pg: Pg, from: OsdId) -> Result<usize, StoreError> {
+        let remote = self.remote_objects(pg, from).await?;
+        let local = self.local_objects(pg).await?;
+        let addr = self
+            .map()
+            .and_then(|m| m.osds.get(&from).map(|o| o.addr.clone()))
+            .ok_or_else(|| StoreError::not_found(format!("osd.{from} is not in the map")))?;
+        let mut changed = 0;
+        for (name, version) in &remote {
+            if local.get(name) == Some(version) {
+                continue;
+            }
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: name.clone(),
+            };
+            let (data, got) = self.fetch_whole(pg, &id, &addr).await?;
+            if let Some(v) = local.get(name) {
+                self.store.delete(&id, *v).await.map_err(obj_err)?;
+            }
+            for (off, chunk) in chunks(&data) {
+                self.store
+                    .write(&id, off, chunk, got)
+                    .await
+                    .map_err(obj_err)?;
+            }
+            changed += 1;
+        }
+        for (name, v) in local.iter().filter(|(n, _)| !remote.contains_key(*n)) {
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: name.clone(),
+            };
+            self.store.delete(&id, *v).await.map_err(obj_err)?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Recovery of another OSD from this one: the same as `pull`, in the other direction,
+    /// through the target's ordered replica path.
+    async fn push(&self, pg: Pg, to: OsdId) -> Result<usize, StoreError> {
+        let remote = self.remote_objects(pg, to).await?;
+        let local = self.local_objects(pg).await?;
+        let mut changed = 0;
+        let send = |object: String, version: ObjVersion, mutation: Mutation| async move {
+            let req = OsdRequest::Replica {
+                map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
+                pg,
+                object,
+                version,
+                mutation,
+            };
+            match self.peer_call(to, &req).await? {
+                OsdResponse::Committed { .. } => Ok(()),
+                other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+            }
+        };
+        for (name, version) in &local {
+            if remote.get(name) == Some(version) {
+                continue;
+            }
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: name.clone(),
+            };
+            let size = self
+                .store
+                .stat(&id)
+                .await
+                .map_err(obj_err)?
+                .map_or(0, |s| s.size);
+            let data = self
+                .store
+                .read(&id, 0, size as usize)
+                .await
+                .map_err(obj_err)?;
+            if let Some(v) = remote.get(name) {
+                send(name.clone(), *v, Mutation::Delete).await?;
+            }
+            for (offset, chunk) in chunks(&data) {
+                send(
+                    name.clone(),
+                    *version,
+                    Mutation::Write {
+                        offset,
+                        data: chunk,
+                    },
+                )
+                .await?;
+            }
+            changed += 1;
+        }
+        for (name, v) in remote.iter().filter(|(n, _)| !local.contains_key(*n)) {
+            send(name.clone(), *v, Mutation::Delete).await?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     /// Serves a replica's range of an object to a repairing primary.
     async fn fetch(&self, pg: Pg, object: String, offset: u64, len: u32) -> OsdResponse {
         let id = ObjectId {
@@ -823,6 +1026,28 @@ impl<S: ObjectStore> OsdService<S> {
                         reply(&tx, tag, &resp).await;
                     });
                 }
+                OsdRequest::PgHead { pg } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let resp = match me.store.pg_log_head(pg.pool, pg.seed).await {
+                            Ok(h) => OsdResponse::Head(h),
+                            Err(e) => OsdResponse::Error(obj_err(e)),
+                        };
+                        reply(&tx, tag, &resp).await;
+                    });
+                }
+                OsdRequest::PgList { pg } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        let resp = match me.local_objects(pg).await {
+                            Ok(list) => OsdResponse::Objects(list.into_iter().collect()),
+                            Err(e) => OsdResponse::Error(e),
+                        };
+                        reply(&tx, tag, &resp).await;
+                    });
+                }
                 OsdRequest::Client {
                     map_epoch,
                     pg,
@@ -841,6 +1066,19 @@ impl<S: ObjectStore> OsdService<S> {
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
     }
+}
+
+/// An object's bytes as (offset, chunk) pieces small enough for one message; an empty
+/// object is one empty piece (so it is still created).
+fn chunks(data: &Bytes) -> Vec<(u64, Bytes)> {
+    const CHUNK: usize = 4 << 20;
+    if data.is_empty() {
+        return vec![(0, Bytes::new())];
+    }
+    (0..data.len())
+        .step_by(CHUNK)
+        .map(|o| (o as u64, data.slice(o..(o + CHUNK).min(data.len()))))
+        .collect()
 }
 
 async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &OsdResponse) {

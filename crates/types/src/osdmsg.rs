@@ -67,6 +67,10 @@ pub enum OsdRequest {
         offset: u64,
         len: u32,
     },
+    /// Peering: the newest version in this OSD's log of the PG.
+    PgHead { pg: Pg },
+    /// Peering: every object of the PG on this OSD, with its version.
+    PgList { pg: Pg },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +94,8 @@ pub enum OsdResponse {
         version: ObjVersion,
         data: Bytes,
     },
+    Head(Option<ObjVersion>),
+    Objects(Vec<(String, ObjVersion)>),
     /// The receiver is not this PG's primary at `epoch`: get a newer map and resend.
     NotPrimary {
         epoch: u64,

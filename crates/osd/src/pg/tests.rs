@@ -13,13 +13,35 @@ fn pg() -> Pg {
     )
 }
 
+/// Feeds a map and answers peering with equal (empty) heads, so a new interval goes
+/// active at once; returns every command except the head queries.
 fn map(pg: &mut Pg, epoch: u64, acting: &[OsdId], min_size: u32) -> Vec<Command<u32>> {
-    pg.handle(Event::Map {
+    let event = Event::Map {
         epoch,
         acting: acting.to_vec(),
         min_size,
         incarnation: 0,
-    })
+    };
+    let c = pg.handle(event);
+    settle_heads(pg, c)
+}
+
+fn settle_heads(pg: &mut Pg, cmds: Vec<Command<u32>>) -> Vec<Command<u32>> {
+    let mut out = Vec::new();
+    for c in cmds {
+        match c {
+            Command::QueryHead { to, interval } => {
+                let more = pg.handle(Event::Head {
+                    from: to,
+                    interval,
+                    head: None,
+                });
+                out.extend(settle_heads(pg, more));
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn mutate(pg: &mut Pg, op: OpId, object: &str, now_ms: u64) -> Vec<Command<u32>> {
@@ -310,6 +332,9 @@ fn run_schedule(seed: u64) {
                         assert!(!e.2, "seed {seed}: op {op} answered twice");
                         e.2 = true;
                     }
+                    Command::QueryHead { .. } | Command::Recover { .. } => {
+                        unreachable!("answered by settle_heads")
+                    }
                     Command::Read { op } => {
                         let e = ops.get_mut(&op).expect("known op");
                         assert!(!e.2, "seed {seed}: read {op} released twice");
@@ -379,12 +404,13 @@ fn run_schedule(seed: u64) {
                 if rnd(2) == 0 {
                     acting.sort_unstable_by_key(|o| *o != 0);
                 }
-                p.handle(Event::Map {
+                let c = p.handle(Event::Map {
                     epoch,
                     acting: acting.clone(),
                     min_size,
                     incarnation: 0,
-                })
+                });
+                settle_heads(&mut p, c)
             }
             _ => p.handle(Event::Tick { now_ms: now }),
         };
@@ -408,6 +434,7 @@ fn run_schedule(seed: u64) {
             min_size,
             incarnation: 0,
         });
+        let c = settle_heads(&mut p, c);
         check(
             c,
             &mut pending_acks,
@@ -459,12 +486,13 @@ fn run_schedule(seed: u64) {
 #[test]
 fn a_restarted_replica_is_a_new_interval() {
     let mut p = pg();
-    p.handle(Event::Map {
+    let c = p.handle(Event::Map {
         epoch: 1,
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 7,
     });
+    settle_heads(&mut p, c);
     mutate(&mut p, 1, "a", 0);
     durable(&mut p, v(1, 1), 0);
     p.handle(Event::Failed {
@@ -478,6 +506,7 @@ fn a_restarted_replica_is_a_new_interval() {
         min_size: 2,
         incarnation: 8,
     });
+    let c = settle_heads(&mut p, c);
     assert_eq!(applies(&c), vec![(0, v(2, 2)), (1, v(2, 2))]);
     // The same incarnation at a later epoch is the same interval.
     assert!(p
@@ -538,4 +567,96 @@ fn a_refusal_fails_the_write_at_once() {
     // A late acknowledgement of the refused version changes nothing.
     assert!(durable(&mut p, v(1, 1), 1).is_empty());
     assert_eq!(p.outstanding(), 0);
+}
+
+fn head(p: &mut Pg, from: OsdId, interval: u64, h: Option<Version>) -> Vec<Command<u32>> {
+    p.handle(Event::Head {
+        from,
+        interval,
+        head: h,
+    })
+}
+
+#[test]
+fn peering_brings_a_stale_primary_up_first_then_stale_replicas() {
+    let mut p = pg();
+    let c = p.handle(Event::Map {
+        epoch: 5,
+        acting: vec![0, 1, 2],
+        min_size: 2,
+        incarnation: 0,
+    });
+    let queries: Vec<OsdId> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::QueryHead { to, interval: 5 } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queries, vec![0, 1, 2]);
+    // I/O waits while peering.
+    assert!(mutate(&mut p, 1, "a", 0).is_empty());
+    assert!(head(&mut p, 0, 5, Some(v(3, 7))).is_empty());
+    assert!(head(&mut p, 2, 5, None).is_empty());
+    // A stale answer from another interval is ignored.
+    assert!(head(&mut p, 1, 4, Some(v(9, 9))).is_empty());
+    // osd.1 has the newest log: this (primary) OSD recovers from it first.
+    let c = head(&mut p, 1, 5, Some(v(4, 2)));
+    assert_eq!(
+        c,
+        vec![Command::Recover {
+            from: 1,
+            to: 0,
+            interval: 5
+        }]
+    );
+    // A failure is retried on the next tick.
+    p.handle(Event::PeerFailed {
+        osd: 0,
+        interval: 5,
+    });
+    let c = p.handle(Event::Tick { now_ms: 10 });
+    assert_eq!(
+        c,
+        vec![Command::Recover {
+            from: 1,
+            to: 0,
+            interval: 5
+        }]
+    );
+    // Then osd.2 (empty) is brought up from this OSD.
+    let c = p.handle(Event::Recovered { to: 0, interval: 5 });
+    assert_eq!(
+        c,
+        vec![Command::Recover {
+            from: 0,
+            to: 2,
+            interval: 5
+        }]
+    );
+    // When everyone is current the PG goes active and the queued write runs, with a
+    // sequence after the newest head's.
+    let c = p.handle(Event::Recovered { to: 2, interval: 5 });
+    assert_eq!(applies(&c), vec![(0, v(5, 3)), (1, v(5, 3)), (2, v(5, 3))]);
+}
+
+#[test]
+fn peering_that_never_finishes_fails_waiting_operations() {
+    let mut p = pg();
+    p.handle(Event::Map {
+        epoch: 1,
+        acting: vec![0, 1],
+        min_size: 2,
+        incarnation: 0,
+    });
+    mutate(&mut p, 1, "a", 0);
+    head(&mut p, 0, 1, None);
+    let c = p.handle(Event::Tick { now_ms: 1500 });
+    assert_eq!(
+        c,
+        vec![Command::Reject {
+            op: 1,
+            error: PgError::Peering { waited_ms: 1500 }
+        }]
+    );
 }
