@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod mon;
 pub mod objects;
+pub mod server;
 
 pub use conn::RpcConn;
 pub use mon::{MonClient, MonClientOptions};

@@ -7,17 +7,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt};
+use store_client::server::{accept_loop, Replier, ServerConn};
 use store_client::RpcConn;
 use store_types::map::ClusterMap;
 use store_types::msg::{
     CommandOutcome, MonMembership, MonRequest, MonResponse, MonStatus, PongInfo,
 };
-use store_types::wire::{self, Frame, FrameCodec, FrameKind, DEFAULT_MAX_FRAME_BYTES};
+use store_types::wire::DEFAULT_MAX_FRAME_BYTES;
 use store_types::{ErrorCode, StoreError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::consensus::{Consensus, ConsensusError};
@@ -374,70 +373,26 @@ impl<C: Consensus> MonitorCore<C> {
 
 /// Accepts connections until the listener fails.
 pub async fn serve<C: Consensus>(core: Arc<MonitorCore<C>>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let core = core.clone();
-                let span = tracing::debug_span!("conn", %peer);
-                tokio::spawn(connection(core, stream).instrument(span));
-            }
-            Err(e) => {
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    accept_loop(listener, |stream| connection(core.clone(), stream)).await
 }
 
 async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) {
-    stream.set_nodelay(true).ok();
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
-    let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES));
-    let mut writer = FramedWrite::new(wr, FrameCodec::new(DEFAULT_MAX_FRAME_BYTES));
-    let (tx, mut rx) = mpsc::channel::<Frame>(REPLY_QUEUE);
-    let write_task = tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if writer.send(f).await.is_err() {
-                break;
-            }
-        }
-    });
+    let mut conn = ServerConn::new(stream, DEFAULT_MAX_FRAME_BYTES, REPLY_QUEUE);
+    let replier = conn.replier();
     let slots = Arc::new(Semaphore::new(PER_CONN_CONCURRENCY));
     let mut subscription: Option<tokio::task::JoinHandle<()>> = None;
-    while let Some(item) = reader.next().await {
-        let frame = match item {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(%peer, "closing connection: {e}");
-                break;
-            }
-        };
-        if frame.kind != FrameKind::Request {
-            warn!(%peer, "closing connection: expected a request frame, got {:?}", frame.kind);
-            break;
-        }
-        let req: MonRequest = match wire::decode_payload(&frame.payload) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(%peer, "closing connection: undecodable request: {e}");
-                break;
-            }
-        };
+    while let Some((tag, req)) = conn.next_request::<MonRequest>().await {
         if let MonRequest::Subscribe { have_epoch } = req {
             // One subscription per connection: its pushes share the connection's writer.
             if subscription.is_some() {
                 let e = StoreError::invalid("this connection is already subscribed");
-                reply(&tx, frame.tag, &MonResponse::Error(e)).await;
+                replier.reply(tag, &MonResponse::Error(e)).await;
                 continue;
             }
-            reply(&tx, frame.tag, &MonResponse::Subscribed).await;
+            replier.reply(tag, &MonResponse::Subscribed).await;
             subscription = Some(tokio::spawn(push_maps(
                 core.clone(),
-                tx.clone(),
+                replier.clone(),
                 have_epoch,
             )));
             continue;
@@ -446,13 +401,13 @@ async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) 
             break;
         };
         let core = core.clone();
-        let tx = tx.clone();
-        let span = tracing::debug_span!("request", tag = frame.tag, kind = request_kind(&req));
+        let replier = replier.clone();
+        let span = tracing::debug_span!("request", tag, kind = request_kind(&req));
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let resp = core.handle(req).await;
-                reply(&tx, frame.tag, &resp).await;
+                replier.reply(tag, &resp).await;
             }
             .instrument(span),
         );
@@ -460,9 +415,7 @@ async fn connection<C: Consensus>(core: Arc<MonitorCore<C>>, stream: TcpStream) 
     if let Some(sub) = subscription {
         sub.abort();
     }
-    drop(tx);
-    // Let queued replies drain, but never wait on a stuck peer forever.
-    let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+    conn.finish().await;
 }
 
 fn request_kind(req: &MonRequest) -> &'static str {
@@ -479,45 +432,23 @@ fn request_kind(req: &MonRequest) -> &'static str {
     }
 }
 
-async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &MonResponse) -> bool {
-    send(tx, FrameKind::Reply, tag, resp).await
-}
-
-async fn send(tx: &mpsc::Sender<Frame>, kind: FrameKind, tag: u64, resp: &MonResponse) -> bool {
-    match wire::encode_payload(resp) {
-        Ok(payload) => tx.send(Frame { kind, tag, payload }).await.is_ok(),
-        Err(e) => {
-            warn!("cannot encode reply: {e}");
-            false
-        }
-    }
-}
-
 /// Pushes every map newer than what the subscriber has, until the connection closes.
-async fn push_maps<C: Consensus>(
-    core: Arc<MonitorCore<C>>,
-    tx: mpsc::Sender<Frame>,
-    mut have: u64,
-) {
+async fn push_maps<C: Consensus>(core: Arc<MonitorCore<C>>, replier: Replier, mut have: u64) {
     let mut rx = core.consensus.map();
     loop {
         let map = rx.borrow_and_update().clone();
         if map.epoch > have {
             have = map.epoch;
-            if !send(
-                &tx,
-                FrameKind::Push,
-                0,
-                &MonResponse::Map(Box::new((*map).clone())),
-            )
-            .await
+            if !replier
+                .push(&MonResponse::Map(Box::new((*map).clone())))
+                .await
             {
                 return;
             }
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
-            _ = tx.closed() => return,
+            _ = replier.closed() => return,
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use store_client::server::{accept_loop, ServerConn};
 use store_client::RpcConn;
 use store_objstore::{ObjError, ObjectId, ObjectStore};
 use store_placement::{map_pg, PgId};
@@ -25,11 +25,10 @@ use store_types::map::{ClusterMap, OsdId};
 use store_types::osdmsg::{
     ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
 };
-use store_types::wire::{self, Frame, FrameCodec, FrameKind};
+use store_types::wire;
 use store_types::{ErrorCode, StoreError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::pg::{Command, Event, OpId, PgError, PgLimits, PgPrimary};
@@ -937,64 +936,22 @@ impl<S: ObjectStore> OsdService<S> {
 
     /// Serves the OSD port until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let span = tracing::debug_span!("osd_conn", %peer);
-                    tokio::spawn(self.clone().connection(stream).instrument(span));
-                }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        accept_loop(listener, |stream| self.clone().connection(stream)).await
     }
 
     async fn connection(self: Arc<Self>, stream: TcpStream) {
-        stream.set_nodelay(true).ok();
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
-        let (rd, wr) = stream.into_split();
-        let mut reader = FramedRead::new(rd, FrameCodec::new(OSD_MAX_FRAME_BYTES));
-        let mut writer = FramedWrite::new(wr, FrameCodec::new(OSD_MAX_FRAME_BYTES));
-        let (tx, mut rx) = mpsc::channel::<Frame>(PER_CONN_CONCURRENCY);
-        let write_task = tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if writer.send(f).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let mut conn = ServerConn::new(stream, OSD_MAX_FRAME_BYTES, PER_CONN_CONCURRENCY);
+        let replier = conn.replier();
         let slots = Arc::new(Semaphore::new(PER_CONN_CONCURRENCY));
-        while let Some(item) = reader.next().await {
-            let frame = match item {
-                Ok(f) if f.kind == FrameKind::Request => f,
-                Ok(f) => {
-                    warn!(%peer, "closing connection: expected a request frame, got {:?}", f.kind);
-                    break;
-                }
-                Err(e) => {
-                    warn!(%peer, "closing connection: {e}");
-                    break;
-                }
-            };
-            let req: OsdRequest = match wire::decode_payload(&frame.payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(%peer, "closing connection: undecodable request: {e}");
-                    break;
-                }
-            };
+        while let Some((tag, req)) = conn.next_request::<OsdRequest>().await {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let tx = tx.clone();
-            let tag = frame.tag;
-            match req {
-                // Enqueued here, in frame order, so replicas apply in the primary's order.
+            let me = self.clone();
+            let replier = replier.clone();
+            // Replica mutations are enqueued here, in frame order, so replicas apply in the
+            // primary's order; everything else runs in its own task.
+            let work: futures::future::BoxFuture<'static, OsdResponse> = match req {
                 OsdRequest::Replica {
                     pg,
                     object,
@@ -1003,68 +960,50 @@ impl<S: ObjectStore> OsdService<S> {
                     ..
                 } => {
                     let done = self.replica_op(pg, object, version, mutation);
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let resp = match done.await {
+                    Box::pin(async move {
+                        match done.await {
                             Ok(Ok(())) => OsdResponse::Committed { version },
                             Ok(Err(e)) => OsdResponse::Error(e),
                             Err(_) => OsdResponse::Error(StoreError::internal("apply dropped")),
-                        };
-                        reply(&tx, tag, &resp).await;
-                    });
+                        }
+                    })
                 }
                 OsdRequest::Fetch {
                     pg,
                     object,
                     offset,
                     len,
-                } => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let resp = me.fetch(pg, object, offset, len).await;
-                        reply(&tx, tag, &resp).await;
-                    });
-                }
-                OsdRequest::PgHead { pg } => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let resp = match me.store.pg_log_head(pg.pool, pg.seed).await {
-                            Ok(h) => OsdResponse::Head(h),
-                            Err(e) => OsdResponse::Error(obj_err(e)),
-                        };
-                        reply(&tx, tag, &resp).await;
-                    });
-                }
-                OsdRequest::PgList { pg } => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let resp = match me.local_objects(pg).await {
-                            Ok(list) => OsdResponse::Objects(list.into_iter().collect()),
-                            Err(e) => OsdResponse::Error(e),
-                        };
-                        reply(&tx, tag, &resp).await;
-                    });
-                }
+                } => Box::pin(async move { me.fetch(pg, object, offset, len).await }),
+                OsdRequest::PgHead { pg } => Box::pin(async move {
+                    match me.store.pg_log_head(pg.pool, pg.seed).await {
+                        Ok(h) => OsdResponse::Head(h),
+                        Err(e) => OsdResponse::Error(obj_err(e)),
+                    }
+                }),
+                OsdRequest::PgList { pg } => Box::pin(async move {
+                    match me.local_objects(pg).await {
+                        Ok(list) => OsdResponse::Objects(list.into_iter().collect()),
+                        Err(e) => OsdResponse::Error(e),
+                    }
+                }),
                 OsdRequest::Client {
                     map_epoch,
                     pg,
                     object,
                     op,
-                } => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let resp = me.client_op(map_epoch, pg, object, op).await;
-                        reply(&tx, tag, &resp).await;
-                    });
+                } => Box::pin(async move { me.client_op(map_epoch, pg, object, op).await }),
+            };
+            let span = tracing::debug_span!("osd_request", tag);
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let resp = work.await;
+                    replier.reply(tag, &resp).await;
                 }
-            }
+                .instrument(span),
+            );
         }
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(1), write_task).await;
+        conn.finish().await;
     }
 }
 
@@ -1079,19 +1018,4 @@ fn chunks(data: &Bytes) -> Vec<(u64, Bytes)> {
         .step_by(CHUNK)
         .map(|o| (o as u64, data.slice(o..(o + CHUNK).min(data.len()))))
         .collect()
-}
-
-async fn reply(tx: &mpsc::Sender<Frame>, tag: u64, resp: &OsdResponse) {
-    match wire::encode_payload(resp) {
-        Ok(payload) => {
-            let _ = tx
-                .send(Frame {
-                    kind: FrameKind::Reply,
-                    tag,
-                    payload,
-                })
-                .await;
-        }
-        Err(e) => warn!("cannot encode reply: {e}"),
-    }
 }
