@@ -4,20 +4,12 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store_client::{MonClient, MonClientOptions, ObjectClient};
 use store_integration::{wait_for, ClusterOpts, TestCluster};
 use store_placement::{map_pg, object_to_pg};
 use store_types::ErrorCode;
-
-fn client(c: &TestCluster, rt: &tokio::runtime::Runtime) -> Arc<ObjectClient> {
-    let mons = MonClient::new(c.mon_addrs(), MonClientOptions::default());
-    rt.block_on(ObjectClient::connect(mons, Duration::from_secs(60)))
-        .expect("client")
-}
 
 /// Flips one byte right after every occurrence of `marker` in the device file; returns how
 /// many copies were damaged.
@@ -69,7 +61,7 @@ fn damaged_copies_are_repaired_from_replicas_and_never_returned() {
         "8",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cl = client(&c, &rt);
+    let cl = c.object_client(&rt);
     let pool = cl.pool("p").expect("pool");
     let marker = b"MARKER-one-copy-damaged-0123456789";
     let data = payload(marker);
@@ -151,7 +143,7 @@ fn garbage_on_the_osd_port_closes_only_that_connection() {
         "4",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cl = client(&c, &rt);
+    let cl = c.object_client(&rt);
     let addr = cl.map().osds.values().next().expect("osd").addr.clone();
     let mut huge = Vec::new();
     huge.extend_from_slice(b"STOR");
@@ -210,7 +202,7 @@ fn full_devices_fail_writes_clearly_and_keep_what_is_stored() {
         "8",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cl = client(&c, &rt);
+    let cl = c.object_client(&rt);
     let pool = cl.pool("p").expect("pool");
     let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
     let mut stored = Vec::new();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use store_client::{MonClient, MonClientOptions, ObjectClient};
+use store_client::ObjectClient;
 use store_integration::{wait_for, ClusterOpts, TestCluster};
 use store_types::ErrorCode;
 
@@ -100,10 +100,7 @@ fn acknowledged_writes_survive_osd_loss_and_io_waits_below_min_size() {
         "32",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mons = MonClient::new(c.mon_addrs(), MonClientOptions::default());
-    let client = rt
-        .block_on(ObjectClient::connect(mons, Duration::from_secs(60)))
-        .expect("client");
+    let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
 
     let t0 = Instant::now();
@@ -198,10 +195,7 @@ fn killing_and_restarting_osds_loses_no_acknowledged_write() {
         "16",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mons = MonClient::new(c.mon_addrs(), MonClientOptions::default());
-    let client = rt
-        .block_on(ObjectClient::connect(mons, Duration::from_secs(60)))
-        .expect("client");
+    let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Per writer: for each block, (last acknowledged seq, every seq ever written there).
@@ -321,10 +315,7 @@ fn a_returning_osd_catches_up_before_serving() {
         "16",
     ]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mons = MonClient::new(c.mon_addrs(), MonClientOptions::default());
-    let client = rt
-        .block_on(ObjectClient::connect(mons, Duration::from_secs(60)))
-        .expect("client");
+    let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
     let mut model = rt.block_on(write_all(&client, pool, 0..600, 32));
 

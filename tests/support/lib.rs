@@ -80,10 +80,26 @@ impl Default for ClusterOpts {
     }
 }
 
-/// The monitors' addresses, for clients built in the test.
+/// Clients built in the test process (the real client library).
 impl TestCluster {
     pub fn mon_addrs(&self) -> Vec<String> {
         self.mons.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    /// An object client on this cluster, with a 60 s operation deadline.
+    pub fn object_client(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> std::sync::Arc<store_client::ObjectClient> {
+        let mons = store_client::MonClient::new(
+            self.mon_addrs(),
+            store_client::MonClientOptions::default(),
+        );
+        rt.block_on(store_client::ObjectClient::connect(
+            mons,
+            Duration::from_secs(60),
+        ))
+        .expect("object client")
     }
 }
 
