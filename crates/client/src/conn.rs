@@ -30,6 +30,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, StoreError>>
 #[derive(Clone)]
 pub struct RpcConn {
     addr: String,
+    max_frame_bytes: usize,
     out: mpsc::Sender<Frame>,
     pending: Pending,
     next_tag: Arc<AtomicU64>,
@@ -63,6 +64,7 @@ impl RpcConn {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let conn = RpcConn {
             addr: addr.to_string(),
+            max_frame_bytes,
             out: out_tx,
             pending: Arc::default(),
             next_tag: Arc::new(AtomicU64::new(1)),
@@ -70,9 +72,13 @@ impl RpcConn {
             closed: Arc::default(),
         };
         let mut writer = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
+        let on_write_error = conn.clone();
         tokio::spawn(async move {
             while let Some(frame) = out_rx.recv().await {
-                if writer.send(frame).await.is_err() {
+                if let Err(e) = writer.send(frame).await {
+                    // Everything queued behind the failed frame fails now, not at its timeout.
+                    let cause = StoreError::new(e.code(), format!("{}: {e}", on_write_error.addr));
+                    on_write_error.fail_all(cause);
                     break;
                 }
             }
@@ -165,6 +171,14 @@ impl RpcConn {
     pub async fn send_raw(&self, payload: Bytes) -> Result<PendingReply, StoreError> {
         if let Some(cause) = self.closed.lock().ok().and_then(|c| c.clone()) {
             return Err(cause);
+        }
+        if payload.len() > self.max_frame_bytes {
+            return Err(StoreError::invalid(format!(
+                "{}: a request of {} bytes exceeds the {} byte frame bound",
+                self.addr,
+                payload.len(),
+                self.max_frame_bytes
+            )));
         }
         let slot = self
             .slots

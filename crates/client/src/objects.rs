@@ -70,14 +70,21 @@ impl ObjectClient {
             .ok_or_else(|| StoreError::not_found(format!("pool '{name}' does not exist")))
     }
 
+    /// The shared connection to an OSD. Connecting happens outside the table's lock, so a
+    /// dead OSD never stalls operations to the others.
     async fn conn(&self, addr: &str) -> Result<RpcConn, StoreError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr).filter(|c| !c.is_closed()) {
+        if let Some(c) = self.conns.lock().await.get(addr).filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
         let (c, _) = RpcConn::connect(addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
-        conns.insert(addr.to_string(), c.clone());
-        Ok(c)
+        let mut conns = self.conns.lock().await;
+        match conns.get(addr).filter(|c| !c.is_closed()) {
+            Some(existing) => Ok(existing.clone()),
+            None => {
+                conns.insert(addr.to_string(), c.clone());
+                Ok(c)
+            }
+        }
     }
 
     /// Waits until the map is newer than `epoch`, or `pause` passes.

@@ -66,14 +66,21 @@ impl<C: Consensus> MonitorCore<C> {
         self.consensus.map().borrow().clone()
     }
 
+    /// The shared connection to a peer monitor; connects outside the table's lock, so one
+    /// dead peer never serializes probes to the others.
     async fn peer(&self, addr: &str, timeout: Duration) -> Result<RpcConn, StoreError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(addr).filter(|c| !c.is_closed()) {
+        if let Some(c) = self.peers.lock().await.get(addr).filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
         let (c, _) = RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES).await?;
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        let mut peers = self.peers.lock().await;
+        match peers.get(addr).filter(|c| !c.is_closed()) {
+            Some(existing) => Ok(existing.clone()),
+            None => {
+                peers.insert(addr.to_string(), c.clone());
+                Ok(c)
+            }
+        }
     }
 
     /// Pings every monitor of the map concurrently; this monitor counts as reachable.

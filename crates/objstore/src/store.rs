@@ -649,7 +649,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         if offset >= meta.size || len == 0 {
             return Ok(Bytes::new());
         }
-        let len = (len as u64).min(meta.size - offset);
+        let len = (len.min(MAX_IO_BYTES) as u64).min(meta.size - offset);
         let (b0, b1) = block_span(offset, len);
         let refs = self.block_refs(&okey, b0, b1)?;
         let blocks = self.read_blocks(id, b0, &refs).await?;
@@ -670,8 +670,12 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         len: u64,
         version: Version,
     ) -> Result<(), ObjError> {
-        Self::check_range(id, offset, len.min(MAX_OBJECT_BYTES))?;
-        if offset + len > MAX_OBJECT_BYTES {
+        // Zeroing is not bounded by the I/O size (it moves no data): only by the object's.
+        Self::check_range(id, offset, 0)?;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > MAX_OBJECT_BYTES)
+        {
             return Err(ObjError::Invalid(
                 "zero range beyond the object size limit".into(),
             ));
@@ -716,9 +720,17 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
                 contents.copy_from_slice(data);
             }
             contents[from as usize..to as usize].fill(0);
+            // Edge blocks commit under the object's old version: only the final batch
+            // (whole-block deletes, new version, PG log entry) marks the zero as done, so a
+            // crash in between leaves an object that recovery sees as not yet changed.
+            let Some(old_meta) = meta else {
+                return Err(ObjError::Metadata(format!(
+                    "{id}: block map entries without object metadata"
+                )));
+            };
             let change = Change {
                 id,
-                meta: new_meta,
+                meta: old_meta,
                 created: false,
                 log: None,
             };

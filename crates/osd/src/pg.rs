@@ -42,8 +42,6 @@ pub enum PgError {
     },
     /// Too many operations already wait for this PG.
     QueueFull { limit: usize },
-    /// An OSD of the acting set could not apply the mutation and is still in it.
-    ReplicaFailed { waited_ms: u64 },
     /// An OSD refused the mutation (e.g. its device is full): not acknowledged.
     Refused { osd: OsdId, error: StoreError },
     /// The PG did not finish peering within the op timeout.
@@ -67,10 +65,6 @@ impl std::fmt::Display for PgError {
             PgError::Peering { waited_ms } => write!(
                 f,
                 "PG still peering (its OSDs are catching up) after {waited_ms} ms"
-            ),
-            PgError::ReplicaFailed { waited_ms } => write!(
-                f,
-                "a replica could not apply the write and stayed in the acting set for {waited_ms} ms"
             ),
         }
     }
@@ -197,7 +191,7 @@ enum State {
 /// Progress of peering in one interval.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Peering {
-    /// Epoch at which the interval began: answers from other intervals are ignored.
+    /// This peering round's id: answers from other rounds are ignored.
     interval: u64,
     /// Each acting OSD's PG log head, once known.
     heads: BTreeMap<OsdId, Option<Version>>,
@@ -220,8 +214,6 @@ struct InFlight<P> {
     m: Mutation<P>,
     pending: BTreeSet<OsdId>,
     acting: usize,
-    /// When an OSD first reported it could not apply this mutation.
-    failed_since_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -314,6 +306,8 @@ pub struct PgPrimary<P> {
     /// Operations waiting in object gates.
     gated: usize,
     incarnation: u64,
+    /// Peering rounds started: each round's id, so answers from earlier rounds are ignored.
+    peering_rounds: u64,
     /// The newest clock reading seen (from events that carry one).
     now_ms: u64,
 }
@@ -332,6 +326,7 @@ impl<P: Clone> PgPrimary<P> {
             reads: HashMap::new(),
             gated: 0,
             incarnation: 0,
+            peering_rounds: 0,
             now_ms: 0,
         }
     }
@@ -339,6 +334,14 @@ impl<P: Clone> PgPrimary<P> {
     /// Continues sequence numbers after `seq` (from the PG log found on disk).
     pub fn raise_seq(&mut self, seq: u64) {
         self.last_seq = self.last_seq.max(seq);
+    }
+
+    /// The current peering round's id, while peering.
+    pub fn peering_round(&self) -> Option<u64> {
+        match &self.state {
+            State::Peering { p, .. } => Some(p.interval),
+            _ => None,
+        }
     }
 
     pub fn is_active(&self) -> bool {
@@ -390,19 +393,21 @@ impl<P: Clone> PgPrimary<P> {
             Event::ReadDone { op } => self.on_read_done(op, &mut out),
             Event::Durable { version, from } => self.on_durable(version, from, &mut out),
             Event::Failed { version, .. } => {
-                // The op stays pending: the failed OSD will be marked down (or restart), and
-                // the next interval re-drives the op. Never acknowledge without it. If no new
-                // interval comes within the op timeout, the op fails (see on_tick).
-                let now = self.now_ms;
-                if let Some(f) = self.in_flight.get_mut(&version) {
-                    f.failed_since_ms.get_or_insert(now);
+                // Never acknowledge without that OSD: peer again, which re-drives the op.
+                if self.in_flight.contains_key(&version) {
+                    self.repeer(&mut out);
                 }
             }
             Event::Refused {
                 version,
                 from,
                 error,
-            } => self.fail_mutation(version, PgError::Refused { osd: from, error }, &mut out),
+            } => {
+                if self.in_flight.contains_key(&version) {
+                    self.fail_mutation(version, PgError::Refused { osd: from, error }, &mut out);
+                    self.repeer(&mut out);
+                }
+            }
             Event::Tick { now_ms } => self.on_tick(now_ms, &mut out),
             Event::Head {
                 from,
@@ -463,20 +468,7 @@ impl<P: Clone> PgPrimary<P> {
             self.set_epoch(epoch);
             return;
         }
-        // A new interval: everything not acknowledged starts over, in its original order
-        // per object (in-flight mutations are older than anything gated behind them).
-        let mut queue: VecDeque<Queued<P>> = std::mem::take(&mut self.in_flight)
-            .into_values()
-            .map(|f| Queued::Mutate(f.m))
-            .collect();
-        for gate in self.objects.values_mut() {
-            gate.writers = 0;
-            queue.extend(gate.waiting.drain(..));
-        }
-        self.gated = 0;
-        self.objects.retain(|_, g| !g.idle());
-        queue.extend(std::mem::take(&mut self.queue));
-        self.queue = queue;
+        self.requeue_unacknowledged();
         if acting.first() != Some(&self.whoami) {
             self.state = State::NotPrimary { epoch };
             for q in std::mem::take(&mut self.queue) {
@@ -495,23 +487,68 @@ impl<P: Clone> PgPrimary<P> {
             };
             return;
         }
+        self.start_peering(epoch, acting, min_size, out);
+    }
+
+    /// Everything not acknowledged goes back to the queue, in its original order per object
+    /// (in-flight mutations are older than anything gated behind them); it is re-driven,
+    /// with new versions, once the PG is active again.
+    fn requeue_unacknowledged(&mut self) {
+        let mut queue: VecDeque<Queued<P>> = std::mem::take(&mut self.in_flight)
+            .into_values()
+            .map(|f| Queued::Mutate(f.m))
+            .collect();
+        for gate in self.objects.values_mut() {
+            gate.writers = 0;
+            queue.extend(gate.waiting.drain(..));
+        }
+        self.gated = 0;
+        self.objects.retain(|_, g| !g.idle());
+        queue.extend(std::mem::take(&mut self.queue));
+        self.queue = queue;
+    }
+
+    /// Starts a peering round (new interval, or an OSD of the acting set failed to apply a
+    /// mutation): query every acting OSD's PG log head.
+    fn start_peering(
+        &mut self,
+        epoch: u64,
+        acting: Vec<OsdId>,
+        min_size: u32,
+        out: &mut Vec<Command<P>>,
+    ) {
+        self.peering_rounds += 1;
+        let interval = self.peering_rounds;
         for to in &acting {
-            out.push(Command::QueryHead {
-                to: *to,
-                interval: epoch,
-            });
+            out.push(Command::QueryHead { to: *to, interval });
         }
         self.state = State::Peering {
             epoch,
             acting,
             min_size,
             p: Peering {
-                interval: epoch,
+                interval,
                 heads: BTreeMap::new(),
                 recovering: BTreeSet::new(),
                 failed: BTreeSet::new(),
             },
         };
+    }
+
+    /// An OSD of the acting set did not apply a mutation (lost connection, or refused): its
+    /// copy may now lack it while later ones succeed, so the PG peers again before any
+    /// more I/O, which brings that OSD up to date (or waits for the map to drop it).
+    fn repeer(&mut self, out: &mut Vec<Command<P>>) {
+        let State::Active {
+            epoch,
+            acting,
+            min_size,
+        } = std::mem::replace(&mut self.state, State::Unknown)
+        else {
+            return;
+        };
+        self.requeue_unacknowledged();
+        self.start_peering(epoch, acting, min_size, out);
     }
 
     /// Peering is done: start serving, queued operations first.
@@ -763,15 +800,8 @@ impl<P: Clone> PgPrimary<P> {
         self.objects.entry(m.object.clone()).or_default().writers += 1;
         let pending = acting.iter().copied().collect();
         let acting = acting.len();
-        self.in_flight.insert(
-            version,
-            InFlight {
-                m,
-                pending,
-                acting,
-                failed_since_ms: None,
-            },
-        );
+        self.in_flight
+            .insert(version, InFlight { m, pending, acting });
     }
 
     fn on_read_done(&mut self, op: OpId, out: &mut Vec<Command<P>>) {
@@ -838,7 +868,7 @@ impl<P: Clone> PgPrimary<P> {
                 acting, min_size, ..
             } => (acting.len(), *min_size),
             State::Unknown => (0, 0),
-            State::Active { .. } => return self.expire_failed(now_ms, out),
+            State::Active { .. } => return,
             State::Peering { .. } => return self.peering_tick(now_ms, out),
             State::NotPrimary { .. } => return,
         };
@@ -855,27 +885,6 @@ impl<P: Clone> PgPrimary<P> {
                     waited_ms: now_ms.saturating_sub(q.arrived_ms()),
                 },
             });
-        }
-    }
-
-    /// Mutations an OSD failed to apply, with no new interval since for the op timeout:
-    /// answered with an error (never acknowledged), and their object is released.
-    fn expire_failed(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
-        let timeout = self.limits.op_timeout_ms;
-        let stuck: Vec<Version> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| {
-                f.failed_since_ms
-                    .is_some_and(|t| now_ms.saturating_sub(t) >= timeout)
-            })
-            .map(|(v, _)| *v)
-            .collect();
-        for v in stuck {
-            let waited_ms = self.in_flight[&v]
-                .failed_since_ms
-                .map_or(0, |t| now_ms.saturating_sub(t));
-            self.fail_mutation(v, PgError::ReplicaFailed { waited_ms }, out);
         }
     }
 

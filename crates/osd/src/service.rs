@@ -288,9 +288,9 @@ impl<S: ObjectStore> OsdService<S> {
                     let slot = slot.clone();
                     tokio::spawn(async move {
                         let res = if to == me.id {
-                            me.pull(slot.pg, from).await
+                            me.pull(&slot, from, interval).await
                         } else {
-                            me.push(slot.pg, to).await
+                            me.push(&slot, to, interval).await
                         };
                         let ev = match res {
                             Ok(n) => {
@@ -361,6 +361,7 @@ impl<S: ObjectStore> OsdService<S> {
         let map_epoch = self.map().map(|m| m.epoch).unwrap_or(0);
         let req = OsdRequest::Replica {
             map_epoch,
+            from: self.id,
             pg: slot.pg,
             object,
             version,
@@ -541,12 +542,21 @@ impl<S: ObjectStore> OsdService<S> {
         .collect();
         let mut errors = Vec::new();
         for (peer, addr) in peers {
-            match self.fetch_whole(pg, id, &addr).await {
-                Ok((data, version)) => {
+            let res = async {
+                let (data, version) = self.fetch_whole(pg, id, &addr).await?;
+                // The object keeps its version: damage left by a repair cut short is still
+                // caught by the checksums of the next read.
+                for (off, piece, _) in pieces(&data, version) {
                     self.store
-                        .write(id, 0, data, version)
+                        .write(id, off, piece, version)
                         .await
                         .map_err(obj_err)?;
+                }
+                Ok::<_, StoreError>(())
+            }
+            .await;
+            match res {
+                Ok(()) => {
                     self.repaired.fetch_add(1, Ordering::Relaxed);
                     warn!(object = %id, from = peer, "repaired a damaged local copy from a replica");
                     return Ok(());
@@ -661,59 +671,78 @@ impl<S: ObjectStore> OsdService<S> {
         }
     }
 
-    /// Recovery into this OSD: make its copy of the PG equal to `from`'s. Objects whose
-    /// version differs are replaced whole; objects `from` lacks are removed. Returns how
-    /// many objects changed.
-    async fn pull(&self, pg: Pg, from: OsdId) -> Result<usize, StoreError> {
-        let remote = self.remote_objects(pg, from).await?;
-        let local = self.local_objects(pg).await?;
+    /// Whether peering round `interval` is still the PG's current one (recovery from an
+    /// earlier round must stop touching the PG).
+    fn still_peering(&self, slot: &PgSlot, interval: u64) -> Result<(), StoreError> {
+        if slot.engine.lock().expect("engine lock").peering_round() == Some(interval) {
+            Ok(())
+        } else {
+            Err(StoreError::new(
+                ErrorCode::Unavailable,
+                "peering round ended; recovery stopped",
+            ))
+        }
+    }
+
+    /// Recovery into this OSD: make its copy of the PG equal to `from`'s. Returns how many
+    /// objects changed. See [`recovery_plan`] for the order, which keeps an interrupted
+    /// recovery from looking complete.
+    async fn pull(&self, slot: &PgSlot, from: OsdId, interval: u64) -> Result<usize, StoreError> {
+        let pg = slot.pg;
+        let source = self.remote_objects(pg, from).await?;
+        let target = self.local_objects(pg).await?;
         let addr = self
             .map()
             .and_then(|m| m.osds.get(&from).map(|o| o.addr.clone()))
             .ok_or_else(|| StoreError::not_found(format!("osd.{from} is not in the map")))?;
-        let mut changed = 0;
-        for (name, version) in &remote {
-            if local.get(name) == Some(version) {
-                continue;
+        let (remove, copy) = recovery_plan(&source, &target);
+        let changed = remove.len() + copy.len();
+        let id = |name: &str| ObjectId {
+            pool: pg.pool,
+            pg: pg.seed,
+            name: name.to_string(),
+        };
+        for (name, current) in remove {
+            self.still_peering(slot, interval)?;
+            self.store
+                .delete(&id(&name), current)
+                .await
+                .map_err(obj_err)?;
+        }
+        for (name, version, current) in copy {
+            self.still_peering(slot, interval)?;
+            let oid = id(&name);
+            let (data, got) = self.fetch_whole(pg, &oid, &addr).await?;
+            if got != version {
+                return Err(StoreError::internal(format!(
+                    "{oid} changed at the source during recovery"
+                )));
             }
-            let id = ObjectId {
-                pool: pg.pool,
-                pg: pg.seed,
-                name: name.clone(),
-            };
-            let (data, got) = self.fetch_whole(pg, &id, &addr).await?;
-            if let Some(v) = local.get(name) {
-                self.store.delete(&id, *v).await.map_err(obj_err)?;
+            if let Some(v) = current {
+                self.store.delete(&oid, v).await.map_err(obj_err)?;
             }
-            for (off, chunk) in chunks(&data) {
+            for (off, chunk, v) in pieces(&data, version) {
                 self.store
-                    .write(&id, off, chunk, got)
+                    .write(&oid, off, chunk, v)
                     .await
                     .map_err(obj_err)?;
             }
-            changed += 1;
-        }
-        for (name, v) in local.iter().filter(|(n, _)| !remote.contains_key(*n)) {
-            let id = ObjectId {
-                pool: pg.pool,
-                pg: pg.seed,
-                name: name.clone(),
-            };
-            self.store.delete(&id, *v).await.map_err(obj_err)?;
-            changed += 1;
         }
         Ok(changed)
     }
 
     /// Recovery of another OSD from this one: the same as `pull`, in the other direction,
     /// through the target's ordered replica path.
-    async fn push(&self, pg: Pg, to: OsdId) -> Result<usize, StoreError> {
-        let remote = self.remote_objects(pg, to).await?;
-        let local = self.local_objects(pg).await?;
-        let mut changed = 0;
+    async fn push(&self, slot: &PgSlot, to: OsdId, interval: u64) -> Result<usize, StoreError> {
+        let pg = slot.pg;
+        let target = self.remote_objects(pg, to).await?;
+        let source = self.local_objects(pg).await?;
+        let (remove, copy) = recovery_plan(&source, &target);
+        let changed = remove.len() + copy.len();
         let send = |object: String, version: ObjVersion, mutation: Mutation| async move {
             let req = OsdRequest::Replica {
                 map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
+                from: self.id,
                 pg,
                 object,
                 version,
@@ -724,33 +753,35 @@ impl<S: ObjectStore> OsdService<S> {
                 other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
             }
         };
-        for (name, version) in &local {
-            if remote.get(name) == Some(version) {
-                continue;
-            }
-            let id = ObjectId {
+        for (name, current) in remove {
+            self.still_peering(slot, interval)?;
+            send(name, current, Mutation::Delete).await?;
+        }
+        for (name, version, current) in copy {
+            self.still_peering(slot, interval)?;
+            let oid = ObjectId {
                 pool: pg.pool,
                 pg: pg.seed,
                 name: name.clone(),
             };
             let size = self
                 .store
-                .stat(&id)
+                .stat(&oid)
                 .await
                 .map_err(obj_err)?
                 .map_or(0, |s| s.size);
             let data = self
                 .store
-                .read(&id, 0, size as usize)
+                .read(&oid, 0, size as usize)
                 .await
                 .map_err(obj_err)?;
-            if let Some(v) = remote.get(name) {
-                send(name.clone(), *v, Mutation::Delete).await?;
+            if let Some(v) = current {
+                send(name.clone(), v, Mutation::Delete).await?;
             }
-            for (offset, chunk) in chunks(&data) {
+            for (offset, chunk, v) in pieces(&data, version) {
                 send(
                     name.clone(),
-                    *version,
+                    v,
                     Mutation::Write {
                         offset,
                         data: chunk,
@@ -758,11 +789,6 @@ impl<S: ObjectStore> OsdService<S> {
                 )
                 .await?;
             }
-            changed += 1;
-        }
-        for (name, v) in remote.iter().filter(|(n, _)| !local.contains_key(*n)) {
-            send(name.clone(), *v, Mutation::Delete).await?;
-            changed += 1;
         }
         Ok(changed)
     }
@@ -892,6 +918,34 @@ impl<S: ObjectStore> OsdService<S> {
             .unwrap_or_else(|_| OsdResponse::Error(StoreError::internal("operation dropped")))
     }
 
+    /// A replica operation from an OSD that, by this OSD's newer map, is not the PG's
+    /// primary: refused, so a primary that lost its role cannot keep writing.
+    fn stale_primary(&self, map_epoch: u64, from: OsdId, pg: Pg) -> Option<StoreError> {
+        let map = self.map()?;
+        if map_epoch >= map.epoch {
+            return None;
+        }
+        let pool = map.pools.get(&pg.pool)?;
+        let primary = map_pg(
+            &map,
+            pool,
+            PgId {
+                pool: pg.pool,
+                seed: pg.seed,
+            },
+        )
+        .primary;
+        (primary != Some(from)).then(|| {
+            StoreError::new(
+                ErrorCode::NotPermitted,
+                format!(
+                    "osd.{from} is not the primary of {}.{:x} at epoch {} (it sent epoch {map_epoch})",
+                    pg.pool, pg.seed, map.epoch
+                ),
+            )
+        })
+    }
+
     /// Replica side: apply in PG order, answer when durable here.
     fn replica_op(
         self: &Arc<Self>,
@@ -953,12 +1007,20 @@ impl<S: ObjectStore> OsdService<S> {
             // primary's order; everything else runs in its own task.
             let work: futures::future::BoxFuture<'static, OsdResponse> = match req {
                 OsdRequest::Replica {
+                    map_epoch,
+                    from,
                     pg,
                     object,
                     version,
                     mutation,
-                    ..
                 } => {
+                    if let Some(e) = self.stale_primary(map_epoch, from, pg) {
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            replier.reply(tag, &OsdResponse::Error(e)).await;
+                        });
+                        continue;
+                    }
                     let done = self.replica_op(pg, object, version, mutation);
                     Box::pin(async move {
                         match done.await {
@@ -1007,15 +1069,112 @@ impl<S: ObjectStore> OsdService<S> {
     }
 }
 
-/// An object's bytes as (offset, chunk) pieces small enough for one message; an empty
-/// object is one empty piece (so it is still created).
-fn chunks(data: &Bytes) -> Vec<(u64, Bytes)> {
-    const CHUNK: usize = 4 << 20;
+/// An object's bytes as (offset, piece, version) writes small enough for one message; an
+/// empty object is one empty piece (so it is still created). Every piece but the last
+/// carries the lowest version, so a copy cut short never claims the source's version.
+fn pieces(data: &Bytes, version: ObjVersion) -> Vec<(u64, Bytes, ObjVersion)> {
+    const PIECE: usize = 4 << 20;
     if data.is_empty() {
-        return vec![(0, Bytes::new())];
+        return vec![(0, Bytes::new(), version)];
     }
-    (0..data.len())
-        .step_by(CHUNK)
-        .map(|o| (o as u64, data.slice(o..(o + CHUNK).min(data.len()))))
+    let starts: Vec<usize> = (0..data.len()).step_by(PIECE).collect();
+    let last = starts.len() - 1;
+    starts
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let v = if i == last {
+                version
+            } else {
+                ObjVersion::default()
+            };
+            (o as u64, data.slice(o..(o + PIECE).min(data.len())), v)
+        })
         .collect()
+}
+
+/// What recovery does to make `target`'s copy of a PG equal to `source`'s: first remove
+/// what `source` lacks (with the target's version), then copy every object whose version
+/// differs, oldest first, each replacing the target's whole object. In that order the
+/// target's PG log head reaches the source's only when the last copy is complete, so an
+/// interrupted recovery never looks finished to the next peering round.
+#[allow(clippy::type_complexity)]
+fn recovery_plan(
+    source: &BTreeMap<String, ObjVersion>,
+    target: &BTreeMap<String, ObjVersion>,
+) -> (
+    Vec<(String, ObjVersion)>,
+    Vec<(String, ObjVersion, Option<ObjVersion>)>,
+) {
+    let remove = target
+        .iter()
+        .filter(|(n, _)| !source.contains_key(*n))
+        .map(|(n, v)| (n.clone(), *v))
+        .collect();
+    let mut copy: Vec<(String, ObjVersion, Option<ObjVersion>)> = source
+        .iter()
+        .filter(|(n, v)| target.get(*n) != Some(v))
+        .map(|(n, v)| (n.clone(), *v, target.get(n).copied()))
+        .collect();
+    copy.sort_by_key(|(n, v, _)| (*v, n.clone()));
+    (remove, copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(epoch: u64, seq: u64) -> ObjVersion {
+        ObjVersion { epoch, seq }
+    }
+
+    #[test]
+    fn recovery_removes_first_then_copies_oldest_first() {
+        let source: BTreeMap<String, ObjVersion> = [
+            ("a", v(6, 20)),
+            ("b", v(6, 19)),
+            ("c", v(1, 1)),
+            ("same", v(2, 2)),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        let target: BTreeMap<String, ObjVersion> =
+            [("b", v(3, 1)), ("gone", v(4, 4)), ("same", v(2, 2))]
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect();
+        let (remove, copy) = recovery_plan(&source, &target);
+        assert_eq!(remove, vec![("gone".to_string(), v(4, 4))]);
+        let order: Vec<(&str, ObjVersion, Option<ObjVersion>)> =
+            copy.iter().map(|(n, v, c)| (n.as_str(), *v, *c)).collect();
+        assert_eq!(
+            order,
+            vec![
+                ("c", v(1, 1), None),
+                ("b", v(6, 19), Some(v(3, 1))),
+                ("a", v(6, 20), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_last_piece_carries_the_version() {
+        let data = Bytes::from(vec![7u8; (4 << 20) * 2 + 5]);
+        let p = pieces(&data, v(9, 9));
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            p.iter().map(|(o, _, _)| *o).collect::<Vec<_>>(),
+            vec![0, 4 << 20, 8 << 20]
+        );
+        assert_eq!(
+            p.iter().map(|(_, _, v)| *v).collect::<Vec<_>>(),
+            vec![v(0, 0), v(0, 0), v(9, 9)]
+        );
+        assert_eq!(p.iter().map(|(_, d, _)| d.len()).sum::<usize>(), data.len());
+        assert_eq!(
+            pieces(&Bytes::new(), v(1, 1)),
+            vec![(0, Bytes::new(), v(1, 1))]
+        );
+    }
 }

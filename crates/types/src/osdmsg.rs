@@ -54,6 +54,9 @@ pub enum OsdRequest {
     /// From the primary to an OSD of the acting set: apply this mutation at this version.
     Replica {
         map_epoch: u64,
+        /// The sending primary: a receiver with a newer map refuses a primary it does not
+        /// know as the PG's primary.
+        from: u32,
         pg: Pg,
         object: String,
         version: ObjVersion,

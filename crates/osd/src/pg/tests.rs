@@ -86,18 +86,22 @@ fn acknowledged_only_when_every_acting_osd_is_durable() {
     assert_eq!(applies(&c), vec![(0, v(1, 1)), (1, v(1, 1)), (2, v(1, 1))]);
     assert!(durable(&mut p, v(1, 1), 0).is_empty());
     assert!(durable(&mut p, v(1, 1), 2).is_empty());
-    // A failure report never acknowledges.
-    assert!(p
-        .handle(Event::Failed {
-            version: v(1, 1),
-            from: 1
-        })
-        .is_empty());
+    // A failure report never acknowledges: the PG peers again instead.
+    let c = p.handle(Event::Failed {
+        version: v(1, 1),
+        from: 1,
+    });
+    assert!(!c.iter().any(|c| matches!(c, Command::Acked { .. })));
+    // After peering, the write runs again (new version) and is acknowledged by all three.
+    let c = settle_heads(&mut p, c);
+    assert_eq!(applies(&c), vec![(0, v(1, 2)), (1, v(1, 2)), (2, v(1, 2))]);
+    durable(&mut p, v(1, 2), 0);
+    durable(&mut p, v(1, 2), 2);
     assert_eq!(
-        durable(&mut p, v(1, 1), 1),
+        durable(&mut p, v(1, 2), 1),
         vec![Command::Acked {
             op: 7,
-            version: v(1, 1)
+            version: v(1, 2)
         }]
     );
     assert_eq!(p.outstanding(), 0);
@@ -390,7 +394,8 @@ fn run_schedule(seed: u64) {
             5..=7 if !pending_acks.is_empty() => {
                 let (version, from) = pending_acks.remove(rnd(pending_acks.len() as u64) as usize);
                 if rnd(8) == 0 {
-                    p.handle(Event::Failed { version, from })
+                    let c = p.handle(Event::Failed { version, from });
+                    settle_heads(&mut p, c)
                 } else {
                     if let Some(e) = applied.get_mut(&version) {
                         e.1.insert(from);
@@ -520,28 +525,60 @@ fn a_restarted_replica_is_a_new_interval() {
 }
 
 #[test]
-fn a_failed_write_without_a_new_interval_fails_after_the_timeout() {
+fn a_failed_write_makes_the_pg_peer_again_and_redrives_it() {
     let mut p = pg();
     map(&mut p, 1, &[0, 1], 2);
     mutate(&mut p, 1, "a", 100);
     assert!(read(&mut p, 2, "a").is_empty());
     durable(&mut p, v(1, 1), 0);
-    p.handle(Event::Failed {
+    // osd.1 lost the write (a connection blip): never acknowledged; the PG peers again.
+    let c = p.handle(Event::Failed {
         version: v(1, 1),
         from: 1,
     });
-    assert!(p.handle(Event::Tick { now_ms: 1000 }).is_empty());
-    let c = p.handle(Event::Tick { now_ms: 1200 });
+    let queries: Vec<OsdId> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::QueryHead { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queries, vec![0, 1]);
+    // osd.1 is behind: it is recovered from this OSD before the write runs again.
+    let interval = match &c[0] {
+        Command::QueryHead { interval, .. } => *interval,
+        other => panic!("{other:?}"),
+    };
+    head(&mut p, 0, interval, Some(v(1, 1)));
+    let c = head(&mut p, 1, interval, None);
     assert_eq!(
         c,
-        vec![
-            Command::Reject {
-                op: 1,
-                error: PgError::ReplicaFailed { waited_ms: 1100 }
-            },
-            Command::Read { op: 2 },
-        ]
+        vec![Command::Recover {
+            from: 0,
+            to: 1,
+            interval
+        }]
     );
+    let c = p.handle(Event::Recovered { to: 1, interval });
+    assert_eq!(applies(&c), vec![(0, v(1, 2)), (1, v(1, 2))]);
+    // Nobody answers: the waiting operations fail after the op timeout.
+    let c = p.handle(Event::Failed {
+        version: v(1, 2),
+        from: 1,
+    });
+    assert!(c.iter().all(|c| matches!(c, Command::QueryHead { .. })));
+    let c = p.handle(Event::Tick { now_ms: 1200 });
+    let rejected: Vec<OpId> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::Reject {
+                op,
+                error: PgError::Peering { .. },
+            } => Some(*op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected, vec![1, 2]);
     assert_eq!(p.outstanding(), 0);
 }
 
@@ -558,11 +595,18 @@ fn a_refusal_fails_the_write_at_once() {
         error: error.clone(),
     });
     assert_eq!(
-        c,
-        vec![Command::Reject {
+        c[0],
+        Command::Reject {
             op: 1,
             error: PgError::Refused { osd: 1, error }
-        }]
+        }
+    );
+    // The copies may now differ (osd.0 applied it): the PG peers again.
+    assert!(
+        c.len() > 1
+            && c[1..]
+                .iter()
+                .all(|c| matches!(c, Command::QueryHead { .. }))
     );
     // A late acknowledgement of the refused version changes nothing.
     assert!(durable(&mut p, v(1, 1), 1).is_empty());
@@ -589,31 +633,31 @@ fn peering_brings_a_stale_primary_up_first_then_stale_replicas() {
     let queries: Vec<OsdId> = c
         .iter()
         .filter_map(|c| match c {
-            Command::QueryHead { to, interval: 5 } => Some(*to),
+            Command::QueryHead { to, interval: 1 } => Some(*to),
             _ => None,
         })
         .collect();
     assert_eq!(queries, vec![0, 1, 2]);
     // I/O waits while peering.
     assert!(mutate(&mut p, 1, "a", 0).is_empty());
-    assert!(head(&mut p, 0, 5, Some(v(3, 7))).is_empty());
-    assert!(head(&mut p, 2, 5, None).is_empty());
+    assert!(head(&mut p, 0, 1, Some(v(3, 7))).is_empty());
+    assert!(head(&mut p, 2, 1, None).is_empty());
     // A stale answer from another interval is ignored.
-    assert!(head(&mut p, 1, 4, Some(v(9, 9))).is_empty());
+    assert!(head(&mut p, 1, 99, Some(v(9, 9))).is_empty());
     // osd.1 has the newest log: this (primary) OSD recovers from it first.
-    let c = head(&mut p, 1, 5, Some(v(4, 2)));
+    let c = head(&mut p, 1, 1, Some(v(4, 2)));
     assert_eq!(
         c,
         vec![Command::Recover {
             from: 1,
             to: 0,
-            interval: 5
+            interval: 1
         }]
     );
     // A failure is retried on the next tick.
     p.handle(Event::PeerFailed {
         osd: 0,
-        interval: 5,
+        interval: 1,
     });
     let c = p.handle(Event::Tick { now_ms: 10 });
     assert_eq!(
@@ -621,22 +665,22 @@ fn peering_brings_a_stale_primary_up_first_then_stale_replicas() {
         vec![Command::Recover {
             from: 1,
             to: 0,
-            interval: 5
+            interval: 1
         }]
     );
     // Then osd.2 (empty) is brought up from this OSD.
-    let c = p.handle(Event::Recovered { to: 0, interval: 5 });
+    let c = p.handle(Event::Recovered { to: 0, interval: 1 });
     assert_eq!(
         c,
         vec![Command::Recover {
             from: 0,
             to: 2,
-            interval: 5
+            interval: 1
         }]
     );
     // When everyone is current the PG goes active and the queued write runs, with a
     // sequence after the newest head's.
-    let c = p.handle(Event::Recovered { to: 2, interval: 5 });
+    let c = p.handle(Event::Recovered { to: 2, interval: 1 });
     assert_eq!(applies(&c), vec![(0, v(5, 3)), (1, v(5, 3)), (2, v(5, 3))]);
 }
 
