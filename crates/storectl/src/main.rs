@@ -2,6 +2,7 @@
 
 mod cluster;
 mod crush;
+mod image;
 mod obj;
 mod output;
 
@@ -71,6 +72,9 @@ enum Cmd {
     Obj(obj::ObjCmd),
     /// Measure object I/O (like `rados bench`).
     Bench(obj::BenchArgs),
+    /// Images: block devices striped over a pool's objects (like `rbd`).
+    #[command(subcommand)]
+    Image(image::ImageCmd),
 }
 
 #[derive(Subcommand)]
@@ -189,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster(c) => cluster::run(cli.format, c).await?,
         Cmd::Obj(o) => obj::run(cli.format, connect(&cli)?, o).await?,
         Cmd::Bench(b) => obj::bench(cli.format, connect(&cli)?, b).await?,
+        Cmd::Image(i) => image::run(cli.format, connect(&cli)?, i).await?,
     }
     Ok(())
 }
