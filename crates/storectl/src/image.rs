@@ -1,9 +1,13 @@
 //! `storectl image create/ls/info/resize/rm` (like `rbd`).
 
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use store_client::{MonClient, ObjectClient};
 use store_image::Image;
@@ -34,6 +38,53 @@ pub enum ImageCmd {
     },
     /// Remove an image and all its data.
     Rm { spec: String },
+    /// Copy a raw file into a new image (all-zero ranges are skipped: the image stays thin).
+    Import { file: PathBuf, spec: String },
+    /// Copy an image into a raw file (unwritten ranges become holes).
+    Export { spec: String, file: PathBuf },
+    /// Copy an image to a new image.
+    Cp { src: String, dst: String },
+}
+
+/// Chunk of import/export/cp: one object.
+const CHUNK: u64 = store_image::DEFAULT_OBJECT_SIZE;
+
+fn progress(total: u64, format: Format) -> ProgressBar {
+    if format == Format::Json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Copies `len` bytes from `read(offset, len)` into `dst`, skipping all-zero chunks.
+async fn copy_into<R, F>(
+    dst: &Image,
+    total: u64,
+    mut read: R,
+    bar: &ProgressBar,
+) -> anyhow::Result<u64>
+where
+    R: FnMut(u64, u64) -> F,
+    F: std::future::Future<Output = anyhow::Result<Bytes>>,
+{
+    let mut written = 0;
+    let mut at = 0;
+    while at < total {
+        let n = CHUNK.min(total - at);
+        let data = read(at, n).await?;
+        if data.iter().any(|b| *b != 0) {
+            dst.write(at, data).await.map_err(e)?;
+            written += n;
+        }
+        at += n;
+        bar.set_position(at);
+    }
+    Ok(written)
 }
 
 /// `pool/image` → (pool, image).
@@ -112,6 +163,106 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
                 Format::Plain => {
                     println!("resized {spec} to {} ({size} bytes)", human_bytes(*size))
                 }
+            }
+        }
+        ImageCmd::Import { file, spec } => {
+            let (pool, name) = split_spec(spec)?;
+            let mut f =
+                std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+            let size = f.metadata()?.len();
+            if size == 0 {
+                bail!("{} is empty: nothing to import", file.display());
+            }
+            let img = Image::create(client.clone(), pool_id(pool)?, name, size)
+                .await
+                .map_err(e)?;
+            let bar = progress(size, format);
+            let written = copy_into(
+                &img,
+                size,
+                |_, n| {
+                    let mut buf = vec![0u8; n as usize];
+                    let r = f.read_exact(&mut buf).map(|_| Bytes::from(buf));
+                    async move { r.context("reading the input file") }
+                },
+                &bar,
+            )
+            .await?;
+            bar.finish_and_clear();
+            match format {
+                Format::Json => {
+                    print_json(&json!({"image": spec, "size": size, "bytes_written": written}))
+                }
+                Format::Plain => println!(
+                    "imported {} into {spec}: {} ({} written, the rest left thin)",
+                    file.display(),
+                    human_bytes(size),
+                    human_bytes(written)
+                ),
+            }
+        }
+        ImageCmd::Export { spec, file } => {
+            let (pool, name) = split_spec(spec)?;
+            let img = Image::open(client.clone(), pool_id(pool)?, name)
+                .await
+                .map_err(e)?;
+            let mut f = std::fs::File::create(file)
+                .with_context(|| format!("creating {}", file.display()))?;
+            let size = img.size();
+            let bar = progress(size, format);
+            let mut at = 0;
+            while at < size {
+                let n = CHUNK.min(size - at);
+                let data = img.read(at, n).await.map_err(e)?;
+                if data.iter().any(|b| *b != 0) {
+                    f.seek(SeekFrom::Start(at))?;
+                    f.write_all(&data)?;
+                }
+                at += n;
+                bar.set_position(at);
+            }
+            // Holes at the end still count: the file has the image's size.
+            f.set_len(size)?;
+            f.sync_all()?;
+            bar.finish_and_clear();
+            match format {
+                Format::Json => print_json(&json!({"image": spec, "file": file, "size": size})),
+                Format::Plain => println!(
+                    "exported {spec} to {} ({})",
+                    file.display(),
+                    human_bytes(size)
+                ),
+            }
+        }
+        ImageCmd::Cp { src, dst } => {
+            let (sp, sn) = split_spec(src)?;
+            let (dp, dn) = split_spec(dst)?;
+            let from = Image::open(client.clone(), pool_id(sp)?, sn)
+                .await
+                .map_err(e)?;
+            let size = from.size();
+            let to = Image::create(client.clone(), pool_id(dp)?, dn, size)
+                .await
+                .map_err(e)?;
+            let bar = progress(size, format);
+            let from = &from;
+            let written = copy_into(
+                &to,
+                size,
+                |at, n| async move { from.read(at, n).await.map_err(e) },
+                &bar,
+            )
+            .await?;
+            bar.finish_and_clear();
+            match format {
+                Format::Json => print_json(
+                    &json!({"src": src, "dst": dst, "size": size, "bytes_written": written}),
+                ),
+                Format::Plain => println!(
+                    "copied {src} to {dst} ({}, {} written)",
+                    human_bytes(size),
+                    human_bytes(written)
+                ),
             }
         }
         ImageCmd::Rm { spec } => {
