@@ -35,6 +35,12 @@ enum Cmd {
         #[arg(long)]
         addr: Option<String>,
     },
+    /// Run an NBD gateway serving every image as `pool/image`.
+    Nbd {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+    },
     /// Run an OSD.
     Osd {
         /// The OSD's data directory (created and initialised when missing or empty);
@@ -119,6 +125,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Mon { id, addr } => {
             let settings = store_mon::MonitorSettings::from_conf(&conf, &id, addr)?;
             store_mon::run(settings).await?;
+        }
+        Cmd::Nbd { listen } => {
+            let mons = conf.mons()?.into_iter().map(|m| m.addr).collect();
+            let mons = store_client::MonClient::new(mons, Default::default());
+            let client = store_client::ObjectClient::connect(mons, Duration::from_secs(60)).await?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "nbd gateway listening");
+            store_gateway::Gateway::new(client).serve(listener).await;
         }
         Cmd::Osd {
             data,

@@ -1,0 +1,482 @@
+//! The NBD gateway: serves images as NBD exports named `pool/image`, over tokio.
+//!
+//! Implements the fixed newstyle handshake (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
+//! NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT) and the transmission phase with simple replies:
+//! READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with FAST_ZERO) and DISC, many requests in flight
+//! per connection, replies in completion order. Structured replies (and so
+//! `base:allocation`) are answered "unsupported"; clients fall back to simple replies.
+//!
+//! There is no cache in the gateway: a write is acknowledged only when every OSD of its
+//! PGs made it durable, so FLUSH and FUA have nothing left to do, and every gateway sees
+//! every acknowledged write (multi-connection and cross-gateway coherent). The gateway must
+//! not know how objects are stored or placed.
+//! Reference: the NBD protocol document (NetworkBlockDevice/nbd, doc/proto.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use store_client::ObjectClient;
+use store_image::Image;
+use store_types::{ErrorCode, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_FLAG_FIXED_NEWSTYLE: u32 = 1;
+const CLIENT_FLAG_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1 << 0;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// Largest option payload accepted during the handshake.
+const MAX_OPTION_BYTES: u32 = 64 * 1024;
+/// Largest read or write request (advertised as the maximum block size).
+pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
+/// Requests in flight per connection.
+const MAX_IN_FLIGHT: usize = 64;
+
+pub struct Gateway {
+    client: Arc<ObjectClient>,
+}
+
+enum Handshake {
+    /// Transmission starts with this image; `no_zeroes` as negotiated.
+    Go(Image),
+    /// The client ended the session politely (or an EXPORT_NAME was unknown).
+    Done,
+}
+
+impl Gateway {
+    pub fn new(client: Arc<ObjectClient>) -> Arc<Self> {
+        Arc::new(Gateway { client })
+    }
+
+    /// Serves NBD clients until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    let span = tracing::info_span!("nbd", %peer);
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = me.session(stream).await {
+                                debug!("session ended: {e}");
+                            }
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn session(self: Arc<Self>, stream: TcpStream) -> std::io::Result<()> {
+        stream.set_nodelay(true).ok();
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut hello = BytesMut::new();
+        hello.put_u64(NBDMAGIC);
+        hello.put_u64(IHAVEOPT);
+        hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        wr.write_all(&hello).await?;
+        let client_flags = rd.read_u32().await?;
+        if client_flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
+            warn!("client does not speak fixed newstyle; closing");
+            return Ok(());
+        }
+        let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
+        let image = match self.options(&mut rd, &mut wr, no_zeroes).await? {
+            Handshake::Go(img) => img,
+            Handshake::Done => return Ok(()),
+        };
+        info!(export = %image.name(), size = image.size(), "transmission started");
+        transmission(image, rd, wr).await
+    }
+
+    async fn open(&self, export: &str) -> Result<Image, StoreError> {
+        let Some((pool, name)) = export.split_once('/') else {
+            return Err(StoreError::invalid(format!(
+                "export '{export}' is not POOL/IMAGE"
+            )));
+        };
+        let pool = self.client.pool(pool)?;
+        Image::open(self.client.clone(), pool.id, name).await
+    }
+
+    /// The option haggling phase.
+    async fn options(
+        &self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        no_zeroes: bool,
+    ) -> std::io::Result<Handshake> {
+        loop {
+            let magic = rd.read_u64().await?;
+            if magic != IHAVEOPT {
+                warn!("bad option magic {magic:#x}; closing");
+                return Ok(Handshake::Done);
+            }
+            let opt = rd.read_u32().await?;
+            let len = rd.read_u32().await?;
+            if len > MAX_OPTION_BYTES {
+                warn!("option {opt} of {len} bytes is too large; closing");
+                return Ok(Handshake::Done);
+            }
+            let mut data = vec![0u8; len as usize];
+            rd.read_exact(&mut data).await?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    match self.open(&name).await {
+                        Ok(img) => {
+                            let mut b = BytesMut::new();
+                            b.put_u64(img.size());
+                            b.put_u16(transmission_flags());
+                            if !no_zeroes {
+                                b.put_bytes(0, 124);
+                            }
+                            wr.write_all(&b).await?;
+                            return Ok(Handshake::Go(img));
+                        }
+                        // EXPORT_NAME has no error reply: the spec says close.
+                        Err(e) => {
+                            warn!(export = %name, "unknown export: {e}");
+                            return Ok(Handshake::Done);
+                        }
+                    }
+                }
+                OPT_ABORT => {
+                    let _ = option_reply(wr, opt, REP_ACK, &[]).await;
+                    return Ok(Handshake::Done);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        option_reply(wr, opt, REP_ERR_INVALID, b"LIST takes no data").await?;
+                        continue;
+                    }
+                    for name in self.export_names().await {
+                        let mut d = BytesMut::new();
+                        d.put_u32(name.len() as u32);
+                        d.put_slice(name.as_bytes());
+                        option_reply(wr, opt, REP_SERVER, &d).await?;
+                    }
+                    option_reply(wr, opt, REP_ACK, &[]).await?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some(name) = parse_info_request(&data) else {
+                        option_reply(wr, opt, REP_ERR_INVALID, b"malformed INFO/GO request")
+                            .await?;
+                        continue;
+                    };
+                    match self.open(&name).await {
+                        Ok(img) => {
+                            let mut info = BytesMut::new();
+                            info.put_u16(INFO_EXPORT);
+                            info.put_u64(img.size());
+                            info.put_u16(transmission_flags());
+                            option_reply(wr, opt, REP_INFO, &info).await?;
+                            let mut bs = BytesMut::new();
+                            bs.put_u16(INFO_BLOCK_SIZE);
+                            bs.put_u32(1);
+                            bs.put_u32(4096);
+                            bs.put_u32(MAX_REQUEST_BYTES);
+                            option_reply(wr, opt, REP_INFO, &bs).await?;
+                            option_reply(wr, opt, REP_ACK, &[]).await?;
+                            if opt == OPT_GO {
+                                return Ok(Handshake::Go(img));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            option_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                        }
+                    }
+                }
+                other => {
+                    debug!(option = other, "unsupported option");
+                    option_reply(wr, other, REP_ERR_UNSUP, &[]).await?;
+                }
+            }
+        }
+    }
+
+    /// Every `pool/image` the cluster has.
+    async fn export_names(&self) -> Vec<String> {
+        let map = self.client.map();
+        let mut out = Vec::new();
+        for pool in map.pools.values() {
+            match Image::list(&self.client, pool.id).await {
+                Ok(names) => out.extend(names.into_iter().map(|n| format!("{}/{n}", pool.name))),
+                Err(e) => warn!(pool = %pool.name, "cannot list images: {e}"),
+            }
+        }
+        out
+    }
+}
+
+fn transmission_flags() -> u16 {
+    TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_SEND_FAST_ZERO
+        | TF_CAN_MULTI_CONN
+}
+
+/// INFO/GO payload: u32 name length, name, u16 count, count × u16 info types.
+fn parse_info_request(data: &[u8]) -> Option<String> {
+    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4 + len)?;
+    let n = u16::from_be_bytes(data.get(4 + len..6 + len)?.try_into().ok()?) as usize;
+    if data.len() != 6 + len + 2 * n {
+        return None;
+    }
+    String::from_utf8(name.to_vec()).ok()
+}
+
+async fn option_reply(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    opt: u32,
+    kind: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = BytesMut::with_capacity(20 + data.len());
+    b.put_u64(REPLY_MAGIC);
+    b.put_u32(opt);
+    b.put_u32(kind);
+    b.put_u32(data.len() as u32);
+    b.put_slice(data);
+    wr.write_all(&b).await
+}
+
+/// NBD error number for a store error.
+fn errno(e: &StoreError) -> u32 {
+    match e.code {
+        ErrorCode::InvalidArgument => EINVAL,
+        ErrorCode::NoSpace => ENOSPC,
+        _ => EIO,
+    }
+}
+
+struct Reply {
+    handle: u64,
+    error: u32,
+    data: Option<Bytes>,
+}
+
+/// The transmission phase: requests are read in order, served concurrently (bounded), and
+/// answered as they complete.
+async fn transmission(
+    image: Image,
+    mut rd: BufReader<OwnedReadHalf>,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let image = Arc::new(image);
+    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            let mut b = BytesMut::with_capacity(16);
+            b.put_u32(SIMPLE_REPLY_MAGIC);
+            b.put_u32(r.error);
+            b.put_u64(r.handle);
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+            if let Some(d) = r.data {
+                if wr.write_all(&d).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let magic = rd.read_u32().await?;
+        if magic != REQUEST_MAGIC {
+            warn!("bad request magic {magic:#x}; closing");
+            break;
+        }
+        let flags = rd.read_u16().await?;
+        let kind = rd.read_u16().await?;
+        let handle = rd.read_u64().await?;
+        let offset = rd.read_u64().await?;
+        let len = rd.read_u32().await?;
+        if kind == CMD_DISC {
+            debug!("client disconnected");
+            break;
+        }
+        let mut payload = None;
+        if kind == CMD_WRITE {
+            if len > MAX_REQUEST_BYTES {
+                // The data cannot be skipped safely at this size: the stream is lost.
+                warn!(len, "write larger than the advertised maximum; closing");
+                break;
+            }
+            let mut buf = vec![0u8; len as usize];
+            rd.read_exact(&mut buf).await?;
+            payload = Some(Bytes::from(buf));
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let image = image.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let reply = serve(&image, kind, flags, handle, offset, len, payload).await;
+            let _ = tx.send(reply).await;
+        });
+    }
+    drop(tx);
+    // Outstanding requests finish and are answered before the connection closes.
+    let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let _ = writer.await;
+    Ok(())
+}
+
+async fn serve(
+    image: &Image,
+    kind: u16,
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    payload: Option<Bytes>,
+) -> Reply {
+    let fail = |error| Reply {
+        handle,
+        error,
+        data: None,
+    };
+    let ok = |data| Reply {
+        handle,
+        error: 0,
+        data,
+    };
+    let in_range = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= image.size());
+    match kind {
+        CMD_READ => {
+            if !in_range || len > MAX_REQUEST_BYTES {
+                return fail(EINVAL);
+            }
+            match image.read(offset, len as u64).await {
+                Ok(d) => ok(Some(d)),
+                Err(e) => {
+                    warn!(offset, len, "read failed: {e}");
+                    fail(errno(&e))
+                }
+            }
+        }
+        CMD_WRITE => {
+            if !in_range {
+                return fail(ENOSPC);
+            }
+            // Acknowledged writes are durable on every OSD of the acting set: FUA holds.
+            match image.write(offset, payload.unwrap_or_default()).await {
+                Ok(()) => ok(None),
+                Err(e) => {
+                    warn!(offset, len, "write failed: {e}");
+                    fail(errno(&e))
+                }
+            }
+        }
+        // Nothing is cached: every acknowledged write is already durable.
+        CMD_FLUSH => ok(None),
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if !in_range {
+                return fail(if kind == CMD_TRIM { EINVAL } else { ENOSPC });
+            }
+            let res = if kind == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0 {
+                // Allocated zeros were asked for: write them.
+                image
+                    .write(offset, Bytes::from(vec![0u8; len as usize]))
+                    .await
+            } else {
+                image.discard(offset, len as u64).await
+            };
+            match res {
+                Ok(()) => ok(None),
+                Err(e) => {
+                    warn!(offset, len, "zeroing failed: {e}");
+                    fail(errno(&e))
+                }
+            }
+        }
+        _ => fail(ENOTSUP),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_requests_parse_strictly() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&5u32.to_be_bytes());
+        d.extend_from_slice(b"p/img");
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&3u16.to_be_bytes());
+        assert_eq!(parse_info_request(&d).as_deref(), Some("p/img"));
+        assert_eq!(parse_info_request(&d[..d.len() - 1]), None);
+        let mut long = d.clone();
+        long.push(0);
+        assert_eq!(parse_info_request(&long), None);
+        assert_eq!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]), None);
+    }
+}
