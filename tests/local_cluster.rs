@@ -59,7 +59,11 @@ fn cluster_up_then_down() {
     let v: serde_json::Value = serde_json::from_slice(&up.stdout).expect("json");
     assert_eq!(v["health"], "HEALTH_OK", "{v}");
     assert_eq!(v["num_osds"], 3);
-    assert_eq!(pids(&dir).len(), 6);
+    assert_eq!(
+        pids(&dir).len(),
+        3 + 3 + 2,
+        "3 monitors, 3 OSDs, 2 NBD gateways"
+    );
     let conf = dir.join("store.conf");
     let st = Command::new(&ctl)
         .args([
@@ -80,6 +84,26 @@ fn cluster_up_then_down() {
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
+    // The gateways are listed and answer.
+    let gw = Command::new(&ctl)
+        .args([
+            "--conf",
+            conf.to_str().expect("utf8"),
+            "gateway",
+            "ls",
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("gateway ls");
+    let gw: serde_json::Value = serde_json::from_slice(&gw.stdout).expect("json");
+    let gw = gw.as_array().expect("array");
+    assert_eq!(gw.len(), 2, "{gw:?}");
+    for g in gw {
+        let addr = g["addr"].as_str().expect("addr");
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        assert_eq!(g["reachable"], true, "{g}");
+    }
     // Running `up` again on a live cluster starts nothing new.
     let again = Command::new(&ctl)
         .args([

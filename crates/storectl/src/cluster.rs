@@ -30,6 +30,9 @@ pub enum ClusterCmd {
         /// Number of OSDs; each gets its own simulated host (node1, node2, ...).
         #[arg(long, default_value_t = 3)]
         osds: u32,
+        /// Number of NBD gateways (two, so live migration can be tried on one machine).
+        #[arg(long, default_value_t = 2)]
+        gateways: u32,
         /// Give up waiting for HEALTH_OK after this many seconds.
         #[arg(long = "timeout-secs", default_value_t = 120)]
         timeout_secs: u64,
@@ -47,16 +50,15 @@ pub async fn run(format: Format, cmd: &ClusterCmd) -> anyhow::Result<()> {
             dir,
             mons,
             osds,
+            gateways,
             timeout_secs,
         } => {
-            up(
-                format,
-                dir,
-                *mons,
-                *osds,
-                Duration::from_secs(*timeout_secs),
-            )
-            .await
+            let shape = Shape {
+                mons: *mons,
+                osds: *osds,
+                gateways: *gateways,
+            };
+            up(format, dir, shape, Duration::from_secs(*timeout_secs)).await
         }
         ClusterCmd::Down { dir } => down(format, dir),
     }
@@ -76,11 +78,15 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn write_conf(dir: &Path, mons: u32) -> anyhow::Result<()> {
+fn write_conf(dir: &Path, mons: u32, gateways: u32) -> anyhow::Result<()> {
     let names: Vec<String> = (0..mons as usize).map(default_mon_name).collect();
     let mut addrs = Vec::new();
     for _ in 0..mons {
         addrs.push(format!("127.0.0.1:{}", free_port()?));
+    }
+    let mut nbd = Vec::new();
+    for _ in 0..gateways {
+        nbd.push(format!("127.0.0.1:{}", free_port()?));
     }
     let conf = format!(
         "# Local cluster written by `storectl cluster up`.\n\
@@ -95,13 +101,40 @@ fn write_conf(dir: &Path, mons: u32) -> anyhow::Result<()> {
          mon_osd_down_out_interval = 600\n\
          \n\
          [osd]\n\
-         osd_heartbeat_interval = 2\n",
+         osd_heartbeat_interval = 2\n\
+         \n\
+         [nbd]\n\
+         {GATEWAYS_KEY} = {}\n",
         uuid::Uuid::new_v4(),
         names.join(", "),
-        addrs.join(", ")
+        addrs.join(", "),
+        nbd.join(", ")
     );
     std::fs::write(dir.join("store.conf"), conf).context("writing store.conf")?;
     Ok(())
+}
+
+/// How many daemons of each kind a new local cluster gets.
+#[derive(Clone, Copy)]
+struct Shape {
+    mons: u32,
+    osds: u32,
+    gateways: u32,
+}
+
+/// The conf key listing the NBD gateways (`storectl gateway ls` reads it).
+pub const GATEWAYS_KEY: &str = "nbd_gateways";
+
+/// The gateways store.conf lists (section [nbd], key nbd_gateways).
+pub fn gateway_addrs(conf: &Config) -> Vec<String> {
+    conf.get("nbd", GATEWAYS_KEY)
+        .map(|v| {
+            v.split([',', ' '])
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A daemon of the local cluster: its name (for pid and log files) and arguments.
@@ -111,6 +144,20 @@ struct Daemon {
 }
 
 fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> {
+    let gateways: Vec<Daemon> = gateway_addrs(conf)
+        .into_iter()
+        .enumerate()
+        .map(|(i, addr)| Daemon {
+            name: format!("nbd.{i}"),
+            args: vec![
+                "--conf".into(),
+                dir.join("store.conf").display().to_string(),
+                "nbd".into(),
+                "--listen".into(),
+                addr,
+            ],
+        })
+        .collect();
     let conf_path = dir.join("store.conf").display().to_string();
     let mut out: Vec<Daemon> = conf
         .mons()?
@@ -146,6 +193,7 @@ fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> 
             ],
         });
     }
+    out.extend(gateways);
     Ok(out)
 }
 
@@ -192,13 +240,12 @@ fn start(dir: &Path, d: &Daemon) -> anyhow::Result<Option<u32>> {
     Ok(Some(child.id()))
 }
 
-async fn up(
-    format: Format,
-    dir: &Path,
-    mons: u32,
-    osds: u32,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyhow::Result<()> {
+    let Shape {
+        mons,
+        osds,
+        gateways,
+    } = shape;
     if mons == 0 || mons > 7 {
         bail!("--mons {mons}: use 1 to 7 monitors (1, 3 or 5 recommended)");
     }
@@ -211,7 +258,7 @@ async fn up(
     let conf_path = dir.join("store.conf");
     let fresh = !conf_path.exists();
     if fresh {
-        write_conf(&dir, mons)?;
+        write_conf(&dir, mons, gateways)?;
     }
     let conf = Config::load(Some(&conf_path))?;
     let list = daemons(&conf, &dir, osds)?;

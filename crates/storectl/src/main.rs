@@ -72,6 +72,9 @@ enum Cmd {
     Obj(obj::ObjCmd),
     /// Measure object I/O (like `rados bench`).
     Bench(obj::BenchArgs),
+    /// NBD gateways.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
     /// Images: block devices striped over a pool's objects (like `rbd`).
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -138,6 +141,12 @@ enum MonCmd {
 }
 
 #[derive(Subcommand)]
+enum GatewayCmd {
+    /// The NBD gateways store.conf lists ([nbd] nbd_gateways), and whether they answer.
+    Ls,
+}
+
+#[derive(Subcommand)]
 enum CrushCmd {
     /// Simulate a hierarchy and report utilisation and data movement (like crushtool --test).
     Test(crush::CrushTestArgs),
@@ -194,6 +203,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Obj(o) => obj::run(cli.format, connect(&cli)?, o).await?,
         Cmd::Bench(b) => obj::bench(cli.format, connect(&cli)?, b).await?,
         Cmd::Image(i) => image::run(cli.format, connect(&cli)?, i).await?,
+        Cmd::Gateway(GatewayCmd::Ls) => {
+            let conf = Config::load(cli.conf.as_deref())?;
+            let gateways: Vec<(String, bool)> = cluster::gateway_addrs(&conf)
+                .into_iter()
+                .map(|addr| {
+                    let up = addr.parse::<std::net::SocketAddr>().is_ok_and(|a| {
+                        std::net::TcpStream::connect_timeout(
+                            &a,
+                            std::time::Duration::from_millis(500),
+                        )
+                        .is_ok()
+                    });
+                    (addr, up)
+                })
+                .collect();
+            match cli.format {
+                Format::Json => output::print_json(&serde_json::Value::Array(
+                    gateways
+                        .iter()
+                        .map(|(a, up)| serde_json::json!({"addr": a, "reachable": up, "uri": format!("nbd://{a}/POOL/IMAGE")}))
+                        .collect(),
+                )),
+                Format::Plain => {
+                    for (a, up) in &gateways {
+                        println!("{a}\t{}", if *up { "up" } else { "not answering" });
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

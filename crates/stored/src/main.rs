@@ -127,12 +127,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store_mon::run(settings).await?;
         }
         Cmd::Nbd { listen } => {
-            let mons = conf.mons()?.into_iter().map(|m| m.addr).collect();
-            let mons = store_client::MonClient::new(mons, Default::default());
-            let client = store_client::ObjectClient::connect(mons, Duration::from_secs(60)).await?;
+            // Bind first: the port is the gateway's identity, and clients that connect while
+            // it reaches the cluster wait in the backlog.
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
+            let mons = conf.mons()?.into_iter().map(|m| m.addr).collect();
+            let mons = store_client::MonClient::new(mons, Default::default());
+            let client = store_client::ObjectClient::connect(mons, Duration::from_secs(60)).await?;
             tracing::info!(addr = %listener.local_addr()?, "nbd gateway listening");
             store_gateway::Gateway::new(client).serve(listener).await;
         }
