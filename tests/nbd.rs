@@ -99,6 +99,31 @@ fn nbd_clients_read_and_write_images_coherently_through_two_gateways() {
             &ub,
         ],
     );
+    // base:allocation through structured replies: what was written is data, the rest holes.
+    let map = ok("nbdinfo", &["--map", &ua]);
+    let runs: Vec<(u64, u64, String)> = map
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(3..)?.join(" "),
+            ))
+        })
+        .collect();
+    let mib = 1u64 << 20;
+    assert_eq!(
+        runs,
+        vec![
+            (0, 8 * mib, "data".to_string()),
+            (8 * mib, 52 * mib, "hole,zero".to_string()),
+            (60 * mib, 4 * mib, "data".to_string()),
+        ],
+        "{map}"
+    );
+    let info = ok("nbdinfo", &[&ub]);
+    assert!(info.contains("structured"), "{info}");
     // Zeroes (allocated and not) and a discard through B, seen through A.
     ok(
         "qemu-io",

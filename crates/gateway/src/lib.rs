@@ -1,10 +1,11 @@
 //! The NBD gateway: serves images as NBD exports named `pool/image`, over tokio.
 //!
 //! Implements the fixed newstyle handshake (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST,
-//! NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT) and the transmission phase with simple replies:
-//! READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with FAST_ZERO) and DISC, many requests in flight
-//! per connection, replies in completion order. Structured replies (and so
-//! `base:allocation`) are answered "unsupported"; clients fall back to simple replies.
+//! NBD_OPT_EXPORT_NAME, NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST/SET_META_CONTEXT
+//! with `base:allocation`) and the transmission phase: READ, WRITE, FLUSH, TRIM,
+//! WRITE_ZEROES (with FAST_ZERO), BLOCK_STATUS and DISC, many requests in flight per
+//! connection, replies in completion order (structured for reads and block status when
+//! negotiated, so clients can skip holes).
 //!
 //! There is no cache in the gateway: a write is acknowledged only when every OSD of its
 //! PGs made it durable, so FLUSH and FUA have nothing left to do, and every gateway sees
@@ -41,10 +42,14 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
@@ -66,6 +71,19 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+/// The one meta context this gateway offers, and its id.
+const BASE_ALLOCATION: &str = "base:allocation";
+const BASE_ALLOCATION_ID: u32 = 1;
 
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
@@ -85,9 +103,16 @@ pub struct Gateway {
     client: Arc<ObjectClient>,
 }
 
+/// What the client negotiated before transmission.
+#[derive(Clone, Copy, Default)]
+struct Negotiated {
+    structured: bool,
+    base_allocation: bool,
+}
+
 enum Handshake {
-    /// Transmission starts with this image; `no_zeroes` as negotiated.
-    Go(Image),
+    /// Transmission starts with this image.
+    Go(Image, Negotiated),
     /// The client ended the session politely (or an EXPORT_NAME was unknown).
     Done,
 }
@@ -136,12 +161,17 @@ impl Gateway {
             return Ok(());
         }
         let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
-        let image = match self.options(&mut rd, &mut wr, no_zeroes).await? {
-            Handshake::Go(img) => img,
+        let (image, neg) = match self.options(&mut rd, &mut wr, no_zeroes).await? {
+            Handshake::Go(img, neg) => (img, neg),
             Handshake::Done => return Ok(()),
         };
-        info!(export = %image.name(), size = image.size(), "transmission started");
-        transmission(image, rd, wr).await
+        info!(
+            export = %image.name(),
+            size = image.size(),
+            structured = neg.structured,
+            "transmission started"
+        );
+        transmission(image, neg, rd, wr).await
     }
 
     async fn open(&self, export: &str) -> Result<Image, StoreError> {
@@ -161,6 +191,7 @@ impl Gateway {
         wr: &mut tokio::net::tcp::OwnedWriteHalf,
         no_zeroes: bool,
     ) -> std::io::Result<Handshake> {
+        let mut neg = Negotiated::default();
         loop {
             let magic = rd.read_u64().await?;
             if magic != IHAVEOPT {
@@ -187,7 +218,7 @@ impl Gateway {
                                 b.put_bytes(0, 124);
                             }
                             wr.write_all(&b).await?;
-                            return Ok(Handshake::Go(img));
+                            return Ok(Handshake::Go(img, neg));
                         }
                         // EXPORT_NAME has no error reply: the spec says close.
                         Err(e) => {
@@ -234,7 +265,7 @@ impl Gateway {
                             option_reply(wr, opt, REP_INFO, &bs).await?;
                             option_reply(wr, opt, REP_ACK, &[]).await?;
                             if opt == OPT_GO {
-                                return Ok(Handshake::Go(img));
+                                return Ok(Handshake::Go(img, neg));
                             }
                         }
                         Err(e) => {
@@ -242,6 +273,49 @@ impl Gateway {
                             option_reply(wr, opt, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
                         }
                     }
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        option_reply(wr, opt, REP_ERR_INVALID, b"takes no data").await?;
+                        continue;
+                    }
+                    neg.structured = true;
+                    option_reply(wr, opt, REP_ACK, &[]).await?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let Some(queries) = parse_meta_request(&data) else {
+                        option_reply(wr, opt, REP_ERR_INVALID, b"malformed meta context request")
+                            .await?;
+                        continue;
+                    };
+                    if opt == OPT_SET_META_CONTEXT && !neg.structured {
+                        option_reply(
+                            wr,
+                            opt,
+                            REP_ERR_INVALID,
+                            b"negotiate structured replies first",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    // LIST with no queries lists everything; "base:" matches our context.
+                    let offer = if opt == OPT_LIST_META_CONTEXT && queries.is_empty() {
+                        true
+                    } else {
+                        queries.iter().any(|q| {
+                            q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && q == "base:")
+                        })
+                    };
+                    if opt == OPT_SET_META_CONTEXT {
+                        neg.base_allocation = offer;
+                    }
+                    if offer {
+                        let mut d = BytesMut::new();
+                        d.put_u32(BASE_ALLOCATION_ID);
+                        d.put_slice(BASE_ALLOCATION.as_bytes());
+                        option_reply(wr, opt, REP_META_CONTEXT, &d).await?;
+                    }
+                    option_reply(wr, opt, REP_ACK, &[]).await?;
                 }
                 other => {
                     debug!(option = other, "unsupported option");
@@ -273,6 +347,23 @@ fn transmission_flags() -> u16 {
         | TF_SEND_WRITE_ZEROES
         | TF_SEND_FAST_ZERO
         | TF_CAN_MULTI_CONN
+}
+
+/// META_CONTEXT payload: u32 export name length, name, u32 count, count × (u32 length,
+/// query). Returns the queries.
+fn parse_meta_request(data: &[u8]) -> Option<Vec<String>> {
+    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let mut at = 4usize.checked_add(len)?;
+    let n = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    at += 4;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let qlen = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        out.push(String::from_utf8(data.get(at..at.checked_add(qlen)?)?.to_vec()).ok()?);
+        at += qlen;
+    }
+    (at == data.len()).then_some(out)
 }
 
 /// INFO/GO payload: u32 name length, name, u16 count, count × u16 info types.
@@ -310,16 +401,99 @@ fn errno(e: &StoreError) -> u32 {
     }
 }
 
-struct Reply {
-    handle: u64,
-    error: u32,
-    data: Option<Bytes>,
+enum Reply {
+    /// A simple reply (any command), with read data when `error` is 0.
+    Simple {
+        handle: u64,
+        error: u32,
+        data: Option<Bytes>,
+    },
+    /// Structured: the data of a whole read, in one chunk.
+    Data {
+        handle: u64,
+        offset: u64,
+        data: Bytes,
+    },
+    /// Structured: an error.
+    Error {
+        handle: u64,
+        error: u32,
+        message: String,
+    },
+    /// Structured: base:allocation extents as (length, flags).
+    BlockStatus {
+        handle: u64,
+        extents: Vec<(u32, u32)>,
+    },
+}
+
+fn chunk_header(b: &mut BytesMut, kind: u16, handle: u64, len: usize) {
+    b.put_u32(STRUCTURED_REPLY_MAGIC);
+    b.put_u16(REPLY_FLAG_DONE);
+    b.put_u16(kind);
+    b.put_u64(handle);
+    b.put_u32(len as u32);
+}
+
+impl Reply {
+    /// The bytes before any payload, and the payload.
+    fn encode(self) -> (BytesMut, Option<Bytes>) {
+        let mut b = BytesMut::with_capacity(32);
+        match self {
+            Reply::Simple {
+                handle,
+                error,
+                data,
+            } => {
+                b.put_u32(SIMPLE_REPLY_MAGIC);
+                b.put_u32(error);
+                b.put_u64(handle);
+                (b, data)
+            }
+            Reply::Data {
+                handle,
+                offset,
+                data,
+            } => {
+                chunk_header(&mut b, REPLY_TYPE_OFFSET_DATA, handle, 8 + data.len());
+                b.put_u64(offset);
+                (b, Some(data))
+            }
+            Reply::Error {
+                handle,
+                error,
+                message,
+            } => {
+                let msg = &message.as_bytes()[..message.len().min(4096)];
+                chunk_header(&mut b, REPLY_TYPE_ERROR, handle, 6 + msg.len());
+                b.put_u32(error);
+                b.put_u16(msg.len() as u16);
+                b.put_slice(msg);
+                (b, None)
+            }
+            Reply::BlockStatus { handle, extents } => {
+                chunk_header(
+                    &mut b,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    handle,
+                    4 + 8 * extents.len(),
+                );
+                b.put_u32(BASE_ALLOCATION_ID);
+                for (len, flags) in extents {
+                    b.put_u32(len);
+                    b.put_u32(flags);
+                }
+                (b, None)
+            }
+        }
+    }
 }
 
 /// The transmission phase: requests are read in order, served concurrently (bounded), and
 /// answered as they complete.
 async fn transmission(
     image: Image,
+    neg: Negotiated,
     mut rd: BufReader<OwnedReadHalf>,
     mut wr: tokio::net::tcp::OwnedWriteHalf,
 ) -> std::io::Result<()> {
@@ -327,14 +501,11 @@ async fn transmission(
     let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {
-            let mut b = BytesMut::with_capacity(16);
-            b.put_u32(SIMPLE_REPLY_MAGIC);
-            b.put_u32(r.error);
-            b.put_u64(r.handle);
-            if wr.write_all(&b).await.is_err() {
+            let (head, data) = r.encode();
+            if wr.write_all(&head).await.is_err() {
                 break;
             }
-            if let Some(d) = r.data {
+            if let Some(d) = data {
                 if wr.write_all(&d).await.is_err() {
                     break;
                 }
@@ -376,7 +547,14 @@ async fn transmission(
         let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let reply = serve(&image, kind, flags, handle, offset, len, payload).await;
+            let req = Request {
+                kind,
+                flags,
+                handle,
+                offset,
+                len,
+            };
+            let reply = serve(&image, neg, req, payload).await;
             let _ = tx.send(reply).await;
         });
     }
@@ -387,24 +565,51 @@ async fn transmission(
     Ok(())
 }
 
-async fn serve(
-    image: &Image,
+struct Request {
     kind: u16,
     flags: u16,
     handle: u64,
     offset: u64,
     len: u32,
-    payload: Option<Bytes>,
-) -> Reply {
-    let fail = |error| Reply {
+}
+
+async fn serve(image: &Image, neg: Negotiated, req: Request, payload: Option<Bytes>) -> Reply {
+    let Request {
+        kind,
+        flags,
         handle,
-        error,
-        data: None,
+        offset,
+        len,
+    } = req;
+    // With structured replies, reads and block status must answer in chunks; other
+    // commands may still use simple replies.
+    let structured = neg.structured && matches!(kind, CMD_READ | CMD_BLOCK_STATUS);
+    let fail = |error| {
+        if structured {
+            Reply::Error {
+                handle,
+                error,
+                message: String::new(),
+            }
+        } else {
+            Reply::Simple {
+                handle,
+                error,
+                data: None,
+            }
+        }
     };
-    let ok = |data| Reply {
-        handle,
-        error: 0,
-        data,
+    let ok = |data: Option<Bytes>| match data {
+        Some(data) if structured => Reply::Data {
+            handle,
+            offset,
+            data,
+        },
+        data => Reply::Simple {
+            handle,
+            error: 0,
+            data,
+        },
     };
     let in_range = offset
         .checked_add(len as u64)
@@ -457,6 +662,36 @@ async fn serve(
                 }
             }
         }
+        CMD_BLOCK_STATUS => {
+            if !neg.base_allocation || !in_range || len == 0 {
+                return fail(EINVAL);
+            }
+            match image.allocation(offset, len as u64).await {
+                Ok(runs) => {
+                    let mut extents: Vec<(u32, u32)> = runs
+                        .into_iter()
+                        .map(|(n, allocated)| {
+                            (
+                                n as u32,
+                                if allocated {
+                                    0
+                                } else {
+                                    STATE_HOLE | STATE_ZERO
+                                },
+                            )
+                        })
+                        .collect();
+                    if flags & CMD_FLAG_REQ_ONE != 0 {
+                        extents.truncate(1);
+                    }
+                    Reply::BlockStatus { handle, extents }
+                }
+                Err(e) => {
+                    warn!(offset, len, "block status failed: {e}");
+                    fail(errno(&e))
+                }
+            }
+        }
         _ => fail(ENOTSUP),
     }
 }
@@ -478,5 +713,54 @@ mod tests {
         long.push(0);
         assert_eq!(parse_info_request(&long), None);
         assert_eq!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn meta_context_requests_parse_strictly() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&3u32.to_be_bytes());
+        d.extend_from_slice(b"p/i");
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in ["base:allocation", "qemu:dirty-bitmap:x"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        assert_eq!(
+            parse_meta_request(&d),
+            Some(vec![
+                "base:allocation".to_string(),
+                "qemu:dirty-bitmap:x".to_string()
+            ])
+        );
+        assert_eq!(parse_meta_request(&d[..d.len() - 1]), None);
+        let mut huge = d.clone();
+        huge[7..11].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&huge), None);
+    }
+
+    #[test]
+    fn structured_chunks_are_framed_as_the_protocol_says() {
+        let (head, data) = Reply::BlockStatus {
+            handle: 9,
+            extents: vec![(4096, STATE_HOLE | STATE_ZERO)],
+        }
+        .encode();
+        assert!(data.is_none());
+        assert_eq!(&head[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&head[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&head[6..8], &REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&head[8..16], &9u64.to_be_bytes());
+        assert_eq!(&head[16..20], &12u32.to_be_bytes());
+        assert_eq!(&head[20..24], &BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(head.len(), 32);
+        let (head, data) = Reply::Data {
+            handle: 1,
+            offset: 512,
+            data: Bytes::from_static(b"abc"),
+        }
+        .encode();
+        assert_eq!(&head[16..20], &11u32.to_be_bytes());
+        assert_eq!(&head[20..28], &512u64.to_be_bytes());
+        assert_eq!(data.as_deref(), Some(&b"abc"[..]));
     }
 }

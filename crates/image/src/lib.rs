@@ -244,6 +244,28 @@ impl Image {
         Ok(out.freeze())
     }
 
+    /// Which parts of `offset..offset+len` hold data: (length, allocated) runs in order. A
+    /// data object that does not exist is a hole (reads as zeros); an existing one counts as
+    /// data as a whole (its own holes are not reported).
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, StoreError> {
+        let extents = self.extents(offset, len)?;
+        let stats = try_join_all(extents.iter().map(|e| async move {
+            self.client
+                .stat(self.pool, &self.data_object(e.object_no))
+                .await
+                .map(|s| s.is_some())
+        }))
+        .await?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for (e, allocated) in extents.iter().zip(stats) {
+            match runs.last_mut() {
+                Some((n, a)) if *a == allocated => *n += e.len,
+                _ => runs.push((e.len, allocated)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
         let extents = self.extents(offset, data.len() as u64)?;
