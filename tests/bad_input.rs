@@ -1,12 +1,12 @@
 //! Bad input: CLI misuse, garbage on the monitor port, unreachable monitors, corrupted or
 //! foreign data dirs. Always a clear message and a non-zero exit; daemons keep serving.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use store_integration::{bin_dir, free_port, ClusterOpts, TestCluster};
+use store_integration::{bin_dir, expect_closed, free_port, ClusterOpts, TestCluster};
 
 fn storectl(args: &[&str]) -> std::process::Output {
     Command::new(bin_dir().join("storectl"))
@@ -19,20 +19,6 @@ fn storectl(args: &[&str]) -> std::process::Output {
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Sends bytes, then expects the server to close the connection (EOF or reset).
-fn expect_closed(addr: &str, bytes: &[u8]) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let _ = s.write_all(bytes);
-    let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("the server must close the connection on garbage, got {other:?}"),
-    }
 }
 
 #[test]

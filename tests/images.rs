@@ -23,17 +23,7 @@ fn images_stripe_over_objects_and_stay_thin() {
         osds: 3,
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "16",
-    ]);
+    c.create_pool("vm-pool", 16);
     let out = c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "64M"]);
     assert!(out.contains("created vm-pool/disk0"), "{out}");
     let info = c.ctl_json(&["image", "info", "vm-pool/disk0"]);

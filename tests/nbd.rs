@@ -46,17 +46,7 @@ fn nbd_clients_read_and_write_images_coherently_through_two_gateways() {
         osds: 3,
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "16",
-    ]);
+    c.create_pool("vm-pool", 16);
     c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "64M"]);
     let a = start_gateway(&mut c, "nbd-a");
     let b = start_gateway(&mut c, "nbd-b");

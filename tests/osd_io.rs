@@ -3,11 +3,10 @@
 //! writes clearly and damages nothing stored.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store_integration::{wait_for, ClusterOpts, TestCluster};
+use store_integration::{expect_closed, wait_for, ClusterOpts, TestCluster};
 use store_placement::{map_pg, object_to_pg};
 use store_types::ErrorCode;
 
@@ -49,17 +48,7 @@ fn damaged_copies_are_repaired_from_replicas_and_never_returned() {
         device_size: "16M",
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "p",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "8",
-    ]);
+    c.create_pool("p", 8);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cl = c.object_client(&rt);
     let pool = cl.pool("p").expect("pool");
@@ -160,16 +149,7 @@ fn garbage_on_the_osd_port_closes_only_that_connection() {
         &huge[..],
         &noise[..],
     ] {
-        let mut s = TcpStream::connect(&addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let _ = s.write_all(bytes);
-        let mut buf = [0u8; 16];
-        match s.read(&mut buf) {
-            Ok(0) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            other => panic!("the OSD must close the connection, got {other:?}"),
-        }
+        expect_closed(&addr, bytes);
     }
     let pool = cl.pool("p").expect("pool");
     rt.block_on(cl.write(pool.id, "still-works", 0, Bytes::from_static(b"yes")))

@@ -24,17 +24,7 @@ fn pg_states(s: &serde_json::Value) -> Vec<(String, u64)> {
 #[test]
 fn killed_osd_is_marked_down_and_its_pgs_degraded() {
     let mut c = TestCluster::start(ClusterOpts::default());
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "64",
-    ]);
+    c.create_pool("vm-pool", 64);
     let s = c.status();
     assert_eq!(s["health"]["status"], "HEALTH_OK", "{s}");
     assert_eq!(pg_states(&s), vec![("active+clean".to_string(), 64)]);

@@ -88,17 +88,7 @@ fn acknowledged_writes_survive_osd_loss_and_io_waits_below_min_size() {
         op_timeout_secs: 5.0,
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "32",
-    ]);
+    c.create_pool("vm-pool", 32);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
@@ -183,17 +173,7 @@ fn killing_and_restarting_osds_loses_no_acknowledged_write() {
         op_timeout_secs: 20.0,
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "16",
-    ]);
+    c.create_pool("vm-pool", 16);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
@@ -303,17 +283,7 @@ fn a_returning_osd_catches_up_before_serving() {
         op_timeout_secs: 20.0,
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "vm-pool",
-        "--size",
-        "3",
-        "--min_size",
-        "2",
-        "--pg_num",
-        "16",
-    ]);
+    c.create_pool("vm-pool", 16);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;

@@ -86,6 +86,22 @@ impl TestCluster {
         self.mons.iter().map(|m| m.addr.clone()).collect()
     }
 
+    /// Creates a replicated pool with size 3 / min_size 2.
+    pub fn create_pool(&self, name: &str, pg_num: u32) {
+        let pg = pg_num.to_string();
+        self.ctl_ok(&[
+            "pool",
+            "create",
+            name,
+            "--size",
+            "3",
+            "--min_size",
+            "2",
+            "--pg_num",
+            &pg,
+        ]);
+    }
+
     /// An object client on this cluster, with a 60 s operation deadline.
     pub fn object_client(
         &self,
@@ -389,5 +405,21 @@ pub fn kill_pid(pid: i32) {
     // SAFETY: kill(2) with a pid the test itself started.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Sends `bytes` to a server and requires it to close the connection (EOF or reset), not
+/// answer and not hang.
+pub fn expect_closed(addr: &str, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the server must close the connection on garbage, got {other:?}"),
     }
 }
