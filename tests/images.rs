@@ -2,7 +2,9 @@
 //! resize, removal, and the `storectl image` commands.
 
 use bytes::Bytes;
-use store_image::Image;
+use std::time::Duration;
+
+use store_image::{Image, ImageContext};
 use store_integration::{ClusterOpts, TestCluster};
 use store_types::ErrorCode;
 
@@ -36,9 +38,15 @@ fn images_stripe_over_objects_and_stay_thin() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool").id;
-    let img = rt
-        .block_on(Image::open(client.clone(), pool, "disk0"))
-        .expect("open");
+    let ctx = {
+        let _rt = rt.enter();
+        ImageContext::new(
+            client.clone(),
+            "images test".into(),
+            Duration::from_secs(30),
+        )
+    };
+    let img = rt.block_on(Image::open(&ctx, pool, "disk0")).expect("open");
     // Thin: nothing written yet reads as zeros and no data object exists.
     assert!(rt
         .block_on(img.read(10 * MIB, 4096))
@@ -110,15 +118,11 @@ fn images_stripe_over_objects_and_stay_thin() {
         "6M",
         "--allow-shrink",
     ]);
-    let img = rt
-        .block_on(Image::open(client.clone(), pool, "disk0"))
-        .expect("open");
+    let img = rt.block_on(Image::open(&ctx, pool, "disk0")).expect("open");
     assert_eq!(img.size(), 6 * MIB);
     // Growing again shows zeros where the old data was, never stale bytes.
     c.ctl_ok(&["image", "resize", "vm-pool/disk0", "--size", "16M"]);
-    let img = rt
-        .block_on(Image::open(client.clone(), pool, "disk0"))
-        .expect("open");
+    let img = rt.block_on(Image::open(&ctx, pool, "disk0")).expect("open");
     assert!(rt
         .block_on(img.read(6 * MIB, 2 * MIB))
         .expect("read")

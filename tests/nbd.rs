@@ -4,39 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
-use store_integration::{free_port, wait_for, ClusterOpts, TestCluster};
+use store_integration::{run_tool, tool_ok, ClusterOpts, TestCluster};
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is needed for this test (tools/test installs it): {e}"));
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    run_tool(cmd, args)
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
-    let (success, out) = run(cmd, args);
-    assert!(success, "{cmd} {args:?} failed:\n{out}");
-    out
-}
-
-fn start_gateway(c: &mut TestCluster, name: &str) -> String {
-    let addr = format!("127.0.0.1:{}", free_port());
-    c.spawn(name, &["nbd".into(), "--listen".into(), addr.clone()]);
-    wait_for(Duration::from_secs(30), "the gateway to listen", || {
-        TcpStream::connect(&addr).ok().map(|_| ())
-    });
-    addr
+    tool_ok(cmd, args)
 }
 
 #[test]
@@ -48,8 +25,8 @@ fn nbd_clients_read_and_write_images_coherently_through_two_gateways() {
     });
     c.create_pool("vm-pool", 16);
     c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "64M"]);
-    let a = start_gateway(&mut c, "nbd-a");
-    let b = start_gateway(&mut c, "nbd-b");
+    let a = c.start_gateway("nbd-a");
+    let b = c.start_gateway("nbd-b");
     let ua = format!("nbd://{a}/vm-pool/disk0");
     let ub = format!("nbd://{b}/vm-pool/disk0");
 

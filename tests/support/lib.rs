@@ -150,7 +150,7 @@ impl TestCluster {
             })
             .collect();
         let conf = format!(
-            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n",
+            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\nclient_session_grace = 3\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n",
             fake_uuid(),
             mons.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             mons.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(", "),
@@ -267,6 +267,21 @@ impl TestCluster {
             // openraft logs unreachable peers at ERROR; a killed monitor is one by design.
             self.allow_error("Unreachable node");
         }
+    }
+
+    /// Starts an NBD gateway on a free port; returns its address.
+    pub fn start_gateway(&mut self, name: &str) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.start_gateway_at(name, &addr);
+        addr
+    }
+
+    /// Starts (or restarts) an NBD gateway on `addr` and waits until it accepts.
+    pub fn start_gateway_at(&mut self, name: &str, addr: &str) {
+        self.spawn(name, &["nbd".into(), "--listen".into(), addr.to_string()]);
+        wait_for(Duration::from_secs(30), "the gateway to listen", || {
+            std::net::TcpStream::connect(addr).ok().map(|_| ())
+        });
     }
 
     /// Runs storectl with this cluster's conf.
@@ -401,6 +416,29 @@ fn fake_uuid() -> String {
 }
 
 /// Sends SIGKILL to a pid (for processes not started through [`TestCluster`]).
+/// Runs an outside program (an NBD client); (success, stdout+stderr).
+pub fn run_tool(cmd: &str, args: &[&str]) -> (bool, String) {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is needed for this test (tools/test installs it): {e}"));
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Runs an outside program that must succeed; its output.
+pub fn tool_ok(cmd: &str, args: &[&str]) -> String {
+    let (success, out) = run_tool(cmd, args);
+    assert!(success, "{cmd} {args:?} failed:\n{out}");
+    out
+}
+
 pub fn kill_pid(pid: i32) {
     // SAFETY: kill(2) with a pid the test itself started.
     unsafe {

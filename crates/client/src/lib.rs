@@ -10,5 +10,5 @@ pub mod objects;
 pub mod server;
 
 pub use conn::RpcConn;
-pub use mon::{MonClient, MonClientOptions};
+pub use mon::{MonClient, MonClientOptions, MonFanout};
 pub use objects::ObjectClient;

@@ -178,7 +178,11 @@ impl MonClient {
                     warn!(%addr, "unexpected push: {other:?}");
                     continue;
                 }
-                Err(e) => return Err(StoreError::new(e.code(), e.to_string())),
+                Err(e) => {
+                    // Not a transient fault: the monitor runs another release.
+                    warn!(%addr, "cannot decode a map from the monitor (another release?): {e}");
+                    return Err(StoreError::new(e.code(), e.to_string()));
+                }
             };
             let newer = tx.borrow().as_ref().is_none_or(|cur| map.epoch > cur.epoch);
             if newer {
@@ -197,4 +201,57 @@ impl MonClient {
 
 fn unexpected(resp: &MonResponse) -> StoreError {
     StoreError::internal(format!("unexpected monitor reply: {resp:?}"))
+}
+
+/// Sends one request to every monitor (those of the map plus the configured ones), keeping
+/// a connection to each: liveness reports (OSD and client heartbeats) go to all monitors so
+/// whichever leads, or leads next, has fresh data.
+pub struct MonFanout {
+    configured: Vec<String>,
+    conns: std::collections::HashMap<String, RpcConn>,
+    timeout: Duration,
+}
+
+impl MonFanout {
+    pub fn new(configured: Vec<String>, timeout: Duration) -> Self {
+        MonFanout {
+            configured,
+            conns: Default::default(),
+            timeout,
+        }
+    }
+
+    /// Sends `req` to every monitor in parallel; failures are logged at debug and retried
+    /// on the next call.
+    pub async fn send_all(&mut self, map: Option<&ClusterMap>, req: &MonRequest) {
+        let mut addrs: std::collections::BTreeSet<String> =
+            self.configured.iter().cloned().collect();
+        if let Some(map) = map {
+            addrs.extend(map.mons.values().map(|m| m.addr.clone()));
+        }
+        self.conns
+            .retain(|a, c| addrs.contains(a) && !c.is_closed());
+        let timeout = self.timeout;
+        let sends = addrs.iter().map(|addr| {
+            let existing = self.conns.get(addr).cloned();
+            async move {
+                let conn = match existing {
+                    Some(c) => c,
+                    None => RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES)
+                        .await
+                        .ok()
+                        .map(|(c, _)| c)?,
+                };
+                match conn.call::<_, MonResponse>(req, timeout).await {
+                    Ok(MonResponse::Error(e)) => debug!(%addr, "report refused: {e}"),
+                    Ok(_) => {}
+                    Err(e) => debug!(%addr, "report failed: {e}"),
+                }
+                Some((addr.clone(), conn))
+            }
+        });
+        for (addr, conn) in futures::future::join_all(sends).await.into_iter().flatten() {
+            self.conns.insert(addr, conn);
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use store_placement::{map_pg, object_to_pg, pool_pgs, PgId};
-use store_types::map::{ClusterMap, Pool};
+use store_types::map::{ClusterMap, Pool, WriteGuard};
 use store_types::osdmsg::{
     ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
 };
@@ -105,6 +105,7 @@ impl ObjectClient {
         pg_of: impl Fn(&Pool) -> PgId,
         object: &str,
         op: ClientOpKind,
+        guard: Option<&WriteGuard>,
     ) -> Result<OsdResponse, StoreError> {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
         let mut last_error = String::from("no attempt made");
@@ -144,6 +145,7 @@ impl ObjectClient {
                 },
                 object: object.to_string(),
                 op: op.clone(),
+                guard: guard.cloned(),
             };
             let res = match self.conn(&addr).await {
                 Ok(c) => c.call::<_, OsdResponse>(&req, remaining).await,
@@ -175,11 +177,47 @@ impl ObjectClient {
         object: &str,
         op: ClientOpKind,
     ) -> Result<OsdResponse, StoreError> {
+        self.on_object_guarded(pool_id, object, op, None).await
+    }
+
+    async fn on_object_guarded(
+        &self,
+        pool_id: u32,
+        object: &str,
+        op: ClientOpKind,
+        guard: Option<&WriteGuard>,
+    ) -> Result<OsdResponse, StoreError> {
         if object.is_empty() || object.len() > 1024 {
             return Err(StoreError::invalid("object names are 1-1024 bytes"));
         }
-        self.on_pg(pool_id, |p| object_to_pg(p, object), object, op)
+        self.on_pg(pool_id, |p| object_to_pg(p, object), object, op, guard)
             .await
+    }
+
+    /// A mutation; with a guard, OSDs order it only while the guard's lock generation is
+    /// current (the image lock protocol).
+    pub async fn mutate(
+        &self,
+        pool_id: u32,
+        object: &str,
+        mutation: Mutation,
+        guard: Option<&WriteGuard>,
+    ) -> Result<ObjVersion, StoreError> {
+        let op = ClientOpKind::Mutate(mutation);
+        match self.on_object_guarded(pool_id, object, op, guard).await? {
+            OsdResponse::Committed { version } => Ok(version),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Map updates, for clients that follow the map (the image lock does).
+    pub fn maps(&self) -> watch::Receiver<Option<Arc<ClusterMap>>> {
+        self.maps.clone()
+    }
+
+    /// The monitor client this object client follows.
+    pub fn mons(&self) -> &Arc<MonClient> {
+        &self._mons
     }
 
     pub async fn write(
@@ -260,7 +298,7 @@ impl ObjectClient {
         let mut names = Vec::new();
         for pgid in pool_pgs(&pool) {
             match self
-                .on_pg(pool_id, |_| pgid, "", ClientOpKind::List)
+                .on_pg(pool_id, |_| pgid, "", ClientOpKind::List, None)
                 .await?
             {
                 OsdResponse::Listed(n) => names.extend(n),

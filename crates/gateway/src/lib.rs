@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use store_client::ObjectClient;
-use store_image::Image;
+use std::collections::HashMap;
+
+use store_image::{Image, ImageContext};
 use store_types::{ErrorCode, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
@@ -87,6 +88,7 @@ const BASE_ALLOCATION_ID: u32 = 1;
 
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
+const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -100,7 +102,10 @@ pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 const MAX_IN_FLIGHT: usize = 64;
 
 pub struct Gateway {
-    client: Arc<ObjectClient>,
+    ctx: Arc<ImageContext>,
+    /// Open exports and how many connections use each: connections to one image share one
+    /// open (one session, one lock), so multi-connection clients never fight over the lock.
+    opens: tokio::sync::Mutex<HashMap<String, (Arc<Image>, usize)>>,
 }
 
 /// What the client negotiated before transmission.
@@ -111,15 +116,27 @@ struct Negotiated {
 }
 
 enum Handshake {
-    /// Transmission starts with this image.
-    Go(Image, Negotiated),
+    /// Transmission starts with this export.
+    Go(String, Arc<Image>, Negotiated),
     /// The client ended the session politely (or an EXPORT_NAME was unknown).
     Done,
 }
 
 impl Gateway {
-    pub fn new(client: Arc<ObjectClient>) -> Arc<Self> {
-        Arc::new(Gateway { client })
+    pub fn new(ctx: Arc<ImageContext>) -> Arc<Self> {
+        Arc::new(Gateway {
+            ctx,
+            opens: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Releases every image lock this gateway holds (on shutdown), so other gateways take
+    /// them over at once instead of after the session grace.
+    pub async fn close_all(&self) {
+        let opens = self.opens.lock().await;
+        for (img, _) in opens.values() {
+            img.close().await;
+        }
     }
 
     /// Serves NBD clients until the listener fails.
@@ -161,27 +178,54 @@ impl Gateway {
             return Ok(());
         }
         let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
-        let (image, neg) = match self.options(&mut rd, &mut wr, no_zeroes).await? {
-            Handshake::Go(img, neg) => (img, neg),
+        let (export, image, neg) = match self.options(&mut rd, &mut wr, no_zeroes).await? {
+            Handshake::Go(export, img, neg) => (export, img, neg),
             Handshake::Done => return Ok(()),
         };
         info!(
-            export = %image.name(),
+            export = %export,
             size = image.size(),
             structured = neg.structured,
             "transmission started"
         );
-        transmission(image, neg, rd, wr).await
+        let res = transmission(image, neg, rd, wr).await;
+        self.release(&export).await;
+        res
     }
 
-    async fn open(&self, export: &str) -> Result<Image, StoreError> {
+    /// The export's shared open, opening it for the first connection.
+    async fn open(&self, export: &str) -> Result<Arc<Image>, StoreError> {
         let Some((pool, name)) = export.split_once('/') else {
             return Err(StoreError::invalid(format!(
                 "export '{export}' is not POOL/IMAGE"
             )));
         };
-        let pool = self.client.pool(pool)?;
-        Image::open(self.client.clone(), pool.id, name).await
+        let mut opens = self.opens.lock().await;
+        if let Some((img, users)) = opens.get_mut(export) {
+            *users += 1;
+            return Ok(img.clone());
+        }
+        let pool = self.ctx.client().pool(pool)?;
+        let img = Arc::new(Image::open(&self.ctx, pool.id, name).await?);
+        opens.insert(export.to_string(), (img.clone(), 1));
+        Ok(img)
+    }
+
+    /// A connection is done with an export; the last one releases its lock.
+    async fn release(&self, export: &str) {
+        let mut opens = self.opens.lock().await;
+        let last = match opens.get_mut(export) {
+            Some((_, users)) if *users > 1 => {
+                *users -= 1;
+                None
+            }
+            Some(_) => opens.remove(export).map(|(img, _)| img),
+            None => None,
+        };
+        drop(opens);
+        if let Some(img) = last {
+            img.close().await;
+        }
     }
 
     /// The option haggling phase.
@@ -217,8 +261,11 @@ impl Gateway {
                             if !no_zeroes {
                                 b.put_bytes(0, 124);
                             }
-                            wr.write_all(&b).await?;
-                            return Ok(Handshake::Go(img, neg));
+                            if let Err(e) = wr.write_all(&b).await {
+                                self.release(&name).await;
+                                return Err(e);
+                            }
+                            return Ok(Handshake::Go(name, img, neg));
                         }
                         // EXPORT_NAME has no error reply: the spec says close.
                         Err(e) => {
@@ -252,21 +299,12 @@ impl Gateway {
                     };
                     match self.open(&name).await {
                         Ok(img) => {
-                            let mut info = BytesMut::new();
-                            info.put_u16(INFO_EXPORT);
-                            info.put_u64(img.size());
-                            info.put_u16(transmission_flags());
-                            option_reply(wr, opt, REP_INFO, &info).await?;
-                            let mut bs = BytesMut::new();
-                            bs.put_u16(INFO_BLOCK_SIZE);
-                            bs.put_u32(1);
-                            bs.put_u32(4096);
-                            bs.put_u32(MAX_REQUEST_BYTES);
-                            option_reply(wr, opt, REP_INFO, &bs).await?;
-                            option_reply(wr, opt, REP_ACK, &[]).await?;
-                            if opt == OPT_GO {
-                                return Ok(Handshake::Go(img, neg));
+                            let sent = send_info(wr, opt, img.size()).await;
+                            if opt == OPT_GO && sent.is_ok() {
+                                return Ok(Handshake::Go(name, img, neg));
                             }
+                            self.release(&name).await;
+                            sent?;
                         }
                         Err(e) => {
                             let msg = e.to_string();
@@ -327,10 +365,10 @@ impl Gateway {
 
     /// Every `pool/image` the cluster has.
     async fn export_names(&self) -> Vec<String> {
-        let map = self.client.map();
+        let map = self.ctx.client().map();
         let mut out = Vec::new();
         for pool in map.pools.values() {
-            match Image::list(&self.client, pool.id).await {
+            match Image::list(self.ctx.client(), pool.id).await {
                 Ok(names) => out.extend(names.into_iter().map(|n| format!("{}/{n}", pool.name))),
                 Err(e) => warn!(pool = %pool.name, "cannot list images: {e}"),
             }
@@ -377,6 +415,26 @@ fn parse_info_request(data: &[u8]) -> Option<String> {
     String::from_utf8(name.to_vec()).ok()
 }
 
+/// The replies to a successful INFO or GO: export size and flags, block sizes, ACK.
+async fn send_info(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    opt: u32,
+    size: u64,
+) -> std::io::Result<()> {
+    let mut info = BytesMut::new();
+    info.put_u16(INFO_EXPORT);
+    info.put_u64(size);
+    info.put_u16(transmission_flags());
+    option_reply(wr, opt, REP_INFO, &info).await?;
+    let mut bs = BytesMut::new();
+    bs.put_u16(INFO_BLOCK_SIZE);
+    bs.put_u32(1);
+    bs.put_u32(4096);
+    bs.put_u32(MAX_REQUEST_BYTES);
+    option_reply(wr, opt, REP_INFO, &bs).await?;
+    option_reply(wr, opt, REP_ACK, &[]).await
+}
+
 async fn option_reply(
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     opt: u32,
@@ -397,6 +455,8 @@ fn errno(e: &StoreError) -> u32 {
     match e.code {
         ErrorCode::InvalidArgument => EINVAL,
         ErrorCode::NoSpace => ENOSPC,
+        // Fenced: the write is refused, never silently dropped.
+        ErrorCode::Blocklisted => EPERM,
         _ => EIO,
     }
 }
@@ -492,12 +552,11 @@ impl Reply {
 /// The transmission phase: requests are read in order, served concurrently (bounded), and
 /// answered as they complete.
 async fn transmission(
-    image: Image,
+    image: Arc<Image>,
     neg: Negotiated,
     mut rd: BufReader<OwnedReadHalf>,
     mut wr: tokio::net::tcp::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let image = Arc::new(image);
     let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(r) = rx.recv().await {

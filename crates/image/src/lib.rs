@@ -5,17 +5,108 @@
 //! a data object exists only once written, and never-written ranges read as zeros.
 //! Discarding a range zeroes it in the objects, freeing every whole 4 KiB block.
 //!
+//! Writes go under the image's exclusive lock ([`lock`]): every write carries the lock
+//! generation, and OSDs refuse stale ones. Each open image is a client session, reported to
+//! the monitors by its process's [`ImageContext`].
+//!
 //! This crate knows objects and offsets; it must not know placement, OSDs or storage
 //! engines (that is the client library's and the OSDs' business).
 
-use std::sync::Arc;
+pub mod lock;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
-use store_client::ObjectClient;
+use store_client::{MonFanout, ObjectClient};
+use store_types::map::{image_lock_key, session_name, SessionId};
+use store_types::msg::{MonRequest, SessionInfo};
+use store_types::osdmsg::Mutation;
 use store_types::wire::{decode_record, encode_record};
 use store_types::{ErrorCode, StoreError};
+use tokio::sync::Notify;
+use tracing::debug;
+
+use crate::lock::{LockHandle, LockIdentity};
+
+/// How often open images are reported to the monitors.
+const SESSION_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A process's images: its object client, how it is named to operators, and its open
+/// images (sessions), which it reports to every monitor while they are open.
+pub struct ImageContext {
+    client: Arc<ObjectClient>,
+    desc: String,
+    instance: u64,
+    lock_wait: Duration,
+    sessions: Mutex<HashMap<SessionId, SessionInfo>>,
+    report_now: Notify,
+}
+
+impl ImageContext {
+    /// `desc` names this process to operators (e.g. `gateway 127.0.0.1:10809 on node1`);
+    /// `lock_wait` bounds how long a write waits for the image lock.
+    pub fn new(client: Arc<ObjectClient>, desc: String, lock_wait: Duration) -> Arc<Self> {
+        let ctx = Arc::new(ImageContext {
+            client,
+            desc,
+            instance: random_u64(),
+            lock_wait,
+            sessions: Mutex::new(HashMap::new()),
+            report_now: Notify::new(),
+        });
+        tokio::spawn(report_sessions(Arc::downgrade(&ctx)));
+        ctx
+    }
+
+    pub fn client(&self) -> &Arc<ObjectClient> {
+        &self.client
+    }
+
+    fn register(&self, info: SessionInfo) {
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .insert(info.id, info);
+        self.report_now.notify_one();
+    }
+
+    fn unregister(&self, id: SessionId) {
+        self.sessions.lock().expect("sessions").remove(&id);
+    }
+}
+
+fn random_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+/// Reports the context's open images to every monitor while the context lives (the task
+/// holds the context at most one heartbeat interval longer).
+async fn report_sessions(ctx: Weak<ImageContext>) {
+    let mut fanout = match ctx.upgrade() {
+        Some(c) => MonFanout::new(c.client.mons().addrs().to_vec(), SESSION_HEARTBEAT),
+        None => return,
+    };
+    while let Some(c) = ctx.upgrade() {
+        let sessions: Vec<SessionInfo> = c
+            .sessions
+            .lock()
+            .expect("sessions")
+            .values()
+            .cloned()
+            .collect();
+        if !sessions.is_empty() {
+            let map = c.client.map();
+            fanout
+                .send_all(Some(&map), &MonRequest::ClientHeartbeat { sessions })
+                .await;
+        }
+        let _ = tokio::time::timeout(SESSION_HEARTBEAT, c.report_now.notified()).await;
+    }
+}
 
 /// Default object size: 4 MiB, as in RBD.
 pub const DEFAULT_OBJECT_SIZE: u64 = 4 << 20;
@@ -34,12 +125,29 @@ pub struct Header {
     pub features: u64,
 }
 
-/// An open image.
+/// An open image: one client session, with its own lock handle.
 pub struct Image {
+    ctx: Arc<ImageContext>,
     client: Arc<ObjectClient>,
     pool: u32,
     name: String,
     header: Header,
+    lock: Arc<LockHandle>,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        self.ctx.unregister(self.lock.identity().session);
+    }
+}
+
+/// A write in flight under the lock; tells the lock when it ends, however it ends.
+struct WriteTicket<'a>(&'a Arc<LockHandle>);
+
+impl Drop for WriteTicket<'_> {
+    fn drop(&mut self) {
+        self.0.end_write();
+    }
 }
 
 fn header_object(name: &str) -> String {
@@ -100,13 +208,60 @@ impl Image {
             .map(|_| ())
     }
 
+    /// Wraps a header as an open image: a new session of `ctx`.
+    fn opened(ctx: &Arc<ImageContext>, pool: u32, name: &str, header: Header) -> Image {
+        let pool_name = ctx
+            .client
+            .map()
+            .pools
+            .get(&pool)
+            .map_or(pool.to_string(), |p| p.name.clone());
+        let id = LockIdentity {
+            session: random_u64(),
+            lock_key: image_lock_key(pool, &header.id),
+            image: format!("{pool_name}/{name}"),
+            desc: ctx.desc.clone(),
+            instance: ctx.instance,
+        };
+        ctx.register(SessionInfo {
+            id: id.session,
+            image: id.image.clone(),
+            desc: ctx.desc.clone(),
+            instance: ctx.instance,
+        });
+        let lock = LockHandle::new(id, ctx.client.clone(), ctx.lock_wait);
+        Image {
+            ctx: ctx.clone(),
+            client: ctx.client.clone(),
+            pool,
+            name: name.to_string(),
+            header,
+            lock,
+        }
+    }
+
+    /// This open's session id.
+    pub fn session(&self) -> SessionId {
+        self.lock.identity().session
+    }
+
+    pub fn lock_state(&self) -> lock::LockState {
+        self.lock.state()
+    }
+
+    /// Releases the lock if held (the session itself ends when the image is dropped).
+    pub async fn close(&self) {
+        self.lock.close().await;
+    }
+
     /// Creates an image of `size` bytes.
     pub async fn create(
-        client: Arc<ObjectClient>,
+        ctx: &Arc<ImageContext>,
         pool: u32,
         name: &str,
         size: u64,
     ) -> Result<Image, StoreError> {
+        let client = ctx.client.clone();
         validate_name(name)?;
         check_size(size)?;
         if client.stat(pool, &header_object(name)).await?.is_some() {
@@ -122,20 +277,12 @@ impl Image {
             features: 0,
         };
         Self::write_header(&client, pool, name, &header).await?;
-        Ok(Image {
-            client,
-            pool,
-            name: name.to_string(),
-            header,
-        })
+        Ok(Self::opened(ctx, pool, name, header))
     }
 
     /// Opens an existing image.
-    pub async fn open(
-        client: Arc<ObjectClient>,
-        pool: u32,
-        name: &str,
-    ) -> Result<Image, StoreError> {
+    pub async fn open(ctx: &Arc<ImageContext>, pool: u32, name: &str) -> Result<Image, StoreError> {
+        let client = &ctx.client;
         validate_name(name)?;
         let obj = header_object(name);
         let not_found = || StoreError::not_found(format!("image '{name}' does not exist"));
@@ -153,12 +300,7 @@ impl Image {
                 ),
             ));
         }
-        Ok(Image {
-            client,
-            pool,
-            name: name.to_string(),
-            header,
-        })
+        Ok(Self::opened(ctx, pool, name, header))
     }
 
     /// Names of the pool's images.
@@ -266,19 +408,51 @@ impl Image {
         Ok(runs)
     }
 
+    /// Applies mutations to data objects under the image lock: waits for the lock, sends
+    /// each with the lock's generation, and if the lock moved meanwhile (LOCK_LOST), asks
+    /// for it back and sends again (writes at offsets are idempotent).
+    async fn mutate_locked(&self, ops: Vec<(String, Mutation)>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.ctx.lock_wait;
+        loop {
+            let guard = self.lock.begin_write().await?;
+            let ticket = WriteTicket(&self.lock);
+            let res = try_join_all(
+                ops.iter()
+                    .map(|(obj, m)| self.client.mutate(self.pool, obj, m.clone(), Some(&guard))),
+            )
+            .await;
+            drop(ticket);
+            match res {
+                Err(e)
+                    if e.code == ErrorCode::LockLost && tokio::time::Instant::now() < deadline =>
+                {
+                    debug!(image = %self.name, session = %session_name(guard.session), "lock moved under a write; asking back: {e}");
+                }
+                r => return r.map(|_| ()),
+            }
+        }
+    }
+
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
         let extents = self.extents(offset, data.len() as u64)?;
-        let writes = extents.iter().map(|e| {
-            let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
-            let obj = self.data_object(e.object_no);
-            async move {
-                self.client
-                    .write(self.pool, &obj, e.offset_in_object, piece)
-                    .await
-            }
-        });
-        try_join_all(writes).await.map(|_| ())
+        let ops = extents
+            .iter()
+            .map(|e| {
+                let piece = data.slice(e.buf_offset as usize..(e.buf_offset + e.len) as usize);
+                (
+                    self.data_object(e.object_no),
+                    Mutation::Write {
+                        offset: e.offset_in_object,
+                        data: piece,
+                    },
+                )
+            })
+            .collect();
+        self.mutate_locked(ops).await
     }
 
     /// Discards (zeroes) a range: whole objects are removed, parts are zeroed, and every
@@ -286,20 +460,26 @@ impl Image {
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         let extents = self.extents(offset, len)?;
         let os = self.header.object_size;
-        let ops = extents.iter().map(|e| async move {
+        // Partial objects are zeroed only where they exist (zeroing would create them).
+        let plans = try_join_all(extents.iter().map(|e| async move {
             let obj = self.data_object(e.object_no);
             if e.offset_in_object == 0 && e.len == os {
-                self.client.delete(self.pool, &obj).await
+                Ok::<_, StoreError>(Some((obj, Mutation::Delete)))
             } else if self.client.stat(self.pool, &obj).await?.is_some() {
-                self.client
-                    .zero(self.pool, &obj, e.offset_in_object, e.len)
-                    .await
-                    .map(|_| ())
+                Ok(Some((
+                    obj,
+                    Mutation::Zero {
+                        offset: e.offset_in_object,
+                        len: e.len,
+                    },
+                )))
             } else {
-                Ok(())
+                Ok(None)
             }
-        });
-        try_join_all(ops).await.map(|_| ())
+        }))
+        .await?;
+        self.mutate_locked(plans.into_iter().flatten().collect())
+            .await
     }
 
     /// Grows, or (with `allow_shrink`) shrinks the image. Shrinking drops the data beyond
@@ -327,8 +507,27 @@ impl Image {
         Ok(())
     }
 
-    /// Removes the image and all its data.
+    /// Removes the image and all its data. Refused while another session holds its lock
+    /// (a running VM), as `rbd rm` refuses an image with watchers.
     pub async fn remove(self) -> Result<(), StoreError> {
+        let map = self.client.map();
+        if let Some((h, l)) = map
+            .image_locks
+            .get(&self.lock.identity().lock_key)
+            .and_then(|l| l.holder.map(|h| (h, l)))
+            .filter(|(h, _)| *h != self.session() && !map.blocklist.contains_key(h))
+        {
+            return Err(StoreError::new(
+                ErrorCode::NotPermitted,
+                format!(
+                    "image '{}' is in use: {} ({}) holds its lock; stop that client, or fence it with `storectl client blocklist add {}`",
+                    self.name,
+                    session_name(h),
+                    l.holder_desc,
+                    session_name(h)
+                ),
+            ));
+        }
         let n = self.num_objects(self.header.size);
         let names: Vec<String> = (0..n).map(|i| self.data_object(i)).collect();
         for chunk in names.chunks(64) {
@@ -336,6 +535,14 @@ impl Image {
         }
         self.client
             .delete(self.pool, &header_object(&self.name))
+            .await?;
+        self.client
+            .mons()
+            .command(store_types::msg::MapCommand::LockDrop {
+                lock_key: self.lock.identity().lock_key.clone(),
+                session: self.session(),
+            })
             .await
+            .map(|_| ())
     }
 }

@@ -10,6 +10,8 @@ use store_types::map::{
 use store_types::msg::{CommandOutcome, MapCommand};
 use store_types::StoreError;
 
+use crate::locks;
+
 /// Largest pg_num a pool may have (as Ceph's mon_max_pg_per_osd keeps it sane).
 pub const MAX_PG_NUM: u32 = 65536;
 /// Largest pool size.
@@ -19,6 +21,12 @@ pub const DEFAULT_PG_NUM: u32 = 128;
 /// Applies one command. On error the map is untouched.
 pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOutcome, StoreError> {
     let before_epoch = map.epoch;
+    let mut lock_generation = None;
+    let mut lock = |r: crate::locks::LockResult| -> Result<(String, Option<u32>), StoreError> {
+        let (msg, g) = r?;
+        lock_generation = g;
+        Ok((msg, None))
+    };
     let (message, osd_id) = match cmd {
         MapCommand::OsdBoot {
             uuid,
@@ -49,6 +57,24 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
         ),
         MapCommand::PoolSet { name, key, value } => (pool_set(map, name, key, value)?, None),
         MapCommand::PoolRm { name } => (pool_rm(map, name)?, None),
+        MapCommand::LockAcquire(claim) => lock(locks::acquire(map, claim))?,
+        MapCommand::LockRelease {
+            lock_key,
+            session,
+            generation,
+        } => lock(locks::release(map, lock_key, *session, *generation))?,
+        MapCommand::LockBreak {
+            claim,
+            holder,
+            reason,
+        } => lock(locks::break_lock(map, claim, *holder, reason))?,
+        MapCommand::LockDrop { lock_key, session } => {
+            (locks::drop_lock(map, lock_key, *session)?, None)
+        }
+        MapCommand::BlocklistAdd { session, reason } => {
+            (locks::add_blocklist(map, *session, reason)?, None)
+        }
+        MapCommand::BlocklistRm { session } => (locks::rm_blocklist(map, *session)?, None),
     };
     let changed = map.epoch != before_epoch;
     debug_assert!(map.epoch == before_epoch || map.epoch == before_epoch + 1);
@@ -57,6 +83,7 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
         changed,
         message,
         osd_id,
+        lock_generation,
     })
 }
 

@@ -18,6 +18,10 @@ pub struct StatusInput<'a> {
     pub leader_name: Option<String>,
     pub answered_by: String,
     pub osd_stats: &'a HashMap<OsdId, OsdStat>,
+    /// Client sessions: how many are live, and which lock holders are silent (None when
+    /// this monitor has not watched long enough to tell).
+    pub live_sessions: usize,
+    pub silent_holders: Option<Vec<String>>,
 }
 
 pub const STATE_CLEAN: &str = "active+clean";
@@ -277,6 +281,7 @@ pub fn status(input: StatusInput) -> StatusReport {
     usage_checks(map, input.osd_stats, &mut checks);
     let pgs = pgs_by_state(map);
     pg_checks(&pgs, &mut checks);
+    lock_checks(map, input.silent_holders.as_deref(), &mut checks);
     let health = checks
         .values()
         .map(|c| c.severity)
@@ -305,6 +310,67 @@ pub fn status(input: StatusInput) -> StatusReport {
         total_bytes,
         used_bytes,
         flags: map.flags.iter().map(|f| f.to_string()).collect(),
+        num_sessions: input.live_sessions,
+        num_image_locks: map
+            .image_locks
+            .values()
+            .filter(|l| l.holder.is_some())
+            .count(),
+        num_blocklisted: map.blocklist.len(),
+    }
+}
+
+/// Image locks that nobody can use: held by a fenced session (IMAGE_LOCK_BLOCKLISTED), or
+/// by one that stopped reporting (IMAGE_LOCK_ORPHANED). Both clear when another session
+/// takes the lock.
+fn lock_checks(
+    map: &ClusterMap,
+    silent: Option<&[String]>,
+    checks: &mut BTreeMap<String, HealthCheck>,
+) {
+    use store_types::map::session_name;
+    let fenced: Vec<String> = map
+        .image_locks
+        .values()
+        .filter_map(|l| {
+            l.holder
+                .filter(|h| map.blocklist.contains_key(h))
+                .map(|h| (l, h))
+        })
+        .map(|(l, h)| {
+            format!(
+                "image {} is locked by blocklisted {} ({})",
+                l.image,
+                session_name(h),
+                l.holder_desc
+            )
+        })
+        .collect();
+    if !fenced.is_empty() {
+        checks.insert(
+            "IMAGE_LOCK_BLOCKLISTED".into(),
+            check(
+                Severity::Warn,
+                format!(
+                    "{} image lock(s) held by blocklisted sessions",
+                    fenced.len()
+                ),
+                fenced,
+            ),
+        );
+    }
+    if let Some(silent) = silent.filter(|s| !s.is_empty()) {
+        checks.insert(
+            "IMAGE_LOCK_ORPHANED".into(),
+            check(
+                Severity::Warn,
+                format!(
+                    "{} image lock(s) held by sessions that stopped reporting",
+                    silent.len()
+                ),
+                silent.to_vec(),
+            ),
+        );
     }
 }
 
@@ -373,6 +439,8 @@ mod tests {
             leader_name: Some("m1".into()),
             answered_by: "m1".into(),
             osd_stats: &stats,
+            live_sessions: 0,
+            silent_holders: None,
         })
     }
 
@@ -447,6 +515,8 @@ mod tests {
             leader_name: None,
             answered_by: "m1".into(),
             osd_stats: &stats,
+            live_sessions: 0,
+            silent_holders: None,
         });
         assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
         assert_eq!(r.checks["OSD_NEARFULL"].detail, vec!["osd.1 is 90.0% full"]);

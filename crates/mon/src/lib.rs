@@ -10,8 +10,10 @@ pub mod apply;
 pub mod consensus;
 pub mod failure;
 pub mod health;
+pub mod locks;
 pub mod raft;
 pub mod server;
+pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +45,8 @@ pub struct MonitorSettings {
     /// Addresses of the other monitors, to find our id when added later.
     pub mon_addrs: Vec<String>,
     pub policy: FailurePolicy,
+    /// A client session silent for this long is gone: a lock claim may break its lock.
+    pub session_grace_ms: u64,
     pub timing: RaftTiming,
 }
 
@@ -108,6 +112,7 @@ impl MonitorSettings {
             initial,
             mon_addrs: mons.iter().map(|m| m.addr.clone()).collect(),
             policy,
+            session_grace_ms: secs_ms(conf, &entity, "client_session_grace", 20.0)?,
             timing: RaftTiming::default(),
         })
     }
@@ -193,6 +198,7 @@ pub async fn run(settings: MonitorSettings) -> Result<(), StoreError> {
         settings.name.clone(),
         settings.fsid.clone(),
         FailureDetector::new(settings.policy),
+        sessions::SessionTable::new(settings.session_grace_ms, server::now_ms()),
     );
     info!(
         name = %settings.name, id, addr = %settings.addr, epoch = map_rx.borrow().epoch,

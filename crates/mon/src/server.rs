@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use store_client::server::{accept_loop, Replier, ServerConn};
 use store_client::RpcConn;
-use store_types::map::ClusterMap;
+use store_types::map::{session_name, ClusterMap};
 use store_types::msg::{
     CommandOutcome, MonMembership, MonRequest, MonResponse, MonStatus, PongInfo,
 };
@@ -22,11 +22,15 @@ use tracing::{debug, info, warn, Instrument};
 use crate::consensus::{Consensus, ConsensusError};
 use crate::failure::FailureDetector;
 use crate::health;
+use crate::sessions::SessionTable;
 
 /// Requests handled at once per connection.
 const PER_CONN_CONCURRENCY: usize = 64;
 /// Replies queued per connection before handlers wait.
 const REPLY_QUEUE: usize = 256;
+/// Bound on the sessions one client heartbeat may carry.
+const MAX_SESSIONS_PER_REPORT: usize = 10_000;
+
 /// How long a peer monitor may take to answer a ping before it counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -42,6 +46,8 @@ pub struct MonitorCore<C: Consensus> {
     pub name: String,
     pub fsid: String,
     pub detector: Mutex<FailureDetector>,
+    /// Client sessions (image opens), for lock decisions and `client ls`.
+    pub sessions: Mutex<SessionTable>,
     /// Bound on how long a map change may take before the client gets an error.
     pub command_timeout: Duration,
     /// How long a new monitor may take to catch up before `mon add` gives up.
@@ -50,12 +56,19 @@ pub struct MonitorCore<C: Consensus> {
 }
 
 impl<C: Consensus> MonitorCore<C> {
-    pub fn new(consensus: C, name: String, fsid: String, detector: FailureDetector) -> Arc<Self> {
+    pub fn new(
+        consensus: C,
+        name: String,
+        fsid: String,
+        detector: FailureDetector,
+        sessions: SessionTable,
+    ) -> Arc<Self> {
         Arc::new(MonitorCore {
             consensus,
             name,
             fsid,
             detector: Mutex::new(detector),
+            sessions: Mutex::new(sessions),
             command_timeout: Duration::from_secs(10),
             mon_catch_up: Duration::from_secs(60),
             peers: tokio::sync::Mutex::new(HashMap::new()),
@@ -257,7 +270,14 @@ impl<C: Consensus> MonitorCore<C> {
 
     async fn execute(&self, op: &MonRequest) -> Result<CommandOutcome, ConsensusError> {
         match op {
-            MonRequest::Command(cmd) => self.consensus.propose(cmd.clone()).await,
+            MonRequest::Command(cmd) => {
+                // Only the leader decides whether a lock holder is gone.
+                let cmd = match self.sessions.lock() {
+                    Ok(t) => t.resolve(&self.map(), cmd.clone(), now_ms()),
+                    Err(_) => cmd.clone(),
+                };
+                self.consensus.propose(cmd).await
+            }
             MonRequest::Membership(MonMembership::Add { name, addr }) => {
                 self.consensus
                     .add_monitor(name.clone(), addr.clone(), self.mon_catch_up)
@@ -304,13 +324,42 @@ impl<C: Consensus> MonitorCore<C> {
             .map(|d| d.stats().clone())
             .unwrap_or_default();
         let leader_name = self.consensus.leader().map(|l| l.name);
+        let (live_sessions, silent_holders) = self.session_health(&map);
         MonResponse::Status(Box::new(health::status(health::StatusInput {
             map: &map,
             mons,
             leader_name,
             answered_by: self.name.clone(),
             osd_stats: &stats,
+            live_sessions,
+            silent_holders,
         })))
+    }
+
+    /// Live sessions, and the locks whose holders stopped reporting (None until this
+    /// monitor has watched for a grace).
+    fn session_health(&self, map: &ClusterMap) -> (usize, Option<Vec<String>>) {
+        let now = now_ms();
+        let Ok(t) = self.sessions.lock() else {
+            return (0, None);
+        };
+        let silent = t.knows_enough(now).then(|| {
+            map.image_locks
+                .values()
+                .filter_map(|l| l.holder.map(|h| (l, h)))
+                .filter(|(_, h)| !map.blocklist.contains_key(h) && !t.alive(*h, now))
+                .map(|(l, h)| {
+                    format!(
+                        "image {} is locked by {} ({}), silent for over {} ms",
+                        l.image,
+                        session_name(h),
+                        l.holder_desc,
+                        t.grace_ms()
+                    )
+                })
+                .collect()
+        });
+        (t.live_count(now), silent)
     }
 
     /// Handles one request (other than Subscribe, which needs the connection).
@@ -326,6 +375,24 @@ impl<C: Consensus> MonitorCore<C> {
             MonRequest::GetMap => Ok(MonResponse::Map(Box::new((*self.map()).clone()))),
             MonRequest::Status => Ok(self.status().await),
             MonRequest::OsdHeartbeat { id, uuid, stat } => self.heartbeat(id, &uuid, stat),
+            MonRequest::ClientHeartbeat { sessions } => {
+                if sessions.len() > MAX_SESSIONS_PER_REPORT {
+                    Err(StoreError::invalid("too many sessions in one report"))
+                } else {
+                    if let Ok(mut t) = self.sessions.lock() {
+                        t.heartbeat(sessions, now_ms());
+                    }
+                    Ok(MonResponse::HeartbeatAck {
+                        epoch: self.map().epoch,
+                    })
+                }
+            }
+            MonRequest::ClientList => Ok(MonResponse::Clients(
+                self.sessions
+                    .lock()
+                    .map(|t| t.report(now_ms()))
+                    .unwrap_or_default(),
+            )),
             op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {
                 self.leader_op(op, false).await
             }
@@ -433,6 +500,8 @@ fn request_kind(req: &MonRequest) -> &'static str {
         MonRequest::Command(_) => "command",
         MonRequest::Status => "status",
         MonRequest::OsdHeartbeat { .. } => "osd_heartbeat",
+        MonRequest::ClientHeartbeat { .. } => "client_heartbeat",
+        MonRequest::ClientList => "client_list",
         MonRequest::Membership(_) => "membership",
         MonRequest::Forward(_) => "forward",
         MonRequest::Raft { .. } => "raft",

@@ -8,18 +8,17 @@
 pub mod pg;
 pub mod service;
 
-use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use store_client::{MonClient, RpcConn};
+use store_client::{MonClient, MonFanout};
 use store_objstore::device::{self, AnyDevice, Backend};
 use store_objstore::{BlockStore, ObjectStore};
 use store_types::map::{ClusterMap, CrushWeight, WEIGHT_ONE};
-use store_types::msg::{MapCommand, MonRequest, MonResponse, OsdStat};
-use store_types::wire::{decode_record, encode_record, DEFAULT_MAX_FRAME_BYTES};
+use store_types::msg::{MapCommand, MonRequest, OsdStat};
+use store_types::wire::{decode_record, encode_record};
 use store_types::{ErrorCode, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -288,43 +287,18 @@ async fn heartbeat_loop(
     store: Arc<Store>,
     service: Arc<service::OsdService<Store>>,
 ) {
-    let mut conns: HashMap<String, RpcConn> = HashMap::new();
-    let mut tick = tokio::time::interval(s.heartbeat_interval);
     let timeout = s.heartbeat_interval.max(Duration::from_millis(200));
+    let mut fanout = MonFanout::new(s.mon_addrs.clone(), timeout);
+    let mut tick = tokio::time::interval(s.heartbeat_interval);
     loop {
         tick.tick().await;
-        let mut addrs: BTreeSet<String> = s.mon_addrs.iter().cloned().collect();
-        if let Some(map) = maps.borrow().as_ref() {
-            addrs.extend(map.mons.values().map(|m| m.addr.clone()));
-        }
-        conns.retain(|a, c| addrs.contains(a) && !c.is_closed());
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
             stat: stat_of(&store, service.repaired()),
         };
-        let sends = addrs.iter().map(|addr| {
-            let existing = conns.get(addr).cloned();
-            let req = &req;
-            async move {
-                let conn = match existing {
-                    Some(c) => c,
-                    None => RpcConn::connect(addr, timeout, DEFAULT_MAX_FRAME_BYTES)
-                        .await
-                        .ok()
-                        .map(|(c, _)| c)?,
-                };
-                match conn.call::<_, MonResponse>(req, timeout).await {
-                    Ok(MonResponse::Error(e)) => debug!(%addr, "heartbeat refused: {e}"),
-                    Ok(_) => {}
-                    Err(e) => debug!(%addr, "heartbeat failed: {e}"),
-                }
-                Some((addr.clone(), conn))
-            }
-        });
-        for (addr, conn) in futures::future::join_all(sends).await.into_iter().flatten() {
-            conns.insert(addr, conn);
-        }
+        let map = maps.borrow().clone();
+        fanout.send_all(map.as_deref(), &req).await;
     }
 }
 

@@ -21,7 +21,7 @@ use store_client::server::{accept_loop, ServerConn};
 use store_client::RpcConn;
 use store_objstore::{ObjError, ObjectId, ObjectStore};
 use store_placement::{map_pg, PgId};
-use store_types::map::{ClusterMap, OsdId};
+use store_types::map::{ClusterMap, OsdId, WriteGuard};
 use store_types::osdmsg::{
     ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
 };
@@ -212,13 +212,32 @@ impl<S: ObjectStore> OsdService<S> {
     /// engine: commands reach the apply and peer queues in the order the engine emitted
     /// them, which is what keeps every OSD applying a PG's mutations in the same order.
     fn feed(self: &Arc<Self>, slot: &Arc<PgSlot>, event: Event<Mutation>) {
+        let _ = self.feed_guarded(slot, event, None);
+    }
+
+    /// Feeds a client event, first checking its write guard against the current map while
+    /// holding the engine: a write is ordered only if its lock generation is current at the
+    /// moment it is ordered, so no write of an old lock holder can follow one of the new.
+    fn feed_guarded(
+        self: &Arc<Self>,
+        slot: &Arc<PgSlot>,
+        event: Event<Mutation>,
+        guard: Option<&WriteGuard>,
+    ) -> Result<(), StoreError> {
         let mut engine = slot.engine.lock().expect("engine lock");
+        if let Some(g) = guard {
+            let map = self.map().ok_or_else(|| {
+                StoreError::new(ErrorCode::Unavailable, "this OSD has no map yet")
+            })?;
+            map.check_write_guard(g)?;
+        }
         let mut events: VecDeque<Event<Mutation>> = self.map_event(slot).into_iter().collect();
         events.push_back(event);
         while let Some(ev) = events.pop_front() {
             let cmds = engine.handle(ev);
             self.execute(slot, cmds, &mut events);
         }
+        Ok(())
     }
 
     /// Carries out engine commands. Never blocks: I/O goes to tasks and queues; outcomes
@@ -836,6 +855,7 @@ impl<S: ObjectStore> OsdService<S> {
         pg: Pg,
         object: String,
         op: ClientOpKind,
+        guard: Option<WriteGuard>,
     ) -> OsdResponse {
         self.catch_up(map_epoch).await;
         let Some(map) = self.map() else {
@@ -913,7 +933,10 @@ impl<S: ObjectStore> OsdService<S> {
                 }
             }
         };
-        self.feed(&slot, event);
+        if let Err(e) = self.feed_guarded(&slot, event, guard.as_ref()) {
+            slot.waiters.lock().expect("waiters lock").remove(&op_id);
+            return OsdResponse::Error(e);
+        }
         rx.await
             .unwrap_or_else(|_| OsdResponse::Error(StoreError::internal("operation dropped")))
     }
@@ -1053,7 +1076,8 @@ impl<S: ObjectStore> OsdService<S> {
                     pg,
                     object,
                     op,
-                } => Box::pin(async move { me.client_op(map_epoch, pg, object, op).await }),
+                    guard,
+                } => Box::pin(async move { me.client_op(map_epoch, pg, object, op, guard).await }),
             };
             let span = tracing::debug_span!("osd_request", tag);
             tokio::spawn(

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use store_client::{MonClient, ObjectClient};
-use store_image::Image;
+use store_image::{Image, ImageContext};
 
 use crate::obj::parse_size;
 use crate::output::{human_bytes, print_json};
@@ -104,10 +104,16 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
         .await
         .map_err(e)?;
     let pool_id = |name: &str| -> anyhow::Result<u32> { Ok(client.pool(name).map_err(e)?.id) };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let ctx = ImageContext::new(
+        client.clone(),
+        format!("storectl pid {} on {}", std::process::id(), host.trim()),
+        Duration::from_secs(60),
+    );
     match cmd {
         ImageCmd::Create { spec, size } => {
             let (pool, name) = split_spec(spec)?;
-            let img = Image::create(client.clone(), pool_id(pool)?, name, *size)
+            let img = Image::create(&ctx, pool_id(pool)?, name, *size)
                 .await
                 .map_err(e)?;
             match format {
@@ -126,9 +132,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
         }
         ImageCmd::Info { spec } => {
             let (pool, name) = split_spec(spec)?;
-            let img = Image::open(client.clone(), pool_id(pool)?, name)
-                .await
-                .map_err(e)?;
+            let img = Image::open(&ctx, pool_id(pool)?, name).await.map_err(e)?;
             let h = img.header();
             match format {
                 Format::Json => print_json(&json!({
@@ -154,10 +158,10 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
             allow_shrink,
         } => {
             let (pool, name) = split_spec(spec)?;
-            let mut img = Image::open(client.clone(), pool_id(pool)?, name)
-                .await
-                .map_err(e)?;
-            img.resize(*size, *allow_shrink).await.map_err(e)?;
+            let mut img = Image::open(&ctx, pool_id(pool)?, name).await.map_err(e)?;
+            let resized = img.resize(*size, *allow_shrink).await.map_err(e);
+            img.close().await;
+            resized?;
             match format {
                 Format::Json => print_json(&json!({"image": spec, "size": size})),
                 Format::Plain => {
@@ -173,7 +177,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
             if size == 0 {
                 bail!("{} is empty: nothing to import", file.display());
             }
-            let img = Image::create(client.clone(), pool_id(pool)?, name, size)
+            let img = Image::create(&ctx, pool_id(pool)?, name, size)
                 .await
                 .map_err(e)?;
             let bar = progress(size, format);
@@ -188,6 +192,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
                 &bar,
             )
             .await?;
+            img.close().await;
             bar.finish_and_clear();
             match format {
                 Format::Json => {
@@ -203,9 +208,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
         }
         ImageCmd::Export { spec, file } => {
             let (pool, name) = split_spec(spec)?;
-            let img = Image::open(client.clone(), pool_id(pool)?, name)
-                .await
-                .map_err(e)?;
+            let img = Image::open(&ctx, pool_id(pool)?, name).await.map_err(e)?;
             let mut f = std::fs::File::create(file)
                 .with_context(|| format!("creating {}", file.display()))?;
             let size = img.size();
@@ -237,11 +240,9 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
         ImageCmd::Cp { src, dst } => {
             let (sp, sn) = split_spec(src)?;
             let (dp, dn) = split_spec(dst)?;
-            let from = Image::open(client.clone(), pool_id(sp)?, sn)
-                .await
-                .map_err(e)?;
+            let from = Image::open(&ctx, pool_id(sp)?, sn).await.map_err(e)?;
             let size = from.size();
-            let to = Image::create(client.clone(), pool_id(dp)?, dn, size)
+            let to = Image::create(&ctx, pool_id(dp)?, dn, size)
                 .await
                 .map_err(e)?;
             let bar = progress(size, format);
@@ -253,6 +254,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
                 &bar,
             )
             .await?;
+            to.close().await;
             bar.finish_and_clear();
             match format {
                 Format::Json => print_json(
@@ -267,9 +269,7 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ImageCmd) -> anyhow
         }
         ImageCmd::Rm { spec } => {
             let (pool, name) = split_spec(spec)?;
-            let img = Image::open(client.clone(), pool_id(pool)?, name)
-                .await
-                .map_err(e)?;
+            let img = Image::open(&ctx, pool_id(pool)?, name).await.map_err(e)?;
             img.remove()
                 .await
                 .map_err(e)

@@ -1,5 +1,6 @@
 //! `storectl`: the admin CLI. Every command takes `--format json`.
 
+mod client;
 mod cluster;
 mod crush;
 mod image;
@@ -78,6 +79,9 @@ enum Cmd {
     /// Images: block devices striped over a pool's objects (like `rbd`).
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Client sessions, image locks and the blocklist.
+    #[command(subcommand)]
+    Client(client::ClientCmd),
 }
 
 #[derive(Subcommand)]
@@ -164,7 +168,7 @@ async fn command(cli: &Cli, cmd: MapCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_outcome(format: Format, out: &CommandOutcome) {
+pub(crate) fn print_outcome(format: Format, out: &CommandOutcome) {
     match format {
         Format::Json => output::print_json(&serde_json::json!({
             "message": out.message, "epoch": out.epoch, "changed": out.changed, "osd_id": out.osd_id,
@@ -174,7 +178,7 @@ fn print_outcome(format: Format, out: &CommandOutcome) {
 }
 
 /// Errors from the cluster carry their code and the operator hint.
-fn err(e: StoreError) -> anyhow::Error {
+pub(crate) fn err(e: StoreError) -> anyhow::Error {
     anyhow::anyhow!(e.with_hint())
 }
 
@@ -203,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Obj(o) => obj::run(cli.format, connect(&cli)?, o).await?,
         Cmd::Bench(b) => obj::bench(cli.format, connect(&cli)?, b).await?,
         Cmd::Image(i) => image::run(cli.format, connect(&cli)?, i).await?,
+        Cmd::Client(c) => client::run(cli.format, connect(&cli)?, c).await?,
         Cmd::Gateway(GatewayCmd::Ls) => {
             let conf = Config::load(cli.conf.as_deref())?;
             let gateways: Vec<(String, bool)> = cluster::gateway_addrs(&conf)

@@ -65,6 +65,11 @@ pub fn status_json(s: &StatusReport) -> Value {
             "num_in_osds": s.num_in_osds,
             "flags": s.flags,
         },
+        "clients": {
+            "num_sessions": s.num_sessions,
+            "num_image_locks": s.num_image_locks,
+            "num_blocklisted": s.num_blocklisted,
+        },
         "pgmap": {
             "pgs_by_state": s.pgs_by_state.iter().map(|(k, v)| json!({"state_name": k, "count": v})).collect::<Vec<_>>(),
             "num_pgs": s.num_pgs,
@@ -106,6 +111,10 @@ pub fn status(format: Format, s: &StatusReport) {
     if !s.flags.is_empty() {
         println!("         flags {}", s.flags.join(","));
     }
+    println!(
+        "    client: {} open image sessions, {} image locks held, {} blocklisted",
+        s.num_sessions, s.num_image_locks, s.num_blocklisted
+    );
     println!();
     println!("  data:");
     println!("    pools:   {} pools, {} pgs", s.num_pools, s.num_pgs);

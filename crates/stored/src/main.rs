@@ -135,8 +135,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mons = conf.mons()?.into_iter().map(|m| m.addr).collect();
             let mons = store_client::MonClient::new(mons, Default::default());
             let client = store_client::ObjectClient::connect(mons, Duration::from_secs(60)).await?;
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let ctx = store_image::ImageContext::new(
+                client,
+                format!("gateway {listen} on {}", host.trim()),
+                Duration::from_secs(60),
+            );
             tracing::info!(addr = %listener.local_addr()?, "nbd gateway listening");
-            store_gateway::Gateway::new(client).serve(listener).await;
+            let gateway = store_gateway::Gateway::new(ctx);
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = gateway.clone().serve(listener) => {}
+                _ = term.recv() => {
+                    // Hand the locks back so other gateways need not wait out the grace.
+                    tracing::info!("terminating: releasing image locks");
+                    gateway.close_all().await;
+                }
+            }
         }
         Cmd::Osd {
             data,

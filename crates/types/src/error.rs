@@ -37,6 +37,12 @@ pub enum ErrorCode {
     Corrupt,
     /// A bug or an unexpected local failure; the message says which.
     Internal,
+    /// The client session is fenced: its writes and lock requests are refused.
+    Blocklisted,
+    /// The write's image lock generation is no longer current: the lock moved elsewhere.
+    LockLost,
+    /// The image lock is held by another live session, which was asked to release it.
+    LockBusy,
 }
 
 impl ErrorCode {
@@ -56,6 +62,9 @@ impl ErrorCode {
             ErrorCode::NoSpace => "NO_SPACE",
             ErrorCode::Corrupt => "CORRUPT",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Blocklisted => "BLOCKLISTED",
+            ErrorCode::LockLost => "LOCK_LOST",
+            ErrorCode::LockBusy => "LOCK_BUSY",
         }
     }
 
@@ -84,6 +93,15 @@ impl ErrorCode {
             ErrorCode::NoSpace => "add OSDs or free space; `storectl status` shows usage",
             ErrorCode::Corrupt => "the copy is damaged on one OSD; it is read from another replica when one exists",
             ErrorCode::Internal => "report a bug with the daemon's log",
+            ErrorCode::Blocklisted => {
+                "this client was fenced (`storectl client blocklist ls`); restart the VM's disk access from a live host"
+            }
+            ErrorCode::LockLost => {
+                "another session took the image's lock; the writer asks for it back on its next write"
+            }
+            ErrorCode::LockBusy => {
+                "another live session holds the image lock (`storectl client ls`); it releases when it stops writing"
+            }
         }
     }
 }

@@ -33,6 +33,67 @@ pub fn weight_from_f64(w: f64) -> CrushWeight {
     }
 }
 
+/// A client session: one gateway's (or tool's) open of one image, as librbd's client
+/// instance. Random, chosen by the client; shown as `client.<16 hex digits>`.
+pub type SessionId = u64;
+
+/// How sessions are named to operators.
+pub fn session_name(id: SessionId) -> String {
+    format!("client.{id:016x}")
+}
+
+/// Parses `client.<hex>` or bare hex.
+pub fn parse_session(s: &str) -> Option<SessionId> {
+    let hex = s.strip_prefix("client.").unwrap_or(s);
+    if hex.is_empty() || hex.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The key of an image's lock: pool id and image id (not name, so it survives renames).
+pub fn image_lock_key(pool: PoolId, image_id: &str) -> String {
+    format!("{pool}/{image_id}")
+}
+
+/// An image's exclusive lock (librbd's exclusive-lock feature, kept in the map so every
+/// OSD checks writes against the same generation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageLock {
+    /// `pool/image`, for operators.
+    pub image: String,
+    pub holder: Option<SessionId>,
+    /// Where the holder runs (gateway address, or tool and host), for operators.
+    pub holder_desc: String,
+    /// Process instance of the holder: a gateway restarted on the same address has a new
+    /// one, which proves the old holder gone.
+    pub holder_instance: u64,
+    /// Bumped by every grant; never decreases. Writes carry it; OSDs refuse older ones.
+    pub generation: u64,
+    /// A session waiting for the lock: the holder should finish its writes and release.
+    pub requested_by: Option<SessionId>,
+    /// Where the waiting session runs, and its process instance (it becomes the holder's).
+    pub requested_desc: String,
+    pub requested_instance: u64,
+    /// Epoch of the last grant.
+    pub granted_epoch: u64,
+}
+
+/// Why and since when a session is fenced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocklistEntry {
+    pub added_epoch: u64,
+    pub reason: String,
+}
+
+/// What a lock-guarded write carries, for OSDs to check against their map.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct WriteGuard {
+    pub session: SessionId,
+    pub lock_key: String,
+    pub generation: u64,
+}
+
 /// A monitor as the map knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonInfo {
@@ -206,9 +267,11 @@ pub struct ClusterMap {
     pub crush: CrushMap,
     pub pools: BTreeMap<PoolId, Pool>,
     pub flags: BTreeSet<Flag>,
-    /// Blocklisted client sessions (filled by the gateway issue; kept here so the map format
-    /// does not change then).
-    pub blocklist: BTreeMap<String, u64>,
+    /// Exclusive image locks by [`image_lock_key`]: who may write each image, at which
+    /// generation. OSDs refuse guarded writes that do not match.
+    pub image_locks: BTreeMap<String, ImageLock>,
+    /// Fenced client sessions: OSDs refuse their writes, monitors refuse them locks.
+    pub blocklist: BTreeMap<SessionId, BlocklistEntry>,
     pub next_osd_id: OsdId,
     pub next_pool_id: PoolId,
 }
@@ -226,6 +289,7 @@ impl ClusterMap {
             },
             pools: BTreeMap::new(),
             flags: BTreeSet::new(),
+            image_locks: BTreeMap::new(),
             blocklist: BTreeMap::new(),
             next_osd_id: 0,
             next_pool_id: 1,
@@ -277,6 +341,48 @@ impl ClusterMap {
     /// Voting monitors (learners that are still catching up do not count).
     pub fn voters(&self) -> impl Iterator<Item = &MonInfo> {
         self.mons.values().filter(|m| m.voter)
+    }
+
+    /// Whether a guarded write may be ordered under this map. `Unavailable` means this map
+    /// is older than the grant the writer holds (fetch a newer map); the other refusals are
+    /// final for that writer.
+    pub fn check_write_guard(&self, g: &WriteGuard) -> Result<(), crate::StoreError> {
+        use crate::{ErrorCode, StoreError};
+        if let Some(b) = self.blocklist.get(&g.session) {
+            return Err(StoreError::new(
+                ErrorCode::Blocklisted,
+                format!(
+                    "{} is blocklisted since epoch {} ({})",
+                    session_name(g.session),
+                    b.added_epoch,
+                    b.reason
+                ),
+            ));
+        }
+        let lock = self.image_locks.get(&g.lock_key);
+        let current = lock.map_or(0, |l| l.generation);
+        if g.generation > current {
+            return Err(StoreError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "map epoch {} predates lock generation {} of {}",
+                    self.epoch, g.generation, g.lock_key
+                ),
+            ));
+        }
+        match lock {
+            Some(l) if l.holder == Some(g.session) && l.generation == g.generation => Ok(()),
+            _ => Err(StoreError::new(
+                ErrorCode::LockLost,
+                format!(
+                    "{} writes {} at lock generation {}, but the lock is at generation {current} held by {}",
+                    session_name(g.session),
+                    lock.map_or(g.lock_key.as_str(), |l| l.image.as_str()),
+                    g.generation,
+                    lock.and_then(|l| l.holder).map_or("nobody".to_string(), session_name)
+                ),
+            )),
+        }
     }
 
     /// Monitor quorum size: floor(n/2)+1 of the voting monitors.

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::map::{ClusterMap, FailureDomain, Flag, MonId, OsdId};
+use crate::map::{ClusterMap, FailureDomain, Flag, MonId, OsdId, SessionId};
 
 /// A change to the cluster map. Each one that changes something is one Raft entry and one
 /// epoch. Validation happens when it is applied, so every monitor reaches the same verdict.
@@ -52,6 +52,67 @@ pub enum MapCommand {
     PoolRm {
         name: String,
     },
+    /// A session asks for an image's exclusive lock. Granted (generation + 1) when free,
+    /// already its own, or held by a blocklisted session; otherwise the holder is asked to
+    /// release (`requested_by`) and the answer is LOCK_BUSY.
+    LockAcquire(LockClaim),
+    /// The holder releases; the lock goes straight to the waiting session, if any.
+    LockRelease {
+        lock_key: String,
+        session: SessionId,
+        generation: u64,
+    },
+    /// Proposed by the leader only, for a LockAcquire whose holder is gone (no session
+    /// heartbeat within the grace, or its gateway restarted): the holder is blocklisted
+    /// and the lock granted to the claimant in one step.
+    LockBreak {
+        claim: LockClaim,
+        holder: SessionId,
+        reason: String,
+    },
+    /// An image was removed: forget its lock (refused while another live session holds it).
+    LockDrop {
+        lock_key: String,
+        session: SessionId,
+    },
+    BlocklistAdd {
+        session: SessionId,
+        reason: String,
+    },
+    BlocklistRm {
+        session: SessionId,
+    },
+}
+
+/// Who wants an image lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockClaim {
+    pub lock_key: String,
+    /// `pool/image`, for operators.
+    pub image: String,
+    pub session: SessionId,
+    pub desc: String,
+    pub instance: u64,
+}
+
+/// A live client session, as its process reports it with heartbeats.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    /// `pool/image`.
+    pub image: String,
+    /// Where it runs: e.g. `gateway 127.0.0.1:10809` or `storectl@host`.
+    pub desc: String,
+    /// The process instance (random per process start).
+    pub instance: u64,
+}
+
+/// A session as a monitor knows it, for `storectl client ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    pub info: SessionInfo,
+    /// Milliseconds since this monitor last heard from it.
+    pub last_seen_ms_ago: u64,
 }
 
 /// What a successfully applied command did.
@@ -65,6 +126,8 @@ pub struct CommandOutcome {
     pub message: String,
     /// For OsdBoot: the OSD's id.
     pub osd_id: Option<OsdId>,
+    /// For lock grants: the generation granted.
+    pub lock_generation: Option<u64>,
 }
 
 /// Per-OSD usage, reported with heartbeats.
@@ -102,6 +165,10 @@ pub enum MonRequest {
         uuid: String,
         stat: OsdStat,
     },
+    /// Client session liveness (image opens); sent to every monitor.
+    ClientHeartbeat { sessions: Vec<SessionInfo> },
+    /// The client sessions this monitor has heard from recently.
+    ClientList,
     /// Add or remove a monitor.
     Membership(MonMembership),
     /// A leader operation (Command or Membership) forwarded by a follower monitor: the
@@ -119,6 +186,7 @@ pub enum MonResponse {
     Outcome(CommandOutcome),
     Status(Box<StatusReport>),
     HeartbeatAck { epoch: u64 },
+    Clients(Vec<SessionReport>),
     Raft(Vec<u8>),
     Error(StoreError),
 }
@@ -192,4 +260,9 @@ pub struct StatusReport {
     pub total_bytes: u64,
     pub used_bytes: u64,
     pub flags: Vec<String>,
+    /// Client sessions (image opens) this monitor heard from recently.
+    pub num_sessions: usize,
+    /// Image locks held.
+    pub num_image_locks: usize,
+    pub num_blocklisted: usize,
 }

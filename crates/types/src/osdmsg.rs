@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
+use crate::map::WriteGuard;
 
 /// Bound for OSD connections: the largest I/O plus headroom for the message around it.
 pub const OSD_MAX_FRAME_BYTES: usize = 32 << 20;
@@ -44,12 +45,14 @@ pub enum ClientOpKind {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OsdRequest {
-    /// From a client to the PG's primary. `map_epoch` is the client's map.
+    /// From a client to the PG's primary. `map_epoch` is the client's map; `guard`, on
+    /// writes to a locked image, names the lock generation the writer holds.
     Client {
         map_epoch: u64,
         pg: Pg,
         object: String,
         op: ClientOpKind,
+        guard: Option<WriteGuard>,
     },
     /// From the primary to an OSD of the acting set: apply this mutation at this version.
     Replica {

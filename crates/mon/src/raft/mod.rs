@@ -228,6 +228,7 @@ impl RaftConsensus {
             changed: true,
             message: format!("mon.{name} (id {id}) added at log {}", resp.log_id),
             osd_id: None,
+            lock_generation: None,
         })
     }
 
@@ -259,6 +260,7 @@ impl RaftConsensus {
             changed: true,
             message: format!("mon.{name} removed at log {}", resp.log_id),
             osd_id: None,
+            lock_generation: None,
         })
     }
 }

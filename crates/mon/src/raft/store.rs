@@ -473,6 +473,7 @@ fn noop(epoch: u64) -> ApplyResult {
         changed: false,
         message: String::new(),
         osd_id: None,
+        lock_generation: None,
     })
 }
 

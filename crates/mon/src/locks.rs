@@ -1,0 +1,402 @@
+//! Image locks and the blocklist, as map changes: pure, like the rest of [`crate::apply`].
+//!
+//! The rules (docs/image-locks.md has the why):
+//! - a lock is granted when free, already the claimant's, or held by a blocklisted session;
+//!   every grant bumps the generation, which never decreases;
+//! - a lock held by a live session is not taken: the claim is recorded in `requested_by`
+//!   and the holder, seeing it in the map, finishes its writes and releases;
+//! - a release hands the lock straight to the waiting session, saving a round;
+//! - a break (proposed by the leader only after it found the holder gone) blocklists the
+//!   holder and grants in one entry, so no map ever lets both write.
+
+use store_types::map::{
+    session_name, BlocklistEntry, ClusterMap, ImageLock, SessionId, WriteGuard,
+};
+use store_types::msg::LockClaim;
+use store_types::{ErrorCode, StoreError};
+
+/// Largest number of image locks and blocklist entries the map carries, so a runaway
+/// client cannot grow every map push without bound.
+pub const MAX_LOCKS: usize = 100_000;
+pub const MAX_BLOCKLIST: usize = 100_000;
+
+/// Outcome of a lock command: the message, and the generation if the claimant holds it now.
+pub type LockResult = Result<(String, Option<u64>), StoreError>;
+
+fn blocklisted(map: &ClusterMap, s: SessionId) -> Result<(), StoreError> {
+    match map.blocklist.get(&s) {
+        Some(b) => Err(StoreError::new(
+            ErrorCode::Blocklisted,
+            format!(
+                "{} is blocklisted since epoch {} ({}); it may not take locks",
+                session_name(s),
+                b.added_epoch,
+                b.reason
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_claim(c: &LockClaim) -> Result<(), StoreError> {
+    if c.lock_key.is_empty() || c.lock_key.len() > 256 || c.image.len() > 512 || c.desc.len() > 512
+    {
+        return Err(StoreError::invalid("lock claim fields out of bounds"));
+    }
+    Ok(())
+}
+
+/// Grants the lock to `claim` (the caller checked that it may).
+fn grant(map: &mut ClusterMap, claim: &LockClaim) -> u64 {
+    map.epoch += 1;
+    let epoch = map.epoch;
+    let lock = map
+        .image_locks
+        .entry(claim.lock_key.clone())
+        .or_insert_with(|| ImageLock {
+            image: claim.image.clone(),
+            holder: None,
+            holder_desc: String::new(),
+            holder_instance: 0,
+            generation: 0,
+            requested_by: None,
+            requested_desc: String::new(),
+            requested_instance: 0,
+            granted_epoch: 0,
+        });
+    lock.generation += 1;
+    lock.holder = Some(claim.session);
+    lock.holder_desc = claim.desc.clone();
+    lock.holder_instance = claim.instance;
+    lock.image = claim.image.clone();
+    lock.requested_by = None;
+    lock.requested_desc.clear();
+    lock.requested_instance = 0;
+    lock.granted_epoch = epoch;
+    lock.generation
+}
+
+pub fn acquire(map: &mut ClusterMap, claim: &LockClaim) -> LockResult {
+    validate_claim(claim)?;
+    blocklisted(map, claim.session)?;
+    let who = session_name(claim.session);
+    let current = map.image_locks.get(&claim.lock_key).cloned();
+    match current.as_ref().and_then(|l| l.holder) {
+        Some(h) if h == claim.session => {
+            let g = current.map_or(0, |l| l.generation);
+            Ok((
+                format!("{who} already holds {} (generation {g})", claim.image),
+                Some(g),
+            ))
+        }
+        Some(h) if !map.blocklist.contains_key(&h) => {
+            let lock = map.image_locks.get_mut(&claim.lock_key).expect("present");
+            if lock.requested_by != Some(claim.session) {
+                lock.requested_by = Some(claim.session);
+                lock.requested_desc = claim.desc.clone();
+                lock.requested_instance = claim.instance;
+                map.epoch += 1;
+            }
+            Ok((
+                format!(
+                    "{} is held by {} ({}); asked it to release",
+                    claim.image,
+                    session_name(h),
+                    current.map_or(String::new(), |l| l.holder_desc)
+                ),
+                None,
+            ))
+        }
+        _ => {
+            if current.is_none() && map.image_locks.len() >= MAX_LOCKS {
+                return Err(StoreError::new(
+                    ErrorCode::NoSpace,
+                    format!("the map holds {MAX_LOCKS} image locks already"),
+                ));
+            }
+            let g = grant(map, claim);
+            Ok((
+                format!("{who} holds {} at generation {g}", claim.image),
+                Some(g),
+            ))
+        }
+    }
+}
+
+pub fn release(map: &mut ClusterMap, key: &str, session: SessionId, generation: u64) -> LockResult {
+    let Some(lock) = map.image_locks.get(key).cloned() else {
+        return Err(StoreError::not_found(format!("no lock {key}")));
+    };
+    if lock.holder != Some(session) || lock.generation != generation {
+        // Already moved on (a break, or a release resent): nothing to do.
+        return Ok((
+            format!(
+                "{} does not hold {} at generation {generation}",
+                session_name(session),
+                lock.image
+            ),
+            None,
+        ));
+    }
+    match lock
+        .requested_by
+        .filter(|r| *r != session && !map.blocklist.contains_key(r))
+    {
+        Some(next) => {
+            let claim = LockClaim {
+                lock_key: key.to_string(),
+                image: lock.image.clone(),
+                session: next,
+                desc: lock.requested_desc.clone(),
+                instance: lock.requested_instance,
+            };
+            let g = grant(map, &claim);
+            Ok((
+                format!(
+                    "{} released {}; {} holds it at generation {g}",
+                    session_name(session),
+                    lock.image,
+                    session_name(next)
+                ),
+                None,
+            ))
+        }
+        None => {
+            // A free lock stays as an entry without holder, so its generation never goes back.
+            let l = map.image_locks.get_mut(key).expect("present");
+            l.holder = None;
+            l.requested_by = None;
+            l.requested_desc.clear();
+            l.holder_desc.clear();
+            map.epoch += 1;
+            Ok((
+                format!("{} released {}", session_name(session), lock.image),
+                None,
+            ))
+        }
+    }
+}
+
+pub fn break_lock(
+    map: &mut ClusterMap,
+    claim: &LockClaim,
+    holder: SessionId,
+    reason: &str,
+) -> LockResult {
+    validate_claim(claim)?;
+    blocklisted(map, claim.session)?;
+    let current = map.image_locks.get(&claim.lock_key).and_then(|l| l.holder);
+    if current != Some(holder) {
+        // The holder changed since the leader looked: claim again.
+        return acquire(map, claim);
+    }
+    if !map.blocklist.contains_key(&holder) {
+        add_blocklist(map, holder, reason)?;
+        // One entry, one epoch: the blocklist and the grant land together.
+        map.epoch -= 1;
+    }
+    let g = grant(map, claim);
+    Ok((
+        format!(
+            "{} broke the lock of {} held by {} ({reason}); {} is blocklisted; generation {g}",
+            session_name(claim.session),
+            claim.image,
+            session_name(holder),
+            session_name(holder)
+        ),
+        Some(g),
+    ))
+}
+
+/// Forgets the lock of a removed image (ids are never reused, so its generation cannot
+/// come back). Refused while a session that is not blocklisted holds it.
+pub fn drop_lock(
+    map: &mut ClusterMap,
+    key: &str,
+    session: SessionId,
+) -> Result<String, StoreError> {
+    let Some(lock) = map.image_locks.get(key) else {
+        return Ok(format!("no lock {key}"));
+    };
+    if let Some(h) = lock
+        .holder
+        .filter(|h| *h != session && !map.blocklist.contains_key(h))
+    {
+        return Err(StoreError::new(
+            ErrorCode::NotPermitted,
+            format!(
+                "{} is locked by {} ({})",
+                lock.image,
+                session_name(h),
+                lock.holder_desc
+            ),
+        ));
+    }
+    let image = lock.image.clone();
+    map.image_locks.remove(key);
+    map.epoch += 1;
+    Ok(format!("lock of {image} dropped"))
+}
+
+pub fn add_blocklist(
+    map: &mut ClusterMap,
+    session: SessionId,
+    reason: &str,
+) -> Result<String, StoreError> {
+    if map.blocklist.contains_key(&session) {
+        return Ok(format!("{} is already blocklisted", session_name(session)));
+    }
+    if map.blocklist.len() >= MAX_BLOCKLIST {
+        return Err(StoreError::new(
+            ErrorCode::NoSpace,
+            format!("the blocklist holds {MAX_BLOCKLIST} entries already; remove old ones"),
+        ));
+    }
+    if reason.len() > 512 {
+        return Err(StoreError::invalid(
+            "blocklist reason longer than 512 bytes",
+        ));
+    }
+    map.epoch += 1;
+    map.blocklist.insert(
+        session,
+        BlocklistEntry {
+            added_epoch: map.epoch,
+            reason: reason.to_string(),
+        },
+    );
+    Ok(format!("blocklisted {}", session_name(session)))
+}
+
+pub fn rm_blocklist(map: &mut ClusterMap, session: SessionId) -> Result<String, StoreError> {
+    if map.blocklist.remove(&session).is_none() {
+        return Err(StoreError::not_found(format!(
+            "{} is not blocklisted",
+            session_name(session)
+        )));
+    }
+    map.epoch += 1;
+    Ok(format!(
+        "{} is no longer blocklisted",
+        session_name(session)
+    ))
+}
+
+/// For tests and assertions: whether a write guarded so would pass under `map`.
+pub fn would_accept(map: &ClusterMap, g: &WriteGuard) -> bool {
+    map.check_write_guard(g).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(session: SessionId) -> LockClaim {
+        LockClaim {
+            lock_key: "1/abc".into(),
+            image: "p/img".into(),
+            session,
+            desc: format!("gw {session}"),
+            instance: session,
+        }
+    }
+
+    fn guard(map: &ClusterMap, session: SessionId) -> WriteGuard {
+        WriteGuard {
+            session,
+            lock_key: "1/abc".into(),
+            generation: map.image_locks["1/abc"].generation,
+        }
+    }
+
+    #[test]
+    fn cooperative_hand_over_moves_the_lock_and_fences_the_old_generation() {
+        let mut m = ClusterMap::new("f");
+        let (_, g1) = acquire(&mut m, &claim(1)).unwrap();
+        assert_eq!(g1, Some(1));
+        let old = guard(&m, 1);
+        assert!(would_accept(&m, &old));
+        // B asks: A still holds it, but is asked to release.
+        let e = m.epoch;
+        assert_eq!(acquire(&mut m, &claim(2)).unwrap().1, None);
+        assert_eq!(m.image_locks["1/abc"].requested_by, Some(2));
+        assert_eq!(m.epoch, e + 1);
+        // Asking again changes nothing.
+        acquire(&mut m, &claim(2)).unwrap();
+        assert_eq!(m.epoch, e + 1);
+        // A releases: B holds it at generation 2, A's guard is refused.
+        release(&mut m, "1/abc", 1, 1).unwrap();
+        let l = &m.image_locks["1/abc"];
+        assert_eq!((l.holder, l.generation, l.requested_by), (Some(2), 2, None));
+        let err = m.check_write_guard(&old).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LockLost);
+        assert!(would_accept(&m, &guard(&m, 2)));
+        // A stale release is a no-op.
+        let e = m.epoch;
+        release(&mut m, "1/abc", 1, 1).unwrap();
+        assert_eq!(m.epoch, e);
+    }
+
+    #[test]
+    fn released_lock_keeps_its_generation() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        release(&mut m, "1/abc", 1, 1).unwrap();
+        assert_eq!(m.image_locks["1/abc"].holder, None);
+        assert_eq!(acquire(&mut m, &claim(1)).unwrap().1, Some(2));
+    }
+
+    #[test]
+    fn break_blocklists_the_holder_in_the_same_epoch() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        let old = guard(&m, 1);
+        let e = m.epoch;
+        let (_, g) = break_lock(&mut m, &claim(2), 1, "gone").unwrap();
+        assert_eq!(g, Some(2));
+        assert_eq!(m.epoch, e + 1);
+        assert_eq!(
+            m.check_write_guard(&old).unwrap_err().code,
+            ErrorCode::Blocklisted
+        );
+        // The fenced session may not take the lock back.
+        assert_eq!(
+            acquire(&mut m, &claim(1)).unwrap_err().code,
+            ErrorCode::Blocklisted
+        );
+        // A lock held by a blocklisted session is free to take.
+        add_blocklist(&mut m, 2, "test").unwrap();
+        assert_eq!(acquire(&mut m, &claim(3)).unwrap().1, Some(3));
+    }
+
+    #[test]
+    fn guards_from_the_future_ask_for_a_newer_map() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        let mut g = guard(&m, 1);
+        g.generation = 5;
+        assert_eq!(
+            m.check_write_guard(&g).unwrap_err().code,
+            ErrorCode::Unavailable
+        );
+        g.lock_key = "9/none".into();
+        assert_eq!(
+            m.check_write_guard(&g).unwrap_err().code,
+            ErrorCode::Unavailable
+        );
+    }
+
+    #[test]
+    fn blocklist_add_and_rm() {
+        let mut m = ClusterMap::new("f");
+        add_blocklist(&mut m, 7, "operator").unwrap();
+        let e = m.epoch;
+        add_blocklist(&mut m, 7, "again").unwrap();
+        assert_eq!(m.epoch, e);
+        rm_blocklist(&mut m, 7).unwrap();
+        assert_eq!(
+            rm_blocklist(&mut m, 7).unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
+}

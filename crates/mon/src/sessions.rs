@@ -1,0 +1,212 @@
+//! Client session liveness, sans-IO: heartbeats and clock in, verdicts out.
+//!
+//! Clients (gateways, tools) report every image they have open to every monitor, like OSDs
+//! report themselves. The leader uses this to decide whether a lock holder is gone (then a
+//! claim breaks the lock, blocklisting the holder) or alive (then the holder is asked to
+//! release). A monitor that started less than a grace ago knows too little to call anyone
+//! gone.
+
+use std::collections::HashMap;
+
+use store_types::map::{ClusterMap, ImageLock, SessionId};
+use store_types::msg::{LockClaim, MapCommand, SessionInfo, SessionReport};
+
+/// Bound on tracked sessions, so a misbehaving client cannot grow monitor memory forever.
+pub const MAX_SESSIONS: usize = 100_000;
+/// Sessions not heard from for this many graces are forgotten.
+const FORGET_AFTER_GRACES: u64 = 10;
+
+#[derive(Debug)]
+pub struct SessionTable {
+    grace_ms: u64,
+    started_ms: u64,
+    seen: HashMap<SessionId, (SessionInfo, u64)>,
+}
+
+/// What the leader knows about a lock holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    Alive,
+    /// Not heard from within the grace (and this monitor has been up long enough to know).
+    Gone,
+    /// Its gateway restarted: a claim from the same place with another process instance.
+    Replaced,
+}
+
+impl SessionTable {
+    pub fn new(grace_ms: u64, now_ms: u64) -> Self {
+        SessionTable {
+            grace_ms,
+            started_ms: now_ms,
+            seen: HashMap::new(),
+        }
+    }
+
+    pub fn grace_ms(&self) -> u64 {
+        self.grace_ms
+    }
+
+    pub fn heartbeat(&mut self, sessions: Vec<SessionInfo>, now_ms: u64) {
+        let horizon = self.grace_ms * FORGET_AFTER_GRACES;
+        self.seen
+            .retain(|_, (_, seen)| now_ms.saturating_sub(*seen) <= horizon);
+        for s in sessions {
+            if self.seen.len() >= MAX_SESSIONS && !self.seen.contains_key(&s.id) {
+                break;
+            }
+            self.seen.insert(s.id, (s, now_ms));
+        }
+    }
+
+    pub fn alive(&self, id: SessionId, now_ms: u64) -> bool {
+        self.seen
+            .get(&id)
+            .is_some_and(|(_, seen)| now_ms.saturating_sub(*seen) <= self.grace_ms)
+    }
+
+    /// Whether this monitor has watched long enough to call a silent session gone.
+    pub fn knows_enough(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.started_ms) > self.grace_ms
+    }
+
+    pub fn holder_state(&self, lock: &ImageLock, claim: &LockClaim, now_ms: u64) -> Holder {
+        let Some(h) = lock.holder else {
+            return Holder::Alive;
+        };
+        if lock.holder_desc == claim.desc
+            && lock.holder_instance != claim.instance
+            && lock.holder_instance != 0
+        {
+            return Holder::Replaced;
+        }
+        if self.alive(h, now_ms) || !self.knows_enough(now_ms) {
+            Holder::Alive
+        } else {
+            Holder::Gone
+        }
+    }
+
+    /// The leader's rewrite of a lock claim: a claim on a lock whose holder is gone becomes
+    /// a break (blocklist the holder, grant the claimant); anything else goes as is.
+    pub fn resolve(&self, map: &ClusterMap, cmd: MapCommand, now_ms: u64) -> MapCommand {
+        let MapCommand::LockAcquire(claim) = cmd else {
+            return cmd;
+        };
+        let Some(lock) = map.image_locks.get(&claim.lock_key) else {
+            return MapCommand::LockAcquire(claim);
+        };
+        match (lock.holder, self.holder_state(lock, &claim, now_ms)) {
+            (Some(holder), state)
+                if holder != claim.session
+                    && !map.blocklist.contains_key(&holder)
+                    && state != Holder::Alive =>
+            {
+                let reason = match state {
+                    Holder::Replaced => format!("its gateway ({}) restarted", lock.holder_desc),
+                    _ => format!(
+                        "no heartbeat from it for over {} ms ({})",
+                        self.grace_ms, lock.holder_desc
+                    ),
+                };
+                MapCommand::LockBreak {
+                    claim,
+                    holder,
+                    reason,
+                }
+            }
+            _ => MapCommand::LockAcquire(claim),
+        }
+    }
+
+    pub fn report(&self, now_ms: u64) -> Vec<SessionReport> {
+        let mut out: Vec<SessionReport> = self
+            .seen
+            .values()
+            .map(|(info, seen)| SessionReport {
+                info: info.clone(),
+                last_seen_ms_ago: now_ms.saturating_sub(*seen),
+            })
+            .collect();
+        out.sort_by_key(|r| r.info.id);
+        out
+    }
+
+    /// Sessions heard from within the grace.
+    pub fn live_count(&self, now_ms: u64) -> usize {
+        self.seen
+            .keys()
+            .filter(|id| self.alive(**id, now_ms))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::locks;
+
+    fn claim(session: SessionId, desc: &str, instance: u64) -> LockClaim {
+        LockClaim {
+            lock_key: "1/x".into(),
+            image: "p/x".into(),
+            session,
+            desc: desc.into(),
+            instance,
+        }
+    }
+
+    fn info(id: SessionId) -> SessionInfo {
+        SessionInfo {
+            id,
+            image: "p/x".into(),
+            desc: "gw".into(),
+            instance: 1,
+        }
+    }
+
+    #[test]
+    fn a_live_holder_is_asked_a_gone_one_is_broken() {
+        let mut map = ClusterMap::new("f");
+        locks::acquire(&mut map, &claim(1, "gateway a", 10)).unwrap();
+        let mut t = SessionTable::new(1000, 0);
+        t.heartbeat(vec![info(1)], 0);
+        let c = MapCommand::LockAcquire(claim(2, "gateway b", 20));
+        // Young monitor: never breaks.
+        assert!(matches!(
+            t.resolve(&map, c.clone(), 900),
+            MapCommand::LockAcquire(_)
+        ));
+        t.heartbeat(vec![info(1)], 1500);
+        assert!(matches!(
+            t.resolve(&map, c.clone(), 2000),
+            MapCommand::LockAcquire(_)
+        ));
+        // Silent for more than the grace: broken.
+        match t.resolve(&map, c.clone(), 2600) {
+            MapCommand::LockBreak { holder, .. } => assert_eq!(holder, 1),
+            other => panic!("{other:?}"),
+        }
+        // A blocklisted holder needs no break: the claim is granted as is.
+        locks::add_blocklist(&mut map, 1, "t").unwrap();
+        assert!(matches!(
+            t.resolve(&map, c, 2600),
+            MapCommand::LockAcquire(_)
+        ));
+    }
+
+    #[test]
+    fn a_restarted_gateway_replaces_its_old_instance_at_once() {
+        let mut map = ClusterMap::new("f");
+        locks::acquire(&mut map, &claim(1, "gateway a", 10)).unwrap();
+        let mut t = SessionTable::new(1000, 0);
+        t.heartbeat(vec![info(1)], 0);
+        let c = MapCommand::LockAcquire(claim(2, "gateway a", 11));
+        assert!(matches!(
+            t.resolve(&map, c, 10),
+            MapCommand::LockBreak { .. }
+        ));
+        // The same instance (another open of the same gateway) is not a restart.
+        let c = MapCommand::LockAcquire(claim(3, "gateway a", 10));
+        assert!(matches!(t.resolve(&map, c, 10), MapCommand::LockAcquire(_)));
+    }
+}
