@@ -27,79 +27,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub mod proto;
 
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const CLIENT_FLAG_FIXED_NEWSTYLE: u32 = 1;
-const CLIENT_FLAG_NO_ZEROES: u32 = 2;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_LIST_META_CONTEXT: u32 = 9;
-const OPT_SET_META_CONTEXT: u32 = 10;
-
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-const TF_HAS_FLAGS: u16 = 1 << 0;
-const TF_SEND_FLUSH: u16 = 1 << 2;
-const TF_SEND_FUA: u16 = 1 << 3;
-const TF_SEND_TRIM: u16 = 1 << 5;
-const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
-const TF_CAN_MULTI_CONN: u16 = 1 << 8;
-const TF_SEND_FAST_ZERO: u16 = 1 << 11;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const CMD_BLOCK_STATUS: u16 = 7;
-
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-const REPLY_FLAG_DONE: u16 = 1;
-const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
-const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
-const STATE_HOLE: u32 = 1;
-const STATE_ZERO: u32 = 2;
-/// The one meta context this gateway offers, and its id.
-const BASE_ALLOCATION: &str = "base:allocation";
-const BASE_ALLOCATION_ID: u32 = 1;
-
-const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
-
-const EPERM: u32 = 1;
-const EIO: u32 = 5;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
-const ENOTSUP: u32 = 95;
-
-/// Largest option payload accepted during the handshake.
-const MAX_OPTION_BYTES: u32 = 64 * 1024;
-/// Largest read or write request (advertised as the maximum block size).
-pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
-/// Requests in flight per connection.
-const MAX_IN_FLIGHT: usize = 64;
+use crate::proto::*;
 
 pub struct Gateway {
     ctx: Arc<ImageContext>,
@@ -237,13 +167,12 @@ impl Gateway {
     ) -> std::io::Result<Handshake> {
         let mut neg = Negotiated::default();
         loop {
-            let magic = rd.read_u64().await?;
-            if magic != IHAVEOPT {
-                warn!("bad option magic {magic:#x}; closing");
+            let mut head = [0u8; 16];
+            rd.read_exact(&mut head).await?;
+            let Some((opt, len)) = parse_option_header(&head) else {
+                warn!("bad option magic; closing");
                 return Ok(Handshake::Done);
-            }
-            let opt = rd.read_u32().await?;
-            let len = rd.read_u32().await?;
+            };
             if len > MAX_OPTION_BYTES {
                 warn!("option {opt} of {len} bytes is too large; closing");
                 return Ok(Handshake::Done);
@@ -385,34 +314,6 @@ fn transmission_flags() -> u16 {
         | TF_SEND_WRITE_ZEROES
         | TF_SEND_FAST_ZERO
         | TF_CAN_MULTI_CONN
-}
-
-/// META_CONTEXT payload: u32 export name length, name, u32 count, count × (u32 length,
-/// query). Returns the queries.
-fn parse_meta_request(data: &[u8]) -> Option<Vec<String>> {
-    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let mut at = 4usize.checked_add(len)?;
-    let n = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
-    at += 4;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let qlen = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
-        at += 4;
-        out.push(String::from_utf8(data.get(at..at.checked_add(qlen)?)?.to_vec()).ok()?);
-        at += qlen;
-    }
-    (at == data.len()).then_some(out)
-}
-
-/// INFO/GO payload: u32 name length, name, u16 count, count × u16 info types.
-fn parse_info_request(data: &[u8]) -> Option<String> {
-    let len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let name = data.get(4..4 + len)?;
-    let n = u16::from_be_bytes(data.get(4 + len..6 + len)?.try_into().ok()?) as usize;
-    if data.len() != 6 + len + 2 * n {
-        return None;
-    }
-    String::from_utf8(name.to_vec()).ok()
 }
 
 /// The replies to a successful INFO or GO: export size and flags, block sizes, ACK.
@@ -574,28 +475,27 @@ async fn transmission(
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        let magic = rd.read_u32().await?;
-        if magic != REQUEST_MAGIC {
-            warn!("bad request magic {magic:#x}; closing");
+        let mut head = [0u8; REQUEST_HEADER_BYTES];
+        rd.read_exact(&mut head).await?;
+        let Some(req) = parse_request(&head) else {
+            warn!("bad request magic; closing");
             break;
-        }
-        let flags = rd.read_u16().await?;
-        let kind = rd.read_u16().await?;
-        let handle = rd.read_u64().await?;
-        let offset = rd.read_u64().await?;
-        let len = rd.read_u32().await?;
-        if kind == CMD_DISC {
+        };
+        if req.kind == CMD_DISC {
             debug!("client disconnected");
             break;
         }
         let mut payload = None;
-        if kind == CMD_WRITE {
-            if len > MAX_REQUEST_BYTES {
+        if req.has_payload() {
+            if req.len > MAX_REQUEST_BYTES {
                 // The data cannot be skipped safely at this size: the stream is lost.
-                warn!(len, "write larger than the advertised maximum; closing");
+                warn!(
+                    len = req.len,
+                    "write larger than the advertised maximum; closing"
+                );
                 break;
             }
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = vec![0u8; req.len as usize];
             rd.read_exact(&mut buf).await?;
             payload = Some(Bytes::from(buf));
         }
@@ -606,13 +506,6 @@ async fn transmission(
         let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let req = Request {
-                kind,
-                flags,
-                handle,
-                offset,
-                len,
-            };
             let reply = serve(&image, neg, req, payload).await;
             let _ = tx.send(reply).await;
         });
@@ -624,16 +517,13 @@ async fn transmission(
     Ok(())
 }
 
-struct Request {
-    kind: u16,
-    flags: u16,
-    handle: u64,
-    offset: u64,
-    len: u32,
-}
-
-async fn serve(image: &Image, neg: Negotiated, req: Request, payload: Option<Bytes>) -> Reply {
-    let Request {
+async fn serve(
+    image: &Image,
+    neg: Negotiated,
+    req: RequestHeader,
+    payload: Option<Bytes>,
+) -> Reply {
+    let RequestHeader {
         kind,
         flags,
         handle,
@@ -670,26 +560,18 @@ async fn serve(image: &Image, neg: Negotiated, req: Request, payload: Option<Byt
             data,
         },
     };
-    let in_range = offset
-        .checked_add(len as u64)
-        .is_some_and(|end| end <= image.size());
+    if let Err(errno) = validate(&req, image.size(), neg.base_allocation) {
+        return fail(errno);
+    }
     match kind {
-        CMD_READ => {
-            if !in_range || len > MAX_REQUEST_BYTES {
-                return fail(EINVAL);
+        CMD_READ => match image.read(offset, len as u64).await {
+            Ok(d) => ok(Some(d)),
+            Err(e) => {
+                warn!(offset, len, "read failed: {e}");
+                fail(errno(&e))
             }
-            match image.read(offset, len as u64).await {
-                Ok(d) => ok(Some(d)),
-                Err(e) => {
-                    warn!(offset, len, "read failed: {e}");
-                    fail(errno(&e))
-                }
-            }
-        }
+        },
         CMD_WRITE => {
-            if !in_range {
-                return fail(ENOSPC);
-            }
             // Acknowledged writes are durable on every OSD of the acting set: FUA holds.
             match image.write(offset, payload.unwrap_or_default()).await {
                 Ok(()) => ok(None),
@@ -702,9 +584,6 @@ async fn serve(image: &Image, neg: Negotiated, req: Request, payload: Option<Byt
         // Nothing is cached: every acknowledged write is already durable.
         CMD_FLUSH => ok(None),
         CMD_TRIM | CMD_WRITE_ZEROES => {
-            if !in_range {
-                return fail(if kind == CMD_TRIM { EINVAL } else { ENOSPC });
-            }
             let res = if kind == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0 {
                 // Allocated zeros were asked for: write them.
                 image
@@ -721,36 +600,31 @@ async fn serve(image: &Image, neg: Negotiated, req: Request, payload: Option<Byt
                 }
             }
         }
-        CMD_BLOCK_STATUS => {
-            if !neg.base_allocation || !in_range || len == 0 {
-                return fail(EINVAL);
-            }
-            match image.allocation(offset, len as u64).await {
-                Ok(runs) => {
-                    let mut extents: Vec<(u32, u32)> = runs
-                        .into_iter()
-                        .map(|(n, allocated)| {
-                            (
-                                n as u32,
-                                if allocated {
-                                    0
-                                } else {
-                                    STATE_HOLE | STATE_ZERO
-                                },
-                            )
-                        })
-                        .collect();
-                    if flags & CMD_FLAG_REQ_ONE != 0 {
-                        extents.truncate(1);
-                    }
-                    Reply::BlockStatus { handle, extents }
+        CMD_BLOCK_STATUS => match image.allocation(offset, len as u64).await {
+            Ok(runs) => {
+                let mut extents: Vec<(u32, u32)> = runs
+                    .into_iter()
+                    .map(|(n, allocated)| {
+                        (
+                            n as u32,
+                            if allocated {
+                                0
+                            } else {
+                                STATE_HOLE | STATE_ZERO
+                            },
+                        )
+                    })
+                    .collect();
+                if flags & CMD_FLAG_REQ_ONE != 0 {
+                    extents.truncate(1);
                 }
-                Err(e) => {
-                    warn!(offset, len, "block status failed: {e}");
-                    fail(errno(&e))
-                }
+                Reply::BlockStatus { handle, extents }
             }
-        }
+            Err(e) => {
+                warn!(offset, len, "block status failed: {e}");
+                fail(errno(&e))
+            }
+        },
         _ => fail(ENOTSUP),
     }
 }
