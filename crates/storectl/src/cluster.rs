@@ -33,6 +33,9 @@ pub enum ClusterCmd {
         /// Number of NBD gateways (two, so live migration can be tried on one machine).
         #[arg(long, default_value_t = 2)]
         gateways: u32,
+        /// Size of each OSD's file-backed device (allocated up front), e.g. 1G, 8G.
+        #[arg(long = "osd-size", default_value = "1G")]
+        osd_size: String,
         /// Give up waiting for HEALTH_OK after this many seconds.
         #[arg(long = "timeout-secs", default_value_t = 120)]
         timeout_secs: u64,
@@ -51,12 +54,14 @@ pub async fn run(format: Format, cmd: &ClusterCmd) -> anyhow::Result<()> {
             mons,
             osds,
             gateways,
+            osd_size,
             timeout_secs,
         } => {
             let shape = Shape {
                 mons: *mons,
                 osds: *osds,
                 gateways: *gateways,
+                osd_size: osd_size.clone(),
             };
             up(format, dir, shape, Duration::from_secs(*timeout_secs)).await
         }
@@ -115,11 +120,13 @@ fn write_conf(dir: &Path, mons: u32, gateways: u32) -> anyhow::Result<()> {
 }
 
 /// How many daemons of each kind a new local cluster gets.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Shape {
     mons: u32,
     osds: u32,
     gateways: u32,
+    /// Device size for new OSDs (`stored osd --size`).
+    osd_size: String,
 }
 
 /// The conf key listing the NBD gateways (`storectl gateway ls` reads it).
@@ -143,7 +150,7 @@ struct Daemon {
     args: Vec<String>,
 }
 
-fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> {
+fn daemons(conf: &Config, dir: &Path, osds: u32, osd_size: &str) -> anyhow::Result<Vec<Daemon>> {
     let gateways: Vec<Daemon> = gateway_addrs(conf)
         .into_iter()
         .enumerate()
@@ -189,7 +196,7 @@ fn daemons(conf: &Config, dir: &Path, osds: u32) -> anyhow::Result<Vec<Daemon>> 
                 "--host".into(),
                 format!("node{}", i + 1),
                 "--size".into(),
-                "1G".into(),
+                osd_size.to_string(),
             ],
         });
     }
@@ -245,6 +252,7 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
         mons,
         osds,
         gateways,
+        osd_size,
     } = shape;
     if mons == 0 || mons > 7 {
         bail!("--mons {mons}: use 1 to 7 monitors (1, 3 or 5 recommended)");
@@ -261,7 +269,7 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
         write_conf(&dir, mons, gateways)?;
     }
     let conf = Config::load(Some(&conf_path))?;
-    let list = daemons(&conf, &dir, osds)?;
+    let list = daemons(&conf, &dir, osds, &osd_size)?;
     let mut started = Vec::new();
     for d in &list {
         if let Some(pid) = start(&dir, d)? {

@@ -1,0 +1,139 @@
+#!/usr/bin/python3
+"""The NBD benchmark matrix, run by benches/nbd-matrix (which builds and starts the cluster).
+
+Runs the same fio jobs against three targets on the same disk, in one run:
+  store     our NBD gateway (fio's nbd engine), image in a size 3 / min_size 2 pool;
+  qemu-nbd  qemu-nbd serving a raw file with --cache=none --aio=io_uring (the
+            unreplicated NBD ceiling);
+  file      fio io_uring O_DIRECT on a plain file (the device ceiling);
+plus the disk's fsync latency (4 KiB write + fdatasync, QD1). Each job runs REPEAT times.
+Prints a table (IOPS, MB/s, mean and p99 latency, store/qemu-nbd ratio, daemon CPU per I/O)
+and writes the same as JSON.
+
+Usage: nbd_matrix.py --store-uri URI --qemu-uri URI --file PATH --pids P1,P2,...
+                     --size BYTES --runtime S --repeat N --json OUT
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+JOBS = [
+    ("4k randwrite QD1", "randwrite", "4k", 1),
+    ("4k randwrite QD32", "randwrite", "4k", 32),
+    ("4k randread QD1", "randread", "4k", 1),
+    ("4k randread QD32", "randread", "4k", 32),
+    ("1M write QD8", "write", "1M", 8),
+    ("1M read QD8", "read", "1M", 8),
+]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def fio(target, args, name, rw, bs, depth, size, runtime):
+    cmd = ["fio", "--name=" + name.replace(" ", "_"), "--rw=" + rw, "--bs=" + bs,
+           "--iodepth=%d" % depth, "--size=%d" % size, "--output-format=json",
+           "--randrepeat=0", "--norandommap"]
+    if runtime:
+        cmd += ["--time_based", "--runtime=%d" % runtime, "--ramp_time=1"]
+    if target == "file":
+        cmd += ["--ioengine=io_uring", "--direct=1", "--filename=" + args.file]
+    else:
+        uri = args.store_uri if target == "store" else args.qemu_uri
+        cmd += ["--ioengine=nbd", "--uri=" + uri]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mb_s": side["bw_bytes"] / 1e6,
+        "mean_us": side["lat_ns"]["mean"] / 1e3,
+        "p99_us": pct.get("99.000000", 0) / 1e3,
+        "ios": side["total_ios"],
+    }
+
+
+def fsync_latency(path, runtime):
+    cmd = ["fio", "--name=fsync", "--rw=randwrite", "--bs=4k", "--ioengine=psync",
+           "--fdatasync=1", "--size=256M", "--filename=" + path + ".fsync",
+           "--time_based", "--runtime=%d" % runtime, "--output-format=json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    os.unlink(path + ".fsync")
+    return {"iops": job["write"]["iops"], "mean_us": job["write"]["lat_ns"]["mean"] / 1e3,
+            "sync_mean_us": job["sync"]["lat_ns"]["mean"] / 1e3}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--store-uri", required=True)
+    p.add_argument("--qemu-uri", required=True)
+    p.add_argument("--file", required=True)
+    p.add_argument("--pids", required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--runtime", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    pids = [int(x) for x in args.pids.split(",") if x]
+    for pid in pids:
+        if not os.path.exists("/proc/%d/stat" % pid):
+            raise SystemExit("daemon pid %d is not running: cannot measure its CPU" % pid)
+    print("daemons measured: %d processes" % len(pids))
+
+    print("prefilling the three targets (%d MiB each)..." % (args.size >> 20), flush=True)
+    for target in ("store", "qemu-nbd", "file"):
+        t0 = time.monotonic()
+        r = fio(target, args, "prefill", "write", "1M", 8, args.size, 0)
+        print("  %-8s %.0f MB/s (%.0f s)" % (target, r["mb_s"], time.monotonic() - t0), flush=True)
+
+    fsync = fsync_latency(args.file, args.runtime)
+    print("disk fsync latency (4 KiB write + fdatasync, QD1): %.0f us" % fsync["mean_us"], flush=True)
+
+    results = []
+    for name, rw, bs, depth in JOBS:
+        for target in ("store", "qemu-nbd", "file"):
+            for run in range(args.repeat):
+                cpu0 = cpu_seconds(pids) if target == "store" else 0
+                r = fio(target, args, name, rw, bs, depth, args.size, args.runtime)
+                if target == "store":
+                    r["cpu_us_per_io"] = (cpu_seconds(pids) - cpu0) * 1e6 / max(r["ios"], 1)
+                r.update({"job": name, "target": target, "run": run + 1})
+                results.append(r)
+                print("  %-18s %-8s run %d: %8.0f IOPS %8.1f MB/s mean %8.0f us p99 %8.0f us%s" % (
+                    name, target, run + 1, r["iops"], r["mb_s"], r["mean_us"], r["p99_us"],
+                    "  cpu %.0f us/io" % r["cpu_us_per_io"] if "cpu_us_per_io" in r else ""),
+                    flush=True)
+
+    print()
+    print("%-18s %-5s %10s %10s %10s %10s %9s %9s" % (
+        "job", "run", "store IOPS", "qemu-nbd", "file", "store/qn", "mean us", "p99 us"))
+    for name, _, _, _ in JOBS:
+        for run in range(1, args.repeat + 1):
+            by = {r["target"]: r for r in results if r["job"] == name and r["run"] == run}
+            s, q, f = by["store"], by["qemu-nbd"], by["file"]
+            print("%-18s %-5d %10.0f %10.0f %10.0f %9.2fx %9.0f %9.0f   cpu %4.0f us/io" % (
+                name, run, s["iops"], q["iops"], f["iops"], s["iops"] / max(q["iops"], 1e-9),
+                s["mean_us"], s["p99_us"], s["cpu_us_per_io"]))
+    with open(args.json, "w") as out:
+        json.dump({"fsync": fsync, "results": results, "runtime_s": args.runtime,
+                   "size_bytes": args.size}, out, indent=1)
+    print("\nJSON: " + args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
