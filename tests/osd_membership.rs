@@ -59,6 +59,9 @@ fn killed_osd_is_marked_down_and_its_pgs_degraded() {
     );
     assert_eq!(s["osdmap"]["num_up_osds"], 2, "{s}");
     assert_eq!(s["osdmap"]["num_in_osds"], 3, "down is not out: {s}");
+    // The primaries report on the new map within a heartbeat.
+    c.wait_pgs_settled();
+    let s = c.status();
     assert!(s["health"]["checks"]["PG_DEGRADED"].is_object(), "{s}");
     assert_eq!(
         pg_states(&s),

@@ -100,6 +100,23 @@ impl TestCluster {
             "--pg_num",
             &pg,
         ]);
+        self.wait_pgs_settled();
+    }
+
+    /// Waits until every PG's primary has reported on the current map (no PG `unknown`
+    /// or `peering`).
+    pub fn wait_pgs_settled(&self) {
+        wait_for(Duration::from_secs(30), "PGs to settle", || {
+            let s = self.try_status()?;
+            let states = s["pgmap"]["pgs_by_state"].as_array()?.clone();
+            states
+                .iter()
+                .all(|p| {
+                    let name = p["state_name"].as_str().unwrap_or("");
+                    name != "unknown" && name != "peering" && !name.starts_with("recovering")
+                })
+                .then_some(())
+        });
     }
 
     /// An object client on this cluster, with a 60 s operation deadline.

@@ -5,7 +5,7 @@
 //! for one that does not.
 
 use store_types::map::{
-    ClusterMap, CrushWeight, FailureDomain, Flag, HostBucket, MonInfo, OsdInfo, Pool,
+    weight_to_f64, ClusterMap, CrushWeight, FailureDomain, Flag, HostBucket, MonInfo, OsdInfo, Pool,
 };
 use store_types::msg::{CommandOutcome, MapCommand};
 use store_types::StoreError;
@@ -43,6 +43,8 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
         MapCommand::OsdMarkDown { ids, now_ms } => (mark_down(map, ids, *now_ms)?, None),
         MapCommand::OsdOut { ids } => (set_in(map, ids, false)?, None),
         MapCommand::OsdIn { ids } => (set_in(map, ids, true)?, None),
+        MapCommand::OsdReweight { id, weight } => (reweight(map, *id, *weight)?, None),
+        MapCommand::OsdPurge { id } => (purge(map, *id)?, None),
         MapCommand::SetFlag(f) => (set_flag(map, *f, true), None),
         MapCommand::UnsetFlag(f) => (set_flag(map, *f, false), None),
         MapCommand::PoolCreate {
@@ -78,6 +80,9 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
     };
     let changed = map.epoch != before_epoch;
     debug_assert!(map.epoch == before_epoch || map.epoch == before_epoch + 1);
+    if changed && moves_placement(cmd) {
+        map.placement_epoch = map.epoch;
+    }
     Ok(CommandOutcome {
         epoch: map.epoch,
         changed,
@@ -85,6 +90,22 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
         osd_id,
         lock_generation,
     })
+}
+
+/// Whether a command can change some PG's acting set.
+fn moves_placement(cmd: &MapCommand) -> bool {
+    matches!(
+        cmd,
+        MapCommand::OsdBoot { .. }
+            | MapCommand::OsdMarkDown { .. }
+            | MapCommand::OsdOut { .. }
+            | MapCommand::OsdIn { .. }
+            | MapCommand::OsdReweight { .. }
+            | MapCommand::OsdPurge { .. }
+            | MapCommand::PoolCreate { .. }
+            | MapCommand::PoolSet { .. }
+            | MapCommand::PoolRm { .. }
+    )
 }
 
 /// Replaces the monitor list (from a committed Raft membership); bumps the epoch if it differs.
@@ -241,6 +262,43 @@ fn set_in(map: &mut ClusterMap, ids: &[u32], is_in: bool) -> Result<String, Stor
     }
     bump(map);
     Ok(format!("marked {word} {}", list(&changed)))
+}
+
+fn reweight(map: &mut ClusterMap, id: u32, weight: CrushWeight) -> Result<String, StoreError> {
+    check_osds_exist(map, &[id])?;
+    let osd = map.osds.get_mut(&id).expect("checked above");
+    if osd.weight == weight {
+        return Ok(format!(
+            "osd.{id} already has weight {}",
+            weight_to_f64(weight)
+        ));
+    }
+    osd.weight = weight;
+    bump(map);
+    Ok(format!(
+        "osd.{id} CRUSH weight set to {}",
+        weight_to_f64(weight)
+    ))
+}
+
+fn purge(map: &mut ClusterMap, id: u32) -> Result<String, StoreError> {
+    check_osds_exist(map, &[id])?;
+    let osd = &map.osds[&id];
+    if osd.up || osd.is_in {
+        return Err(StoreError::new(
+            store_types::ErrorCode::NotPermitted,
+            format!(
+                "osd.{id} is {} and {}: mark it out, let its data move, stop it, then purge",
+                if osd.up { "up" } else { "down" },
+                if osd.is_in { "in" } else { "out" }
+            ),
+        ));
+    }
+    let host = osd.host.clone();
+    map.osds.remove(&id);
+    crush_remove_osd(map, &host, id);
+    bump(map);
+    Ok(format!("purged osd.{id}"))
 }
 
 fn set_flag(map: &mut ClusterMap, flag: Flag, on: bool) -> String {
@@ -546,5 +604,45 @@ mod tests {
         );
         assert!(apply_command(&mut m, &MapCommand::OsdIn { ids: vec![7] }).is_err());
         assert_eq!(m.epoch, e + 3);
+    }
+
+    #[test]
+    fn purge_only_a_down_out_osd_and_reweight() {
+        let mut m = ClusterMap::new("f");
+        boot(&mut m, "u0", "h0");
+        boot(&mut m, "u1", "h1");
+        let e = apply_command(&mut m, &MapCommand::OsdPurge { id: 0 }).unwrap_err();
+        assert!(e.message.contains("mark it out"), "{e}");
+        apply_command(&mut m, &MapCommand::OsdOut { ids: vec![0] }).unwrap();
+        apply_command(
+            &mut m,
+            &MapCommand::OsdMarkDown {
+                ids: vec![0],
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        apply_command(&mut m, &MapCommand::OsdPurge { id: 0 }).unwrap();
+        assert!(!m.osds.contains_key(&0));
+        assert!(!m.crush.hosts.contains_key("h0"));
+        assert!(apply_command(&mut m, &MapCommand::OsdPurge { id: 0 }).is_err());
+        let out = apply_command(
+            &mut m,
+            &MapCommand::OsdReweight {
+                id: 1,
+                weight: 0x8000,
+            },
+        )
+        .unwrap();
+        assert!(out.changed && m.osds[&1].weight == 0x8000);
+        let again = apply_command(
+            &mut m,
+            &MapCommand::OsdReweight {
+                id: 1,
+                weight: 0x8000,
+            },
+        )
+        .unwrap();
+        assert!(!again.changed);
     }
 }

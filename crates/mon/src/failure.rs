@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use store_types::map::{ClusterMap, Flag, OsdId};
 use store_types::msg::{MapCommand, OsdStat};
+use store_types::osdmsg::PgReport;
 
 #[derive(Clone, Copy, Debug)]
 pub struct FailurePolicy {
@@ -31,6 +32,9 @@ pub struct FailureDetector {
     policy: FailurePolicy,
     last_seen_ms: HashMap<OsdId, u64>,
     stats: HashMap<OsdId, OsdStat>,
+    /// Each OSD's last report of the PGs it is primary of that are not active, with the
+    /// map epoch the report is true of.
+    pg_reports: HashMap<OsdId, (u64, Vec<PgReport>)>,
     /// Since when this monitor leads; None when it does not.
     leader_since_ms: Option<u64>,
 }
@@ -43,10 +47,15 @@ impl FailureDetector {
         }
     }
 
-    pub fn heartbeat(&mut self, id: OsdId, stat: OsdStat, now_ms: u64) {
+    pub fn heartbeat(&mut self, id: OsdId, stat: OsdStat, pgs: (u64, Vec<PgReport>), now_ms: u64) {
         let seen = self.last_seen_ms.entry(id).or_insert(now_ms);
         *seen = (*seen).max(now_ms);
         self.stats.insert(id, stat);
+        self.pg_reports.insert(id, pgs);
+    }
+
+    pub fn pg_reports(&self) -> &HashMap<OsdId, (u64, Vec<PgReport>)> {
+        &self.pg_reports
     }
 
     pub fn stats(&self) -> &HashMap<OsdId, OsdStat> {
@@ -147,10 +156,10 @@ mod tests {
         let mut m = map_with(2);
         let mut d = FailureDetector::new(POLICY);
         d.set_leader(true, 0);
-        d.heartbeat(0, OsdStat::default(), 500);
-        d.heartbeat(1, OsdStat::default(), 500);
+        d.heartbeat(0, OsdStat::default(), (0, vec![]), 500);
+        d.heartbeat(1, OsdStat::default(), (0, vec![]), 500);
         assert!(d.tick(&m, 1400).is_empty(), "within grace");
-        d.heartbeat(0, OsdStat::default(), 1400);
+        d.heartbeat(0, OsdStat::default(), (0, vec![]), 1400);
         let cmds = d.tick(&m, 1600);
         assert_eq!(
             cmds,
@@ -160,7 +169,7 @@ mod tests {
             }]
         );
         apply_command(&mut m, &cmds[0]).unwrap();
-        d.heartbeat(0, OsdStat::default(), 6700);
+        d.heartbeat(0, OsdStat::default(), (0, vec![]), 6700);
         assert!(d.tick(&m, 6500).is_empty(), "not yet out");
         assert_eq!(d.tick(&m, 6700), vec![MapCommand::OsdOut { ids: vec![1] }]);
         // noout holds it in.

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use store_placement::pool_mappings;
 use store_types::map::{ClusterMap, OsdId};
 use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, StatusReport};
+use store_types::osdmsg::{PgPhase, PgReport};
 
 pub struct StatusInput<'a> {
     pub map: &'a ClusterMap,
@@ -22,6 +23,8 @@ pub struct StatusInput<'a> {
     /// this monitor has not watched long enough to tell).
     pub live_sessions: usize,
     pub silent_holders: Option<Vec<String>>,
+    /// PGs their primaries report busy (see [`busy_pgs`]).
+    pub busy: &'a BusyPgs,
 }
 
 pub const STATE_CLEAN: &str = "active+clean";
@@ -29,18 +32,82 @@ pub const STATE_UNDERSIZED: &str = "active+undersized";
 pub const STATE_DEGRADED: &str = "active+undersized+degraded";
 pub const STATE_INACTIVE: &str = "undersized+degraded+peered";
 pub const STATE_STALE: &str = "stale+undersized+degraded+peered";
+pub const STATE_PEERING: &str = "peering";
+/// The primary has not reported since the PG's acting set last changed.
+pub const STATE_UNKNOWN: &str = "unknown";
+pub const STATE_RECOVERING: &str = "recovering+degraded";
 
-/// PG counts by state, for all pools.
-pub fn pgs_by_state(map: &ClusterMap) -> BTreeMap<String, u64> {
+/// What the PGs' current primaries say, for PGs that are not simply active.
+#[derive(Clone, Debug, Default)]
+pub struct BusyPgs {
+    /// PGs reported not active, by (pool, seed).
+    pub phases: HashMap<(u32, u32), PgPhase>,
+    /// Primaries whose last report predates the last placement change: their PGs' state
+    /// is unknown until they report again.
+    pub behind: std::collections::HashSet<OsdId>,
+}
+
+impl BusyPgs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The busy PGs of the reports, keeping only each PG's current primary's word (a report
+/// from an OSD that is no longer primary, or is down, says nothing).
+pub fn busy_pgs(map: &ClusterMap, reports: &HashMap<OsdId, (u64, Vec<PgReport>)>) -> BusyPgs {
+    let mut out = BusyPgs::new();
+    for o in map.osds.values().filter(|o| o.up) {
+        if reports
+            .get(&o.id)
+            .is_none_or(|(e, _)| *e < map.placement_epoch)
+        {
+            out.behind.insert(o.id);
+        }
+    }
+    for (osd, (_, list)) in reports {
+        if !map.osds.get(osd).is_some_and(|o| o.up) {
+            continue;
+        }
+        for r in list {
+            let Some(pool) = map.pools.get(&r.pg.pool) else {
+                continue;
+            };
+            if r.pg.seed >= pool.pg_num {
+                continue;
+            }
+            let id = store_placement::PgId {
+                pool: r.pg.pool,
+                seed: r.pg.seed,
+            };
+            if store_placement::map_pg(map, pool, id).primary == Some(*osd) {
+                out.phases.insert((r.pg.pool, r.pg.seed), r.phase);
+            }
+        }
+    }
+    out
+}
+
+/// PG counts by state, for all pools: from the map (which OSDs are up), refined by what
+/// the primaries report (peering, recovering).
+pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for pool in map.pools.values() {
-        for m in pool_mappings(map, pool) {
+        for (seed, m) in pool_mappings(map, pool).into_iter().enumerate() {
             let size = pool.size as usize;
             let up = m.up.len();
+            let reported = busy.phases.get(&(pool.id, seed as u32)).copied();
+            let behind = m.primary.is_some_and(|p| busy.behind.contains(&p));
             let state = if up == 0 {
                 STATE_STALE
             } else if up < pool.min_size as usize {
                 STATE_INACTIVE
+            } else if behind {
+                STATE_UNKNOWN
+            } else if reported == Some(PgPhase::Peering) {
+                STATE_PEERING
+            } else if reported == Some(PgPhase::Recovering) {
+                STATE_RECOVERING
             } else if up < m.raw.len() {
                 STATE_DEGRADED
             } else if up < size {
@@ -245,18 +312,36 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
     let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
     };
-    let inactive = count(&|s| !s.starts_with("active"));
+    let peering = count(&|s| s == STATE_PEERING || s == STATE_UNKNOWN);
+    let inactive = count(&|s| {
+        !s.starts_with("active")
+            && s != STATE_PEERING
+            && s != STATE_RECOVERING
+            && s != STATE_UNKNOWN
+    });
+    let recovering = count(&|s| s == STATE_RECOVERING);
     let degraded = count(&|s| s.contains("degraded"));
     let undersized = count(&|s| s.contains("undersized"));
-    if inactive > 0 {
+    if inactive + peering + recovering > 0 {
+        let mut detail = Vec::new();
+        if inactive > 0 {
+            detail.push(format!(
+                "{inactive} pgs have fewer up OSDs than their pool's min_size: I/O to them waits until OSDs return"
+            ));
+        }
+        if peering + recovering > 0 {
+            detail.push(format!(
+                "{peering} pgs peering, {recovering} recovering: their OSDs are catching up; I/O to them waits until they are done"
+            ));
+        }
         checks.insert(
             "PG_AVAILABILITY".into(),
             check(
                 Severity::Warn,
-                format!("Reduced data availability: {inactive} pgs inactive"),
-                vec![format!(
-                    "{inactive} pgs have fewer up OSDs than their pool's min_size: I/O to them waits until OSDs return"
-                )],
+                format!(
+                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {recovering} recovering"
+                ),
+                detail,
             ),
         );
     }
@@ -279,7 +364,7 @@ pub fn status(input: StatusInput) -> StatusReport {
     let quorum_names = mon_checks(&input, &mut checks);
     osd_checks(map, &mut checks);
     usage_checks(map, input.osd_stats, &mut checks);
-    let pgs = pgs_by_state(map);
+    let pgs = pgs_by_state(map, input.busy);
     pg_checks(&pgs, &mut checks);
     lock_checks(map, input.silent_holders.as_deref(), &mut checks);
     let health = checks
@@ -420,6 +505,16 @@ mod tests {
         m
     }
 
+    /// Every OSD reported nothing busy at the current epoch.
+    fn current(map: &ClusterMap) -> BusyPgs {
+        let reports = map
+            .osds
+            .keys()
+            .map(|id| (*id, (map.epoch, vec![])))
+            .collect();
+        busy_pgs(map, &reports)
+    }
+
     fn report(map: &ClusterMap, reachable: &[bool]) -> StatusReport {
         let stats = HashMap::new();
         status(StatusInput {
@@ -441,6 +536,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
+            busy: &current(map),
         })
     }
 
@@ -517,6 +613,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
+            busy: &current(&m),
         });
         assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
         assert_eq!(r.checks["OSD_NEARFULL"].detail, vec!["osd.1 is 90.0% full"]);
@@ -531,5 +628,47 @@ mod tests {
         let r = report(&m, &[true]);
         assert!(r.checks.contains_key("POOL_SIZE_EXCEEDS_DOMAINS"));
         assert_eq!(r.pgs_by_state.get(STATE_UNDERSIZED), Some(&64));
+    }
+
+    #[test]
+    fn locks_of_fenced_or_silent_sessions_warn() {
+        use store_types::msg::LockClaim;
+        let mut m = cluster(3, 1);
+        for (key, session) in [("1/a", 1), ("1/b", 2)] {
+            let claim = LockClaim {
+                lock_key: key.into(),
+                image: format!("p/{key}"),
+                session,
+                desc: "gw".into(),
+                instance: 1,
+            };
+            apply_command(&mut m, &MapCommand::LockAcquire(claim)).unwrap();
+        }
+        apply_command(
+            &mut m,
+            &MapCommand::BlocklistAdd {
+                session: 1,
+                reason: "t".into(),
+            },
+        )
+        .unwrap();
+        let stats = HashMap::new();
+        let r = status(StatusInput {
+            map: &m,
+            mons: vec![],
+            leader_name: None,
+            answered_by: "m1".into(),
+            osd_stats: &stats,
+            live_sessions: 1,
+            silent_holders: Some(vec!["image p/1/b is locked by ...".into()]),
+            busy: &current(&m),
+        });
+        assert_eq!(r.checks["IMAGE_LOCK_BLOCKLISTED"].detail.len(), 1);
+        assert!(r.checks["IMAGE_LOCK_BLOCKLISTED"].detail[0].contains("p/1/a"));
+        assert_eq!(r.checks["IMAGE_LOCK_ORPHANED"].severity, Severity::Warn);
+        assert_eq!(
+            (r.num_image_locks, r.num_blocklisted, r.num_sessions),
+            (2, 1, 1)
+        );
     }
 }

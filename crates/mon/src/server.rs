@@ -28,6 +28,8 @@ use crate::sessions::SessionTable;
 const PER_CONN_CONCURRENCY: usize = 64;
 /// Replies queued per connection before handlers wait.
 const REPLY_QUEUE: usize = 256;
+/// Bound on the PG reports one OSD heartbeat may carry.
+const MAX_PG_REPORTS: usize = 1 << 20;
 /// Bound on the sessions one client heartbeat may carry.
 const MAX_SESSIONS_PER_REPORT: usize = 10_000;
 
@@ -297,7 +299,14 @@ impl<C: Consensus> MonitorCore<C> {
         id: u32,
         uuid: &str,
         stat: store_types::msg::OsdStat,
+        pgs: (u64, Vec<store_types::osdmsg::PgReport>),
     ) -> Result<MonResponse, StoreError> {
+        if pgs.1.len() > MAX_PG_REPORTS {
+            return Err(StoreError::invalid(format!(
+                "osd.{id} reported {} PGs; at most {MAX_PG_REPORTS}",
+                pgs.1.len()
+            )));
+        }
         let map = self.map();
         match map.osds.get(&id) {
             Some(o) if o.uuid == uuid => {}
@@ -310,7 +319,7 @@ impl<C: Consensus> MonitorCore<C> {
             None => return Err(StoreError::not_found(format!("osd.{id} does not exist"))),
         }
         if let Ok(mut d) = self.detector.lock() {
-            d.heartbeat(id, stat, now_ms());
+            d.heartbeat(id, stat, pgs, now_ms());
         }
         Ok(MonResponse::HeartbeatAck { epoch: map.epoch })
     }
@@ -318,11 +327,12 @@ impl<C: Consensus> MonitorCore<C> {
     async fn status(&self) -> MonResponse {
         let mons = self.probe_mons().await;
         let map = self.map();
-        let stats = self
+        let (stats, reports) = self
             .detector
             .lock()
-            .map(|d| d.stats().clone())
+            .map(|d| (d.stats().clone(), d.pg_reports().clone()))
             .unwrap_or_default();
+        let busy = health::busy_pgs(&map, &reports);
         let leader_name = self.consensus.leader().map(|l| l.name);
         let (live_sessions, silent_holders) = self.session_health(&map);
         MonResponse::Status(Box::new(health::status(health::StatusInput {
@@ -333,6 +343,7 @@ impl<C: Consensus> MonitorCore<C> {
             osd_stats: &stats,
             live_sessions,
             silent_holders,
+            busy: &busy,
         })))
     }
 
@@ -374,7 +385,13 @@ impl<C: Consensus> MonitorCore<C> {
             })),
             MonRequest::GetMap => Ok(MonResponse::Map(Box::new((*self.map()).clone()))),
             MonRequest::Status => Ok(self.status().await),
-            MonRequest::OsdHeartbeat { id, uuid, stat } => self.heartbeat(id, &uuid, stat),
+            MonRequest::OsdHeartbeat {
+                id,
+                uuid,
+                stat,
+                busy_pgs,
+                pgs_epoch,
+            } => self.heartbeat(id, &uuid, stat, (pgs_epoch, busy_pgs)),
             MonRequest::ClientHeartbeat { sessions } => {
                 if sessions.len() > MAX_SESSIONS_PER_REPORT {
                     Err(StoreError::invalid("too many sessions in one report"))
@@ -390,7 +407,7 @@ impl<C: Consensus> MonitorCore<C> {
             MonRequest::ClientList => Ok(MonResponse::Clients(
                 self.sessions
                     .lock()
-                    .map(|t| t.report(now_ms()))
+                    .map(|t| t.report(&self.map(), now_ms()))
                     .unwrap_or_default(),
             )),
             op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {

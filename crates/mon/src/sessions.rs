@@ -118,10 +118,13 @@ impl SessionTable {
         }
     }
 
-    pub fn report(&self, now_ms: u64) -> Vec<SessionReport> {
+    /// Sessions for `client ls`: the live ones, and lock holders however silent.
+    pub fn report(&self, map: &ClusterMap, now_ms: u64) -> Vec<SessionReport> {
+        let holds_lock = |id: SessionId| map.image_locks.values().any(|l| l.holder == Some(id));
         let mut out: Vec<SessionReport> = self
             .seen
             .values()
+            .filter(|(info, _)| self.alive(info.id, now_ms) || holds_lock(info.id))
             .map(|(info, seen)| SessionReport {
                 info: info.clone(),
                 last_seen_ms_ago: now_ms.saturating_sub(*seen),

@@ -292,10 +292,13 @@ async fn heartbeat_loop(
     let mut tick = tokio::time::interval(s.heartbeat_interval);
     loop {
         tick.tick().await;
+        let (pgs_epoch, busy_pgs) = service.busy_pgs();
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
             stat: stat_of(&store, service.repaired()),
+            busy_pgs,
+            pgs_epoch,
         };
         let map = maps.borrow().clone();
         fanout.send_all(map.as_deref(), &req).await;

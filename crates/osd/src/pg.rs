@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use store_types::map::OsdId;
 use store_types::StoreError;
 
+pub use store_types::osdmsg::PgPhase;
+
 /// Version of a mutation: (map epoch when ordered, sequence within the PG).
 pub use store_types::osdmsg::ObjVersion as Version;
 
@@ -346,6 +348,20 @@ impl<P: Clone> PgPrimary<P> {
 
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active { .. })
+    }
+
+    /// What the primary reports to the monitors about this PG: None when it is not the
+    /// primary (or has seen no map); the phase and map epoch otherwise.
+    pub fn phase(&self) -> Option<(PgPhase, u64)> {
+        match &self.state {
+            State::Unknown | State::NotPrimary { .. } => None,
+            State::Inactive { epoch, .. } => Some((PgPhase::Inactive, *epoch)),
+            State::Peering { epoch, p, .. } if !p.recovering.is_empty() => {
+                Some((PgPhase::Recovering, *epoch))
+            }
+            State::Peering { epoch, .. } => Some((PgPhase::Peering, *epoch)),
+            State::Active { epoch, .. } => Some((PgPhase::Active, *epoch)),
+        }
     }
 
     /// Operations not yet answered or released (in flight, queued or gated).

@@ -23,7 +23,8 @@ use store_objstore::{ObjError, ObjectId, ObjectStore};
 use store_placement::{map_pg, PgId};
 use store_types::map::{ClusterMap, OsdId, WriteGuard};
 use store_types::osdmsg::{
-    ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
+    ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, PgPhase, PgReport,
+    OSD_MAX_FRAME_BYTES,
 };
 use store_types::wire;
 use store_types::{ErrorCode, StoreError};
@@ -992,23 +993,76 @@ impl<S: ObjectStore> OsdService<S> {
     pub async fn housekeeping(self: Arc<Self>) {
         let mut maps = self.maps.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut primaries_at = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 r = maps.changed() => if r.is_err() { return },
             }
-            let slots: Vec<Arc<PgSlot>> = self
-                .pgs
-                .lock()
-                .expect("pg table lock")
-                .values()
-                .cloned()
-                .collect();
+            if let Some(map) = self.map().filter(|m| m.epoch > primaries_at) {
+                primaries_at = map.epoch;
+                self.ensure_primary_slots(&map);
+            }
+            let slots = self.all_slots();
             let now_ms = self.now_ms();
             for s in slots {
                 self.feed(&s, Event::Tick { now_ms });
             }
         }
+    }
+
+    fn all_slots(&self) -> Vec<Arc<PgSlot>> {
+        self.pgs
+            .lock()
+            .expect("pg table lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates the engine of every PG this OSD is primary of, so each peers (and recovers
+    /// its OSDs) as soon as its interval starts, not when a client first touches it.
+    fn ensure_primary_slots(self: &Arc<Self>, map: &ClusterMap) {
+        for pool in map.pools.values() {
+            for seed in 0..pool.pg_num {
+                let id = PgId {
+                    pool: pool.id,
+                    seed,
+                };
+                if map_pg(map, pool, id).primary == Some(self.id) {
+                    self.slot(Pg {
+                        pool: pool.id,
+                        seed,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The PGs this OSD is primary of that are not active (peering, recovering, inactive),
+    /// and the map epoch every PG engine has seen: what it reports to the monitors with its
+    /// heartbeats. The current map is fed to every engine first, so the report is true of
+    /// that epoch. Bounded by the PG count.
+    pub fn busy_pgs(self: &Arc<Self>) -> (u64, Vec<PgReport>) {
+        let Some(map) = self.map() else {
+            return (0, Vec::new());
+        };
+        self.ensure_primary_slots(&map);
+        let slots = self.all_slots();
+        let now_ms = self.now_ms();
+        let busy = slots
+            .iter()
+            .filter_map(|s| {
+                self.feed(s, Event::Tick { now_ms });
+                let (phase, epoch) = s.engine.lock().expect("engine lock").phase()?;
+                (phase != PgPhase::Active).then_some(PgReport {
+                    pg: s.pg,
+                    phase,
+                    epoch,
+                })
+            })
+            .collect();
+        (map.epoch, busy)
     }
 
     /// Serves the OSD port until the listener fails.

@@ -5,6 +5,7 @@ mod cluster;
 mod crush;
 mod image;
 mod obj;
+mod osdops;
 mod output;
 
 use std::path::PathBuf;
@@ -125,9 +126,37 @@ enum OsdCmd {
     /// The CRUSH hierarchy with OSD states.
     Tree,
     /// Mark OSDs out: data moves off them.
-    Out { ids: Vec<u32> },
+    Out {
+        ids: Vec<u32>,
+        /// Only say how many PGs and bytes would move.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Mark OSDs in.
-    In { ids: Vec<u32> },
+    In {
+        ids: Vec<u32>,
+        /// Only say how many PGs and bytes would move.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Set an OSD's CRUSH weight (1.0 = one TiB by convention; 0 drains it).
+    Reweight {
+        id: u32,
+        weight: f64,
+        /// Only say how many PGs and bytes would move.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Whether stopping these OSDs keeps every PG at or above min_size.
+    OkToStop { ids: Vec<u32> },
+    /// Whether these OSDs hold no data that exists nowhere else.
+    SafeToDestroy { ids: Vec<u32> },
+    /// Remove an OSD for good (it must be out, down and safe to destroy).
+    Purge {
+        id: u32,
+        #[arg(long = "yes-i-really-mean-it")]
+        yes: bool,
+    },
     /// Set a cluster flag (noout, norebalance, nodown, noup, norecover, nobackfill).
     Set { flag: Flag },
     /// Unset a cluster flag.
@@ -319,15 +348,79 @@ async fn osd(cli: &Cli, o: &OsdCmd) -> anyhow::Result<()> {
             let map = connect(cli)?.get_map().await.map_err(err)?;
             output::osd_tree(cli.format, &map);
         }
-        OsdCmd::Out { ids } | OsdCmd::In { ids } if ids.is_empty() => {
+        OsdCmd::Out { ids, .. }
+        | OsdCmd::In { ids, .. }
+        | OsdCmd::OkToStop { ids }
+        | OsdCmd::SafeToDestroy { ids }
+            if ids.is_empty() =>
+        {
             bail!("name at least one OSD id")
         }
-        OsdCmd::Out { ids } => command(cli, MapCommand::OsdOut { ids: ids.clone() }).await?,
-        OsdCmd::In { ids } => command(cli, MapCommand::OsdIn { ids: ids.clone() }).await?,
+        OsdCmd::Out { ids, dry_run } | OsdCmd::In { ids, dry_run } => {
+            let cmd = if matches!(o, OsdCmd::Out { .. }) {
+                MapCommand::OsdOut { ids: ids.clone() }
+            } else {
+                MapCommand::OsdIn { ids: ids.clone() }
+            };
+            maybe_dry_run(cli, cmd, *dry_run).await?
+        }
+        OsdCmd::Reweight {
+            id,
+            weight,
+            dry_run,
+        } => {
+            if !weight.is_finite() || *weight < 0.0 || *weight > 65535.0 {
+                bail!("weight {weight}: use 0 to 65535 (1.0 = one TiB)");
+            }
+            let cmd = MapCommand::OsdReweight {
+                id: *id,
+                weight: store_types::map::weight_from_f64(*weight),
+            };
+            maybe_dry_run(cli, cmd, *dry_run).await?
+        }
+        OsdCmd::OkToStop { ids } => {
+            let map = connect(cli)?.get_map().await.map_err(err)?;
+            let bad = osdops::ok_to_stop(&map, ids)?;
+            osdops::verdict(cli.format, "ok-to-stop", ids, &bad)?
+        }
+        OsdCmd::SafeToDestroy { ids } => {
+            let mons = connect(cli)?;
+            let (map, status) = (
+                mons.get_map().await.map_err(err)?,
+                mons.status().await.map_err(err)?,
+            );
+            let reasons = osdops::safe_to_destroy(&map, &status, ids)?;
+            osdops::verdict(cli.format, "safe-to-destroy", ids, &reasons)?
+        }
+        OsdCmd::Purge { id, yes } => {
+            if !yes {
+                bail!("purging osd.{id} removes it for good: pass --yes-i-really-mean-it");
+            }
+            let mons = connect(cli)?;
+            let (map, status) = (
+                mons.get_map().await.map_err(err)?,
+                mons.status().await.map_err(err)?,
+            );
+            let reasons = osdops::safe_to_destroy(&map, &status, &[*id])?;
+            osdops::verdict(Format::Plain, "safe-to-destroy", &[*id], &reasons)
+                .map_err(|e| anyhow::anyhow!("refusing to purge: {e}"))?;
+            command(cli, MapCommand::OsdPurge { id: *id }).await?
+        }
         OsdCmd::Set { flag } => command(cli, MapCommand::SetFlag(*flag)).await?,
         OsdCmd::Unset { flag } => command(cli, MapCommand::UnsetFlag(*flag)).await?,
     }
     Ok(())
+}
+
+/// Runs a map change, or with `dry_run` only says what it would move.
+async fn maybe_dry_run(cli: &Cli, cmd: MapCommand, dry_run: bool) -> anyhow::Result<()> {
+    if !dry_run {
+        return command(cli, cmd).await;
+    }
+    let mons = connect(cli)?;
+    let map = mons.get_map().await.map_err(err)?;
+    let status = mons.status().await.map_err(err)?;
+    osdops::print_dry_run(cli.format, &map, &status, &cmd)
 }
 
 async fn mon(cli: &Cli, m: &MonCmd) -> anyhow::Result<()> {

@@ -262,6 +262,9 @@ pub struct ClusterMap {
     pub fsid: String,
     /// Bumped by every change.
     pub epoch: u64,
+    /// The last epoch that changed placement (OSD states, weights, CRUSH, pools): a PG
+    /// report made before it may describe an old acting set.
+    pub placement_epoch: u64,
     pub mons: BTreeMap<MonId, MonInfo>,
     pub osds: BTreeMap<OsdId, OsdInfo>,
     pub crush: CrushMap,
@@ -281,6 +284,7 @@ impl ClusterMap {
         ClusterMap {
             fsid: fsid.into(),
             epoch: 0,
+            placement_epoch: 0,
             mons: BTreeMap::new(),
             osds: BTreeMap::new(),
             crush: CrushMap {

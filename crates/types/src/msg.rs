@@ -34,6 +34,16 @@ pub enum MapCommand {
     OsdIn {
         ids: Vec<OsdId>,
     },
+    /// Change an OSD's CRUSH weight (fixed point); 0 drains it like `out` but keeps it in.
+    OsdReweight {
+        id: OsdId,
+        weight: u32,
+    },
+    /// Remove an OSD for good: from the map and the CRUSH hierarchy. Only a down, out OSD
+    /// may be purged (the CLI checks safe-to-destroy first).
+    OsdPurge {
+        id: OsdId,
+    },
     SetFlag(Flag),
     UnsetFlag(Flag),
     PoolCreate {
@@ -164,6 +174,10 @@ pub enum MonRequest {
         id: OsdId,
         uuid: String,
         stat: OsdStat,
+        /// The PGs it is primary of that are not active (peering, recovering, inactive),
+        /// as of map epoch `pgs_epoch` (every PG engine of the OSD had seen that map).
+        busy_pgs: Vec<crate::osdmsg::PgReport>,
+        pgs_epoch: u64,
     },
     /// Client session liveness (image opens); sent to every monitor.
     ClientHeartbeat { sessions: Vec<SessionInfo> },

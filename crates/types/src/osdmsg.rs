@@ -26,6 +26,27 @@ pub struct Pg {
     pub seed: u32,
 }
 
+/// Where a PG's primary is in its interval, as reported to the monitors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PgPhase {
+    /// Fewer than min_size OSDs up: no I/O.
+    Inactive,
+    /// Agreeing on the newest PG contents (log heads) before serving I/O.
+    Peering,
+    /// Bringing OSDs of the acting set up to the newest contents.
+    Recovering,
+    /// Serving I/O.
+    Active,
+}
+
+/// One PG's phase as its primary reports it, with the map epoch the primary saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgReport {
+    pub pg: Pg,
+    pub phase: PgPhase,
+    pub epoch: u64,
+}
+
 /// A mutation, as the primary orders it and the replicas apply it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {

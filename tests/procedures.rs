@@ -1,0 +1,170 @@
+//! The operator's procedures, scripted end to end on real processes: ok-to-stop, a rolling
+//! restart under noout, adding a node (it receives its share), a dry run, and removing a
+//! node for good (out, wait, safe-to-destroy, stop, purge). Afterwards every object reads
+//! back from every OSD that should hold it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use store_client::RpcConn;
+use store_integration::{wait_for, ClusterOpts, TestCluster};
+use store_placement::{map_pg, object_to_pg};
+use store_types::map::ClusterMap;
+use store_types::osdmsg::{OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES};
+
+fn content(i: u64, round: u64) -> Bytes {
+    let len = 500 + (i * 7919 + round * 104_729) % 9000;
+    Bytes::from(
+        (0..len)
+            .map(|j| (j as u8).wrapping_add(i as u8) ^ (round as u8).wrapping_mul(17))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn wait_health_ok(c: &TestCluster, osds_up: u64, what: &str) -> Duration {
+    let t0 = Instant::now();
+    wait_for(Duration::from_secs(90), what, || {
+        let s = c.try_status()?;
+        (s["osdmap"]["num_up_osds"] == osds_up && s["health"]["status"] == "HEALTH_OK")
+            .then_some(())
+    });
+    t0.elapsed()
+}
+
+/// Every object on every OSD of its PG's up set, read directly with Fetch.
+fn check_replicas(rt: &tokio::runtime::Runtime, map: &ClusterMap, model: &BTreeMap<String, Bytes>) {
+    let pool = map.pool_by_name("vm-pool").expect("pool");
+    rt.block_on(async {
+        let mut conns: BTreeMap<u32, RpcConn> = BTreeMap::new();
+        for o in map.osds.values().filter(|o| o.up) {
+            let (conn, _) = RpcConn::connect(&o.addr, Duration::from_secs(5), OSD_MAX_FRAME_BYTES)
+                .await
+                .expect("connect to osd");
+            conns.insert(o.id, conn);
+        }
+        for (name, want) in model {
+            let pgid = object_to_pg(pool, name);
+            let m = map_pg(map, pool, pgid);
+            assert_eq!(m.up.len(), 3, "{name}: PG {pgid} not on 3 OSDs");
+            for osd in &m.up {
+                let req = OsdRequest::Fetch {
+                    pg: Pg {
+                        pool: pgid.pool,
+                        seed: pgid.seed,
+                    },
+                    object: name.clone(),
+                    offset: 0,
+                    len: 1 << 20,
+                };
+                let got = conns[osd]
+                    .call::<_, OsdResponse>(&req, Duration::from_secs(10))
+                    .await
+                    .expect("fetch");
+                match got {
+                    OsdResponse::Fetched { data, .. } => {
+                        assert!(data == want, "{name} on osd.{osd} differs")
+                    }
+                    other => panic!("{name} on osd.{osd}: {other:?}"),
+                }
+            }
+        }
+    });
+}
+
+fn map_of(c: &TestCluster) -> ClusterMap {
+    serde_json::from_value(c.ctl_json(&["map"])).expect("map json")
+}
+
+#[test]
+fn rolling_restart_add_a_node_and_remove_a_node() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 3.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 32);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool").id;
+    let mut model = BTreeMap::new();
+    let put = |model: &mut BTreeMap<String, Bytes>, range: std::ops::Range<u64>, round| {
+        rt.block_on(async {
+            for i in range {
+                let name = format!("obj-{i}");
+                // Replace the whole object (a shorter write would keep the old tail).
+                client.delete(pool, &name).await.expect("delete");
+                client
+                    .write(pool, &name, 0, content(i, round))
+                    .await
+                    .expect("write");
+                model.insert(name, content(i, round));
+            }
+        })
+    };
+    put(&mut model, 0..150, 0);
+    let osd = |i: usize, c: &TestCluster| c.osd_id(i).expect("osd id").to_string();
+
+    // ok-to-stop: one of three, yes; two of three, no (min_size 2).
+    let o0 = osd(0, &c);
+    let o1 = osd(1, &c);
+    let out = c.ctl_ok(&["osd", "ok-to-stop", &o0]);
+    assert!(out.contains("is ok-to-stop"), "{out}");
+    let refused = c.ctl(&["osd", "ok-to-stop", &o0, &o1]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("of min_size 2"));
+
+    // Rolling restart of one node under noout.
+    c.ctl_ok(&["osd", "set", "noout"]);
+    c.kill(&TestCluster::osd_name(1));
+    wait_for(Duration::from_secs(30), "osd marked down", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 2).then_some(())
+    });
+    put(&mut model, 100..200, 1);
+    c.start_osd(1);
+    c.ctl_ok(&["osd", "unset", "noout"]);
+    let t = wait_health_ok(&c, 3, "HEALTH_OK after the rolling restart");
+    eprintln!("FIGURE rolling restart: HEALTH_OK {t:?} after the OSD was started again");
+    check_replicas(&rt, &map_of(&c), &model);
+
+    // A new node joins and receives its share.
+    c.start_osd(3);
+    let t = wait_health_ok(&c, 4, "HEALTH_OK with the new node");
+    eprintln!("FIGURE new OSD filled and HEALTH_OK after {t:?}");
+    let map = map_of(&c);
+    let o3: u32 = osd(3, &c).parse().expect("id");
+    let share = store_placement::pool_mappings(&map, map.pool_by_name("vm-pool").expect("pool"))
+        .iter()
+        .filter(|m| m.up.contains(&o3))
+        .count();
+    assert!(share > 0, "the new OSD holds no PG");
+    check_replicas(&rt, &map, &model);
+
+    // A dry run says what would move and moves nothing.
+    let epoch = map.epoch;
+    let dry = c.ctl_json(&["osd", "out", &o0, "--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    assert!(dry["pgs_remapped"].as_u64().unwrap_or(0) > 0, "{dry}");
+    assert_eq!(map_of(&c).epoch, epoch, "a dry run changed the map");
+
+    // Removing a node: refused while in, then out, wait, safe, stop, purge.
+    let refused = c.ctl(&["osd", "purge", &o0, "--yes-i-really-mean-it"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is in"));
+    c.ctl_ok(&["osd", "out", &o0]);
+    let t = wait_health_ok(&c, 4, "data moved off the out OSD");
+    eprintln!("FIGURE data moved off an out OSD, HEALTH_OK after {t:?}");
+    let out = c.ctl_ok(&["osd", "safe-to-destroy", &o0]);
+    assert!(out.contains("safe-to-destroy"), "{out}");
+    c.kill(&TestCluster::osd_name(0));
+    // Marked down: until the primaries report on the new map, PGs are unknown and purge
+    // would be refused; it is accepted once the cluster is HEALTH_OK again.
+    wait_health_ok(&c, 3, "HEALTH_OK with the stopped OSD down and out");
+    c.ctl_ok(&["osd", "purge", &o0, "--yes-i-really-mean-it"]);
+    let map = map_of(&c);
+    assert!(!map.osds.contains_key(&o0.parse::<u32>().expect("id")));
+    wait_health_ok(&c, 3, "HEALTH_OK after the purge");
+    check_replicas(&rt, &map_of(&c), &model);
+    c.check_logs();
+}

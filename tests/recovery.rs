@@ -1,0 +1,167 @@
+//! Recovery without client I/O: an OSD that was down while objects changed comes back,
+//! its PGs' primaries peer and recover it on their own (no client touches the PGs), the
+//! cluster reports the PGs busy while it lasts and returns to HEALTH_OK, and then every
+//! replica, read directly from each OSD, holds exactly what was acknowledged.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use store_client::RpcConn;
+use store_integration::{wait_for, ClusterOpts, TestCluster};
+use store_placement::object_to_pg;
+use store_types::osdmsg::{OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES};
+use store_types::ErrorCode;
+
+fn content(i: u64, round: u64) -> Bytes {
+    let len = 1000 + (i * 7919 + round * 104_729) % 20_000;
+    Bytes::from(
+        (0..len)
+            .map(|j| (j as u8) ^ (i as u8).wrapping_mul(31) ^ round as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Every OSD's own copy of `object` (None where it has none), read with `Fetch`.
+async fn replicas(
+    conns: &BTreeMap<u32, RpcConn>,
+    pg: Pg,
+    object: &str,
+) -> BTreeMap<u32, Option<Bytes>> {
+    let mut out = BTreeMap::new();
+    for (id, conn) in conns {
+        let req = OsdRequest::Fetch {
+            pg,
+            object: object.to_string(),
+            offset: 0,
+            len: 1 << 20,
+        };
+        let copy = match conn
+            .call::<_, OsdResponse>(&req, Duration::from_secs(10))
+            .await
+        {
+            Ok(OsdResponse::Fetched { data, .. }) => Some(data),
+            Ok(OsdResponse::Error(e)) if e.code == ErrorCode::NotFound => None,
+            other => panic!("osd.{id} fetch {object}: {other:?}"),
+        };
+        out.insert(*id, copy);
+    }
+    out
+}
+
+#[test]
+fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 3.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 32);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    let mut model: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
+    rt.block_on(async {
+        for i in 0..300u64 {
+            let name = format!("obj-{i}");
+            client
+                .write(pool.id, &name, 0, content(i, 0))
+                .await
+                .expect("write");
+            model.insert(name, Some(content(i, 0)));
+        }
+    });
+
+    c.kill(&TestCluster::osd_name(2));
+    wait_for(Duration::from_secs(30), "osd marked down", || {
+        (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == 2).then_some(())
+    });
+    rt.block_on(async {
+        for i in 0..300u64 {
+            let name = format!("obj-{i}");
+            match i % 3 {
+                0 => {
+                    client.delete(pool.id, &name).await.expect("delete");
+                    model.insert(name, None);
+                }
+                1 => {
+                    client.delete(pool.id, &name).await.expect("delete");
+                    client
+                        .write(pool.id, &name, 0, content(i, 1))
+                        .await
+                        .expect("rewrite");
+                    model.insert(name, Some(content(i, 1)));
+                }
+                _ => {}
+            }
+        }
+        for i in 300..400u64 {
+            let name = format!("obj-{i}");
+            client
+                .write(pool.id, &name, 0, content(i, 1))
+                .await
+                .expect("write");
+            model.insert(name, Some(content(i, 1)));
+        }
+    });
+
+    // Back, with no client I/O from here on.
+    let t0 = Instant::now();
+    c.start_osd(2);
+    let mut busy_seen = false;
+    wait_for(
+        Duration::from_secs(60),
+        "HEALTH_OK after the OSD returned",
+        || {
+            let s = c.try_status()?;
+            let checks = &s["health"]["checks"];
+            busy_seen |= checks["PG_AVAILABILITY"]["summary"]
+                .as_str()
+                .is_some_and(|m| !m.contains(" 0 peering, 0 recovering"));
+            (s["osdmap"]["num_up_osds"] == 3 && s["health"]["status"] == "HEALTH_OK").then_some(())
+        },
+    );
+    eprintln!(
+        "FIGURE back to HEALTH_OK {:?} after the OSD restarted (PGs reported busy on the way: {busy_seen})",
+        t0.elapsed()
+    );
+
+    let map = c.ctl_json(&["map"]);
+    let addrs: Vec<(u32, String)> = map["osds"]
+        .as_object()
+        .expect("osds")
+        .values()
+        .map(|o| {
+            (
+                o["id"].as_u64().expect("id") as u32,
+                o["addr"].as_str().expect("addr").to_string(),
+            )
+        })
+        .collect();
+    rt.block_on(async {
+        let mut conns = BTreeMap::new();
+        for (id, addr) in &addrs {
+            let (conn, _) = RpcConn::connect(addr, Duration::from_secs(5), OSD_MAX_FRAME_BYTES)
+                .await
+                .expect("connect to osd");
+            conns.insert(*id, conn);
+        }
+        for (name, want) in &model {
+            let pgid = object_to_pg(&pool, name);
+            let pg = Pg {
+                pool: pgid.pool,
+                seed: pgid.seed,
+            };
+            for (osd, got) in replicas(&conns, pg, name).await {
+                assert!(
+                    &got == want,
+                    "{name} on osd.{osd}: {:?} bytes, expected {:?}",
+                    got.as_ref().map(|b| b.len()),
+                    want.as_ref().map(|b| b.len())
+                );
+            }
+        }
+    });
+    c.check_logs();
+}
