@@ -7,11 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use store_client::RpcConn;
-use store_integration::{wait_for, ClusterOpts, TestCluster};
-use store_placement::{map_pg, object_to_pg};
-use store_types::map::ClusterMap;
-use store_types::osdmsg::{OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES};
+use store_integration::{check_replicas, wait_for, ClusterOpts, TestCluster};
 
 fn content(i: u64, round: u64) -> Bytes {
     let len = 500 + (i * 7919 + round * 104_729) % 9000;
@@ -30,50 +26,6 @@ fn wait_health_ok(c: &TestCluster, osds_up: u64, what: &str) -> Duration {
             .then_some(())
     });
     t0.elapsed()
-}
-
-/// Every object on every OSD of its PG's up set, read directly with Fetch.
-fn check_replicas(rt: &tokio::runtime::Runtime, map: &ClusterMap, model: &BTreeMap<String, Bytes>) {
-    let pool = map.pool_by_name("vm-pool").expect("pool");
-    rt.block_on(async {
-        let mut conns: BTreeMap<u32, RpcConn> = BTreeMap::new();
-        for o in map.osds.values().filter(|o| o.up) {
-            let (conn, _) = RpcConn::connect(&o.addr, Duration::from_secs(5), OSD_MAX_FRAME_BYTES)
-                .await
-                .expect("connect to osd");
-            conns.insert(o.id, conn);
-        }
-        for (name, want) in model {
-            let pgid = object_to_pg(pool, name);
-            let m = map_pg(map, pool, pgid);
-            assert_eq!(m.up.len(), 3, "{name}: PG {pgid} not on 3 OSDs");
-            for osd in &m.up {
-                let req = OsdRequest::Fetch {
-                    pg: Pg {
-                        pool: pgid.pool,
-                        seed: pgid.seed,
-                    },
-                    object: name.clone(),
-                    offset: 0,
-                    len: 1 << 20,
-                };
-                let got = conns[osd]
-                    .call::<_, OsdResponse>(&req, Duration::from_secs(10))
-                    .await
-                    .expect("fetch");
-                match got {
-                    OsdResponse::Fetched { data, .. } => {
-                        assert!(data == want, "{name} on osd.{osd} differs")
-                    }
-                    other => panic!("{name} on osd.{osd}: {other:?}"),
-                }
-            }
-        }
-    });
-}
-
-fn map_of(c: &TestCluster) -> ClusterMap {
-    serde_json::from_value(c.ctl_json(&["map"])).expect("map json")
 }
 
 #[test]
@@ -126,27 +78,27 @@ fn rolling_restart_add_a_node_and_remove_a_node() {
     c.ctl_ok(&["osd", "unset", "noout"]);
     let t = wait_health_ok(&c, 3, "HEALTH_OK after the rolling restart");
     eprintln!("FIGURE rolling restart: HEALTH_OK {t:?} after the OSD was started again");
-    check_replicas(&rt, &map_of(&c), &model);
+    check_replicas(&rt, &c.map(), "vm-pool", &model);
 
     // A new node joins and receives its share.
     c.start_osd(3);
     let t = wait_health_ok(&c, 4, "HEALTH_OK with the new node");
     eprintln!("FIGURE new OSD filled and HEALTH_OK after {t:?}");
-    let map = map_of(&c);
+    let map = c.map();
     let o3: u32 = osd(3, &c).parse().expect("id");
     let share = store_placement::pool_mappings(&map, map.pool_by_name("vm-pool").expect("pool"))
         .iter()
         .filter(|m| m.up.contains(&o3))
         .count();
     assert!(share > 0, "the new OSD holds no PG");
-    check_replicas(&rt, &map, &model);
+    check_replicas(&rt, &map, "vm-pool", &model);
 
     // A dry run says what would move and moves nothing.
     let epoch = map.epoch;
     let dry = c.ctl_json(&["osd", "out", &o0, "--dry-run"]);
     assert_eq!(dry["dry_run"], true);
     assert!(dry["pgs_remapped"].as_u64().unwrap_or(0) > 0, "{dry}");
-    assert_eq!(map_of(&c).epoch, epoch, "a dry run changed the map");
+    assert_eq!(c.map().epoch, epoch, "a dry run changed the map");
 
     // Removing a node: refused while in, then out, wait, safe, stop, purge.
     let refused = c.ctl(&["osd", "purge", &o0, "--yes-i-really-mean-it"]);
@@ -162,9 +114,9 @@ fn rolling_restart_add_a_node_and_remove_a_node() {
     // would be refused; it is accepted once the cluster is HEALTH_OK again.
     wait_health_ok(&c, 3, "HEALTH_OK with the stopped OSD down and out");
     c.ctl_ok(&["osd", "purge", &o0, "--yes-i-really-mean-it"]);
-    let map = map_of(&c);
+    let map = c.map();
     assert!(!map.osds.contains_key(&o0.parse::<u32>().expect("id")));
     wait_health_ok(&c, 3, "HEALTH_OK after the purge");
-    check_replicas(&rt, &map_of(&c), &model);
+    check_replicas(&rt, &c.map(), "vm-pool", &model);
     c.check_logs();
 }

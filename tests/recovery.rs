@@ -73,6 +73,16 @@ fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
         }
     });
 
+    // `status --watch` prints the events of what follows.
+    let watch_out = c.dir.path().join("watch.out");
+    let mut watcher = std::process::Command::new(store_integration::bin_dir().join("storectl"))
+        .arg("--conf")
+        .arg(c.conf())
+        .args(["status", "--watch"])
+        .stdout(std::fs::File::create(&watch_out).expect("watch output"))
+        .spawn()
+        .expect("storectl status --watch");
+
     c.kill(&TestCluster::osd_name(2));
     wait_for(Duration::from_secs(30), "osd marked down", || {
         (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == 2).then_some(())
@@ -106,6 +116,15 @@ fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
         }
     });
 
+    wait_for(
+        Duration::from_secs(10),
+        "the watch to print OSD_DOWN",
+        || {
+            let out = std::fs::read_to_string(&watch_out).ok()?;
+            out.contains("raised OSD_DOWN").then_some(())
+        },
+    );
+
     // Back, with no client I/O from here on.
     let t0 = Instant::now();
     c.start_osd(2);
@@ -126,6 +145,20 @@ fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
         "FIGURE back to HEALTH_OK {:?} after the OSD restarted (PGs reported busy on the way: {busy_seen})",
         t0.elapsed()
     );
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let events = std::fs::read_to_string(&watch_out).expect("watch output");
+    for want in [
+        "raised OSD_DOWN",
+        "cleared OSD_DOWN",
+        "health HEALTH_WARN -> HEALTH_OK",
+    ] {
+        assert!(
+            events.contains(want),
+            "no '{want}' in the watch output:\n{events}"
+        );
+    }
 
     let map = c.ctl_json(&["map"]);
     let addrs: Vec<(u32, String)> = map["osds"]

@@ -301,6 +301,11 @@ impl TestCluster {
         });
     }
 
+    /// The cluster map, as `storectl map` prints it.
+    pub fn map(&self) -> store_types::map::ClusterMap {
+        serde_json::from_value(self.ctl_json(&["map"])).expect("map json")
+    }
+
     /// Runs storectl with this cluster's conf.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(bin_dir().join("storectl"))
@@ -433,6 +438,64 @@ fn fake_uuid() -> String {
 }
 
 /// Sends SIGKILL to a pid (for processes not started through [`TestCluster`]).
+/// Checks every object of `pool` against `model` on every up OSD of its PG, reading each
+/// OSD's own copy directly (`Fetch`): replicas must all hold exactly what was acknowledged.
+pub fn check_replicas(
+    rt: &tokio::runtime::Runtime,
+    map: &store_types::map::ClusterMap,
+    pool: &str,
+    model: &BTreeMap<String, bytes::Bytes>,
+) {
+    use store_types::osdmsg::{OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES};
+    let pool = map.pool_by_name(pool).expect("pool");
+    rt.block_on(async {
+        let mut conns: BTreeMap<u32, store_client::RpcConn> = BTreeMap::new();
+        for o in map.osds.values().filter(|o| o.up) {
+            let (conn, _) = store_client::RpcConn::connect(
+                &o.addr,
+                Duration::from_secs(5),
+                OSD_MAX_FRAME_BYTES,
+            )
+            .await
+            .expect("connect to osd");
+            conns.insert(o.id, conn);
+        }
+        for (name, want) in model {
+            let pgid = store_placement::object_to_pg(pool, name);
+            let m = store_placement::map_pg(map, pool, pgid);
+            assert_eq!(
+                m.up.len(),
+                pool.size as usize,
+                "{name}: PG {pgid} is degraded"
+            );
+            for osd in &m.up {
+                let req = OsdRequest::Fetch {
+                    pg: Pg {
+                        pool: pgid.pool,
+                        seed: pgid.seed,
+                    },
+                    object: name.clone(),
+                    offset: 0,
+                    len: 1 << 20,
+                };
+                match conns[osd]
+                    .call::<_, OsdResponse>(&req, Duration::from_secs(10))
+                    .await
+                    .expect("fetch")
+                {
+                    OsdResponse::Fetched { data, .. } => {
+                        assert!(
+                            data == want,
+                            "{name} on osd.{osd} differs from what was acknowledged"
+                        )
+                    }
+                    other => panic!("{name} on osd.{osd}: {other:?}"),
+                }
+            }
+        }
+    });
+}
+
 /// Runs an outside program (an NBD client); (success, stdout+stderr).
 pub fn run_tool(cmd: &str, args: &[&str]) -> (bool, String) {
     let o = Command::new(cmd)

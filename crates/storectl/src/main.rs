@@ -7,6 +7,7 @@ mod image;
 mod obj;
 mod osdops;
 mod output;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,7 +47,11 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Cluster status: health, monitors, OSDs, pools, PGs, usage.
-    Status,
+    Status {
+        /// Keep watching: print events (health checks, OSDs, PG states) as they happen.
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
     /// Health summary, or every check's detail.
     Health {
         #[arg(value_parser = ["detail"])]
@@ -213,7 +218,8 @@ pub(crate) fn err(e: StoreError) -> anyhow::Error {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.cmd {
-        Cmd::Status => {
+        Cmd::Status { watch: true } => watch::run(cli.format, &*connect(&cli)?).await?,
+        Cmd::Status { watch: false } => {
             let s = connect(&cli)?.status().await.map_err(err)?;
             output::status(cli.format, &s);
         }
