@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use store_integration::{check_replicas, wait_for, ClusterOpts, TestCluster};
+use store_integration::{check_replicas, wait_for, xorshift, ClusterOpts, TestCluster};
 
 const OBJECTS: u64 = 120;
 const WRITERS: u64 = 4;
@@ -24,14 +24,6 @@ fn content(i: u64, round: u64) -> Bytes {
             .map(|j| (j as u8) ^ (i as u8).wrapping_mul(29) ^ (round as u8).wrapping_mul(101))
             .collect::<Vec<u8>>(),
     )
-}
-
-/// xorshift64: the driver's choices, reproducible from the seed it prints.
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 #[test]
@@ -101,10 +93,10 @@ fn osds_killed_and_added_under_writes_lose_nothing() {
             eprintln!("added osd-dev4 at {:?}", t0.elapsed());
         }
         let n = if added { 5 } else { 4 };
-        let victim = (next(&mut seed) % n) as usize;
+        let victim = (xorshift(&mut seed) % n) as usize;
         c.kill(&TestCluster::osd_name(victim));
         kills += 1;
-        std::thread::sleep(Duration::from_millis(1000 + next(&mut seed) % 3000));
+        std::thread::sleep(Duration::from_millis(1000 + xorshift(&mut seed) % 3000));
         c.start_osd(victim);
         // One OSD away at a time: wait until it is back and its PGs have settled.
         wait_for(

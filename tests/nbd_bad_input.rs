@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use store_integration::{tool_ok, ClusterOpts, TestCluster};
+use store_integration::{tool_ok, xorshift, ClusterOpts, TestCluster};
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -106,14 +106,6 @@ impl Raw {
         self.0.read_exact(&mut d).expect("reply data");
         (handle, error, d)
     }
-}
-
-/// A tiny deterministic generator for the mutation rounds.
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 #[test]

@@ -496,6 +496,14 @@ pub fn check_replicas(
     });
 }
 
+/// xorshift64: reproducible pseudo-random choices for tests (state must not be 0).
+pub fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 /// Runs an outside program (an NBD client); (success, stdout+stderr).
 pub fn run_tool(cmd: &str, args: &[&str]) -> (bool, String) {
     let o = Command::new(cmd)
