@@ -280,6 +280,24 @@ impl ObjectClient {
         }
     }
 
+    /// The object's allocated (offset, length) ranges within `offset..offset+len`; None if
+    /// it does not exist.
+    pub async fn allocated(
+        &self,
+        pool_id: u32,
+        object: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, StoreError> {
+        match self
+            .on_object(pool_id, object, ClientOpKind::Allocated { offset, len })
+            .await?
+        {
+            OsdResponse::Extents(e) => Ok(e),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn stat(&self, pool_id: u32, object: &str) -> Result<Option<ObjStat>, StoreError> {
         match self.on_object(pool_id, object, ClientOpKind::Stat).await? {
             OsdResponse::Stat(s) => Ok(s),

@@ -600,7 +600,11 @@ async fn serve(
                 }
             }
         }
-        CMD_BLOCK_STATUS => match image.allocation(offset, len as u64).await {
+        // Answer a bounded prefix: the protocol lets a server describe less than asked.
+        CMD_BLOCK_STATUS => match image
+            .allocation(offset, u64::from(len).min(BLOCK_STATUS_MAX_BYTES))
+            .await
+        {
             Ok(runs) => {
                 let mut extents: Vec<(u32, u32)> = runs
                     .into_iter()
@@ -618,6 +622,7 @@ async fn serve(
                 if flags & CMD_FLAG_REQ_ONE != 0 {
                     extents.truncate(1);
                 }
+                extents.truncate(BLOCK_STATUS_MAX_EXTENTS);
                 Reply::BlockStatus { handle, extents }
             }
             Err(e) => {

@@ -77,6 +77,11 @@ pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Largest range one BLOCK_STATUS reply describes (a prefix of what was asked).
+pub const BLOCK_STATUS_MAX_BYTES: u64 = 256 << 20;
+/// Most extents in one BLOCK_STATUS reply.
+pub const BLOCK_STATUS_MAX_EXTENTS: usize = 4096;
+
 /// Size of a request header on the wire.
 pub const REQUEST_HEADER_BYTES: usize = 28;
 

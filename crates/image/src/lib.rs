@@ -386,25 +386,44 @@ impl Image {
         Ok(out.freeze())
     }
 
-    /// Which parts of `offset..offset+len` hold data: (length, allocated) runs in order. A
-    /// data object that does not exist is a hole (reads as zeros); an existing one counts as
-    /// data as a whole (its own holes are not reported).
+    /// Which parts of `offset..offset+len` hold data: (length, allocated) runs in order, at
+    /// the OSDs' 4 KiB block granularity. Unallocated parts read as zeros.
     pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, StoreError> {
         let extents = self.extents(offset, len)?;
-        let stats = try_join_all(extents.iter().map(|e| async move {
+        let maps = try_join_all(extents.iter().map(|e| async move {
             self.client
-                .stat(self.pool, &self.data_object(e.object_no))
+                .allocated(
+                    self.pool,
+                    &self.data_object(e.object_no),
+                    e.offset_in_object,
+                    e.len,
+                )
                 .await
-                .map(|s| s.is_some())
         }))
         .await?;
         let mut runs: Vec<(u64, bool)> = Vec::new();
-        for (e, allocated) in extents.iter().zip(stats) {
-            match runs.last_mut() {
-                Some((n, a)) if *a == allocated => *n += e.len,
-                _ => runs.push((e.len, allocated)),
+        let mut push = |n: u64, allocated: bool| {
+            if n == 0 {
+                return;
             }
+            match runs.last_mut() {
+                Some((m, a)) if *a == allocated => *m += n,
+                _ => runs.push((n, allocated)),
+            }
+        };
+        for (e, ranges) in extents.iter().zip(maps) {
+            let mut at = e.offset_in_object;
+            for (o, l) in ranges.unwrap_or_default() {
+                push(o.saturating_sub(at), false);
+                push(l, true);
+                at = o + l;
+            }
+            push(
+                e.offset_in_object + e.len - at.min(e.offset_in_object + e.len),
+                false,
+            );
         }
+        debug_assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), len);
         Ok(runs)
     }
 

@@ -141,6 +141,15 @@ pub trait ObjectStore: Send + Sync + 'static {
         pool: u32,
         pg: u32,
     ) -> impl Future<Output = Result<Option<Version>, ObjError>> + Send;
+    /// The allocated byte ranges (offset, length) of an object within `offset..offset+len`,
+    /// at block granularity, clipped to the object's size; None if the object does not
+    /// exist. Unallocated ranges read as zeros.
+    fn allocated(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Option<Vec<(u64, u64)>>, ObjError>> + Send;
     /// Names of a PG's objects, in order.
     fn list(
         &self,

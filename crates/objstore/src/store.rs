@@ -756,6 +756,39 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         Ok(())
     }
 
+    async fn allocated(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, ObjError> {
+        let okey = object_key(id);
+        let _guard = self.lock(&okey).read().await;
+        let Some(meta) = self.get_meta(&okey)? else {
+            return Ok(None);
+        };
+        let end = offset.saturating_add(len).min(meta.size);
+        if offset >= end {
+            return Ok(Some(Vec::new()));
+        }
+        let (b0, b1) = block_span(offset, end - offset);
+        let refs = self.block_refs(&okey, b0, b1)?;
+        let bs = BLOCK_SIZE as u64;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, r) in refs.iter().enumerate() {
+            if r.is_none() {
+                continue;
+            }
+            let start = ((b0 as u64 + i as u64) * bs).max(offset);
+            let stop = ((b0 as u64 + i as u64 + 1) * bs).min(end);
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == start => *l += stop - start,
+                _ => runs.push((start, stop - start)),
+            }
+        }
+        Ok(Some(runs))
+    }
+
     async fn stat(&self, id: &ObjectId) -> Result<Option<ObjectStat>, ObjError> {
         let okey = object_key(id);
         let _guard = self.lock(&okey).read().await;

@@ -166,6 +166,34 @@ async fn zero_and_delete_free_space<D: Open>() {
     assert_eq!(s.usage().objects, 0);
 }
 
+async fn allocation_is_reported_per_block<D: Open>() {
+    let e = env(16 * MIB);
+    let s = create::<D>(&e).await;
+    let o = id("sparse");
+    assert_eq!(s.allocated(&o, 0, MIB).await.unwrap(), None);
+    // Blocks 1 and 2 (from a write straddling them), then block 10.
+    s.write(&o, 5000, pattern(1, 5000), v(1)).await.unwrap();
+    s.write(&o, 10 * 4096, pattern(2, 4096), v(2))
+        .await
+        .unwrap();
+    let bs = BLOCK_SIZE as u64;
+    assert_eq!(
+        s.allocated(&o, 0, MIB).await.unwrap(),
+        Some(vec![(bs, 2 * bs), (10 * bs, bs)])
+    );
+    // Clipped to the range asked and to the object's size.
+    assert_eq!(
+        s.allocated(&o, 6000, 50_000).await.unwrap(),
+        Some(vec![(6000, 3 * bs - 6000), (10 * bs, bs)])
+    );
+    // Zeroing a whole block frees it.
+    s.zero(&o, bs, bs, v(3)).await.unwrap();
+    assert_eq!(
+        s.allocated(&o, 0, MIB).await.unwrap(),
+        Some(vec![(2 * bs, bs), (10 * bs, bs)])
+    );
+}
+
 async fn list_by_pg<D: Open>() {
     let e = env(8 * MIB);
     let s = create::<D>(&e).await;
@@ -412,6 +440,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn zero_and_delete_free_space() {
                 super::zero_and_delete_free_space::<$dev>().await
+            }
+            #[tokio::test]
+            async fn allocation_is_reported_per_block() {
+                super::allocation_is_reported_per_block::<$dev>().await
             }
             #[tokio::test]
             async fn list_by_pg() {

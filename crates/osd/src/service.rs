@@ -528,6 +528,11 @@ impl<S: ObjectStore> OsdService<S> {
                 }
                 .map(OsdResponse::Data)
             }
+            ClientOpKind::Allocated { offset, len } => self
+                .store
+                .allocated(&id, offset, len)
+                .await
+                .map(OsdResponse::Extents),
             ClientOpKind::Stat => self.store.stat(&id).await.map(|s| {
                 OsdResponse::Stat(s.map(|s| ObjStat {
                     size: s.size,

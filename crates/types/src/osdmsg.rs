@@ -59,8 +59,16 @@ pub enum Mutation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientOpKind {
     Mutate(Mutation),
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     Stat,
+    /// The allocated ranges of the object within offset..offset+len.
+    Allocated {
+        offset: u64,
+        len: u64,
+    },
     List,
 }
 
@@ -114,6 +122,8 @@ pub enum OsdResponse {
     },
     Data(Bytes),
     Stat(Option<ObjStat>),
+    /// Answer to `Allocated`: (offset, length) ranges; None if the object does not exist.
+    Extents(Option<Vec<(u64, u64)>>),
     Listed(Vec<String>),
     /// Answer to `Fetch`: the object's size and version, and the requested bytes.
     Fetched {
