@@ -145,6 +145,16 @@ fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
         "FIGURE back to HEALTH_OK {:?} after the OSD restarted (PGs reported busy on the way: {busy_seen})",
         t0.elapsed()
     );
+    // The recovery shows in status: the rate over the last seconds, nothing left to do.
+    let s = wait_for(Duration::from_secs(10), "a recovery rate in status", || {
+        let s = c.try_status()?;
+        (s["pgmap"]["recovering_objects_per_sec"].as_u64()? > 0).then_some(s)
+    });
+    assert_eq!(s["pgmap"]["degraded_objects"], 0, "{s}");
+    assert!(
+        s["pgmap"]["degraded_total"].as_u64().unwrap_or(0) >= 3 * 200,
+        "{s}"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let _ = watcher.kill();
     let _ = watcher.wait();

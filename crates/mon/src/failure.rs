@@ -27,6 +27,41 @@ impl Default for FailurePolicy {
     }
 }
 
+/// The window recovery rates are measured over.
+pub const RATE_WINDOW_MS: u64 = 10_000;
+
+/// Recovered-object counts over time, summed over OSDs: the recovery rate.
+#[derive(Debug, Default)]
+pub struct RecoveryMeter {
+    total: u64,
+    /// (time, total) samples, oldest first, within twice the window.
+    samples: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl RecoveryMeter {
+    pub fn add(&mut self, delta: u64, now_ms: u64) {
+        self.total += delta;
+        self.samples.push_back((now_ms, self.total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now_ms.saturating_sub(*t) > 2 * RATE_WINDOW_MS)
+            || self.samples.len() > 4096
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn rate_per_sec(&self, now_ms: u64) -> Option<u64> {
+        let (t1, n1) = *self.samples.back()?;
+        let (t0, n0) = *self
+            .samples
+            .iter()
+            .find(|(t, _)| now_ms.saturating_sub(*t) <= RATE_WINDOW_MS)?;
+        (t1 > t0 + 1000).then(|| (n1 - n0) * 1000 / (t1 - t0))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FailureDetector {
     policy: FailurePolicy,
@@ -35,6 +70,7 @@ pub struct FailureDetector {
     /// Each OSD's last report of the PGs it is primary of that are not active, with the
     /// map epoch the report is true of.
     pg_reports: HashMap<OsdId, (u64, Vec<PgReport>)>,
+    recovery: RecoveryMeter,
     /// Since when this monitor leads; None when it does not.
     leader_since_ms: Option<u64>,
 }
@@ -50,8 +86,21 @@ impl FailureDetector {
     pub fn heartbeat(&mut self, id: OsdId, stat: OsdStat, pgs: (u64, Vec<PgReport>), now_ms: u64) {
         let seen = self.last_seen_ms.entry(id).or_insert(now_ms);
         *seen = (*seen).max(now_ms);
+        let before = self.stats.get(&id).map_or(0, |s| s.recovered_objects);
+        // A restarted OSD counts from zero again.
+        let delta = if stat.recovered_objects >= before {
+            stat.recovered_objects - before
+        } else {
+            stat.recovered_objects
+        };
+        self.recovery.add(delta, now_ms);
         self.stats.insert(id, stat);
         self.pg_reports.insert(id, pgs);
+    }
+
+    /// Objects recovered per second over the last [`RATE_WINDOW_MS`], when known.
+    pub fn recovery_rate(&self, now_ms: u64) -> Option<u64> {
+        self.recovery.rate_per_sec(now_ms)
     }
 
     pub fn pg_reports(&self) -> &HashMap<OsdId, (u64, Vec<PgReport>)> {
@@ -119,6 +168,26 @@ impl FailureDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_rate_is_measured_over_the_window_and_survives_restarts() {
+        let mut d = FailureDetector::new(FailurePolicy::default());
+        let stat = |n| OsdStat {
+            recovered_objects: n,
+            ..Default::default()
+        };
+        assert_eq!(d.recovery_rate(0), None);
+        d.heartbeat(0, stat(0), (0, vec![]), 0);
+        d.heartbeat(0, stat(100), (0, vec![]), 2000);
+        assert_eq!(d.recovery_rate(2000), Some(50));
+        // Restarted: its counter starts over; the rate does not go negative.
+        d.heartbeat(0, stat(40), (0, vec![]), 4000);
+        assert_eq!(d.recovery_rate(4000), Some(35));
+        // Long quiet: the old samples leave the window.
+        d.heartbeat(0, stat(40), (0, vec![]), 30_000);
+        d.heartbeat(0, stat(40), (0, vec![]), 32_000);
+        assert_eq!(d.recovery_rate(32_000), Some(0));
+    }
     use crate::apply::apply_command;
     use store_types::map::WEIGHT_ONE;
 

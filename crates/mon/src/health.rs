@@ -25,6 +25,8 @@ pub struct StatusInput<'a> {
     pub silent_holders: Option<Vec<String>>,
     /// PGs their primaries report busy (see [`busy_pgs`]).
     pub busy: &'a BusyPgs,
+    /// Objects recovered per second lately, when known.
+    pub recovery_rate: Option<u64>,
 }
 
 pub const STATE_CLEAN: &str = "active+clean";
@@ -42,6 +44,8 @@ pub const STATE_RECOVERING: &str = "recovering+degraded";
 pub struct BusyPgs {
     /// PGs reported not active, by (pool, seed).
     pub phases: HashMap<(u32, u32), PgPhase>,
+    /// Objects the current primaries still have to recover.
+    pub objects_left: u64,
     /// Primaries whose last report predates the last placement change: their PGs' state
     /// is unknown until they report again.
     pub behind: std::collections::HashSet<OsdId>,
@@ -82,6 +86,7 @@ pub fn busy_pgs(map: &ClusterMap, reports: &HashMap<OsdId, (u64, Vec<PgReport>)>
             };
             if store_placement::map_pg(map, pool, id).primary == Some(*osd) {
                 out.phases.insert((r.pg.pool, r.pg.seed), r.phase);
+                out.objects_left += r.objects_left;
             }
         }
     }
@@ -396,6 +401,14 @@ pub fn status(input: StatusInput) -> StatusReport {
         used_bytes,
         flags: map.flags.iter().map(|f| f.to_string()).collect(),
         num_sessions: input.live_sessions,
+        recovery_objects_left: input.busy.objects_left,
+        object_copies: map
+            .osds
+            .keys()
+            .filter_map(|id| input.osd_stats.get(id))
+            .map(|s| s.objects)
+            .sum(),
+        recovery_objects_per_sec: input.recovery_rate,
         num_image_locks: map
             .image_locks
             .values()
@@ -536,6 +549,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
+            recovery_rate: None,
             busy: &current(map),
         })
     }
@@ -601,6 +615,7 @@ mod tests {
             used_bytes: used,
             objects: 1,
             checksum_errors: errs,
+            recovered_objects: 0,
         };
         stats.insert(0, st(96, 0));
         stats.insert(1, st(90, 2));
@@ -613,6 +628,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
+            recovery_rate: None,
             busy: &current(&m),
         });
         assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
@@ -661,6 +677,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 1,
             silent_holders: Some(vec!["image p/1/b is locked by ...".into()]),
+            recovery_rate: None,
             busy: &current(&m),
         });
         assert_eq!(r.checks["IMAGE_LOCK_BLOCKLISTED"].detail.len(), 1);

@@ -327,10 +327,16 @@ impl<C: Consensus> MonitorCore<C> {
     async fn status(&self) -> MonResponse {
         let mons = self.probe_mons().await;
         let map = self.map();
-        let (stats, reports) = self
+        let (stats, reports, recovery_rate) = self
             .detector
             .lock()
-            .map(|d| (d.stats().clone(), d.pg_reports().clone()))
+            .map(|d| {
+                (
+                    d.stats().clone(),
+                    d.pg_reports().clone(),
+                    d.recovery_rate(now_ms()),
+                )
+            })
             .unwrap_or_default();
         let busy = health::busy_pgs(&map, &reports);
         let leader_name = self.consensus.leader().map(|l| l.name);
@@ -344,6 +350,7 @@ impl<C: Consensus> MonitorCore<C> {
             live_sessions,
             silent_holders,
             busy: &busy,
+            recovery_rate,
         })))
     }
 

@@ -165,13 +165,14 @@ fn weight_for(total_bytes: u64) -> CrushWeight {
 }
 
 /// Usage for heartbeats; checksum errors count only damage not yet repaired.
-fn stat_of(store: &Store, repaired: u64) -> OsdStat {
+fn stat_of(store: &Store, repaired: u64, recovered: u64) -> OsdStat {
     let u = store.usage();
     OsdStat {
         total_bytes: u.total_bytes,
         used_bytes: u.used_bytes,
         objects: u.objects,
         checksum_errors: u.checksum_errors.saturating_sub(repaired),
+        recovered_objects: recovered,
     }
 }
 
@@ -296,7 +297,7 @@ async fn heartbeat_loop(
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
-            stat: stat_of(&store, service.repaired()),
+            stat: stat_of(&store, service.repaired(), service.recovered()),
             busy_pgs,
             pgs_epoch,
         };

@@ -90,6 +90,42 @@ struct PgSlot {
     apply_tx: mpsc::UnboundedSender<ApplyJob>,
     /// Whether the engine's sequence was raised to the PG log's head.
     seq_loaded: std::sync::atomic::AtomicBool,
+    /// Objects the running recoveries of this PG still have to copy or remove.
+    recovery_left: AtomicU64,
+}
+
+/// Counts a recovery's objects down; whatever is left when it ends (done or abandoned)
+/// is taken off the PG's count.
+struct RecoveryProgress<'a> {
+    slot: &'a PgSlot,
+    total: &'a AtomicU64,
+    remaining: u64,
+}
+
+impl<'a> RecoveryProgress<'a> {
+    fn start(slot: &'a PgSlot, total: &'a AtomicU64, objects: usize) -> Self {
+        slot.recovery_left
+            .fetch_add(objects as u64, Ordering::Relaxed);
+        RecoveryProgress {
+            slot,
+            total,
+            remaining: objects as u64,
+        }
+    }
+
+    fn one_done(&mut self) {
+        self.remaining = self.remaining.saturating_sub(1);
+        self.slot.recovery_left.fetch_sub(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RecoveryProgress<'_> {
+    fn drop(&mut self) {
+        self.slot
+            .recovery_left
+            .fetch_sub(self.remaining, Ordering::Relaxed);
+    }
 }
 
 struct PeerJob {
@@ -109,6 +145,8 @@ pub struct OsdService<S: ObjectStore> {
     started: Instant,
     /// Damaged local copies rewritten from a replica.
     repaired: AtomicU64,
+    /// Objects copied or removed by recoveries this OSD ran (pulls and pushes).
+    recovered: AtomicU64,
 }
 
 impl<S: ObjectStore> OsdService<S> {
@@ -123,6 +161,7 @@ impl<S: ObjectStore> OsdService<S> {
             next_op: AtomicU64::new(1),
             started: Instant::now(),
             repaired: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
         })
     }
 
@@ -148,6 +187,7 @@ impl<S: ObjectStore> OsdService<S> {
                     waiters: Mutex::new(HashMap::new()),
                     apply_tx,
                     seq_loaded: std::sync::atomic::AtomicBool::new(false),
+                    recovery_left: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -507,6 +547,11 @@ impl<S: ObjectStore> OsdService<S> {
     }
 
     /// Damaged copies this OSD has repaired from replicas since it started.
+    /// Objects copied or removed in recovery since start.
+    pub fn recovered(&self) -> u64 {
+        self.recovered.load(Ordering::Relaxed)
+    }
+
     pub fn repaired(&self) -> u64 {
         self.repaired.load(Ordering::Relaxed)
     }
@@ -722,6 +767,7 @@ impl<S: ObjectStore> OsdService<S> {
             .ok_or_else(|| StoreError::not_found(format!("osd.{from} is not in the map")))?;
         let (remove, copy) = recovery_plan(&source, &target);
         let changed = remove.len() + copy.len();
+        let mut progress = RecoveryProgress::start(slot, &self.recovered, changed);
         let id = |name: &str| ObjectId {
             pool: pg.pool,
             pg: pg.seed,
@@ -733,6 +779,7 @@ impl<S: ObjectStore> OsdService<S> {
                 .delete(&id(&name), current)
                 .await
                 .map_err(obj_err)?;
+            progress.one_done();
         }
         for (name, version, current) in copy {
             self.still_peering(slot, interval)?;
@@ -752,6 +799,7 @@ impl<S: ObjectStore> OsdService<S> {
                     .await
                     .map_err(obj_err)?;
             }
+            progress.one_done();
         }
         Ok(changed)
     }
@@ -764,6 +812,7 @@ impl<S: ObjectStore> OsdService<S> {
         let source = self.local_objects(pg).await?;
         let (remove, copy) = recovery_plan(&source, &target);
         let changed = remove.len() + copy.len();
+        let mut progress = RecoveryProgress::start(slot, &self.recovered, changed);
         let send = |object: String, version: ObjVersion, mutation: Mutation| async move {
             let req = OsdRequest::Replica {
                 map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
@@ -781,6 +830,7 @@ impl<S: ObjectStore> OsdService<S> {
         for (name, current) in remove {
             self.still_peering(slot, interval)?;
             send(name, current, Mutation::Delete).await?;
+            progress.one_done();
         }
         for (name, version, current) in copy {
             self.still_peering(slot, interval)?;
@@ -814,6 +864,7 @@ impl<S: ObjectStore> OsdService<S> {
                 )
                 .await?;
             }
+            progress.one_done();
         }
         Ok(changed)
     }
@@ -1064,6 +1115,7 @@ impl<S: ObjectStore> OsdService<S> {
                     pg: s.pg,
                     phase,
                     epoch,
+                    objects_left: s.recovery_left.load(Ordering::Relaxed),
                 })
             })
             .collect();

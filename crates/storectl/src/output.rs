@@ -74,6 +74,10 @@ pub fn status_json(s: &StatusReport) -> Value {
             "pgs_by_state": s.pgs_by_state.iter().map(|(k, v)| json!({"state_name": k, "count": v})).collect::<Vec<_>>(),
             "num_pgs": s.num_pgs,
             "num_pools": s.num_pools,
+            "degraded_objects": s.recovery_objects_left,
+            "degraded_total": s.object_copies,
+            "degraded_ratio": s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
+            "recovering_objects_per_sec": s.recovery_objects_per_sec,
             "bytes_used": s.used_bytes,
             "bytes_total": s.total_bytes,
             "bytes_avail": s.total_bytes.saturating_sub(s.used_bytes),
@@ -133,6 +137,23 @@ pub fn status(format: Format, s: &StatusReport) {
         };
         println!("{label}{n} {state}");
         first = false;
+    }
+    if s.recovery_objects_left > 0 || s.recovery_objects_per_sec.is_some_and(|r| r > 0) {
+        println!();
+        println!("  io:");
+        let eta = match s.recovery_objects_per_sec {
+            Some(r) if r > 0 => format!(
+                ", {r} objects/s, about {} s left",
+                s.recovery_objects_left.div_ceil(r)
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "    recovery: {} objects to recover ({:.1}% of {} object copies){eta}",
+            s.recovery_objects_left,
+            100.0 * s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
+            s.object_copies
+        );
     }
     println!(
         "    map epoch {} (answered by mon.{})",

@@ -125,6 +125,9 @@ mod tests {
             used_bytes: 0,
             flags: vec![],
             num_sessions: 0,
+            recovery_objects_left: 0,
+            object_copies: 0,
+            recovery_objects_per_sec: None,
             num_image_locks: 0,
             num_blocklisted: 0,
         }

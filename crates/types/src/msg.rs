@@ -148,6 +148,8 @@ pub struct OsdStat {
     pub objects: u64,
     /// Checksum mismatches found by reads since the OSD started.
     pub checksum_errors: u64,
+    /// Objects this OSD copied or removed in recovery since it started (a counter).
+    pub recovered_objects: u64,
 }
 
 /// Monitor membership changes (through Raft's joint consensus).
@@ -276,6 +278,11 @@ pub struct StatusReport {
     pub flags: Vec<String>,
     /// Client sessions (image opens) this monitor heard from recently.
     pub num_sessions: usize,
+    /// Objects the primaries still have to recover (copy or remove), and all object copies.
+    pub recovery_objects_left: u64,
+    pub object_copies: u64,
+    /// Recovery speed over the last seconds, when known.
+    pub recovery_objects_per_sec: Option<u64>,
     /// Image locks held.
     pub num_image_locks: usize,
     pub num_blocklisted: usize,

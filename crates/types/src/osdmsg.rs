@@ -45,6 +45,8 @@ pub struct PgReport {
     pub pg: Pg,
     pub phase: PgPhase,
     pub epoch: u64,
+    /// While recovering: objects still to copy or remove.
+    pub objects_left: u64,
 }
 
 /// A mutation, as the primary orders it and the replicas apply it.
