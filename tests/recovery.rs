@@ -22,6 +22,18 @@ fn content(i: u64, round: u64) -> Bytes {
     )
 }
 
+/// Writes rounds of overwrites, recording what was acknowledged.
+type WriteRounds<'a> = dyn FnMut(&mut BTreeMap<String, Bytes>, std::ops::Range<u64>) + 'a;
+
+/// Content whose length depends only on the object, so an overwrite replaces it whole.
+fn fixed_len_content(i: u64, round: u64) -> Bytes {
+    Bytes::from(
+        (0..(800 + i * 97))
+            .map(|j| (j as u8) ^ (i as u8).wrapping_mul(7) ^ (round as u8).wrapping_mul(13))
+            .collect::<Vec<u8>>(),
+    )
+}
+
 /// Every OSD's own copy of `object` (None where it has none), read with `Fetch`.
 async fn replicas(
     conns: &BTreeMap<u32, RpcConn>,
@@ -206,5 +218,87 @@ fn a_returning_osd_is_recovered_without_client_io_and_replicas_match() {
             }
         }
     });
+    c.check_logs();
+}
+
+#[test]
+fn short_outages_recover_from_the_log_and_long_ones_are_backfilled() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 2.0,
+        ..Default::default()
+    });
+    // One PG, so its log fills quickly.
+    c.create_pool("logpool", 1);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("logpool").expect("pool");
+    let map = c.map();
+    let primary = store_placement::map_pg(&map, &pool, object_to_pg(&pool, "x"))
+        .primary
+        .expect("primary");
+    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == Some(id)).expect("daemon");
+    let primary_daemon = daemon(primary);
+    let victim = (0..3).find(|i| *i != primary_daemon).expect("a replica");
+    let mut model: BTreeMap<String, Bytes> = BTreeMap::new();
+    let mut write_rounds = |model: &mut BTreeMap<String, Bytes>, rounds: std::ops::Range<u64>| {
+        rt.block_on(async {
+            for round in rounds {
+                let writes: Vec<_> = (0..10u64)
+                    .map(|i| {
+                        let (client, name, pool_id) = (client.clone(), format!("obj-{i}"), pool.id);
+                        tokio::spawn(async move {
+                            client
+                                .write(pool_id, &name, 0, fixed_len_content(i, round))
+                                .await
+                                .expect("write");
+                            (name, fixed_len_content(i, round))
+                        })
+                    })
+                    .collect();
+                for w in writes {
+                    let (name, data) = w.await.expect("writer");
+                    model.insert(name, data);
+                }
+            }
+        })
+    };
+    write_rounds(&mut model, 0..2);
+
+    let outage = |c: &mut TestCluster,
+                  model: &mut BTreeMap<String, Bytes>,
+                  rounds,
+                  write: &mut WriteRounds| {
+        c.kill(&TestCluster::osd_name(victim));
+        wait_for(Duration::from_secs(30), "osd marked down", || {
+            (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == 2).then_some(())
+        });
+        write(model, rounds);
+        c.start_osd(victim);
+        wait_for(Duration::from_secs(60), "HEALTH_OK", || {
+            let s = c.try_status()?;
+            (s["osdmap"]["num_up_osds"] == 3 && s["health"]["status"] == "HEALTH_OK").then_some(())
+        });
+    };
+    let primary_log_path = c.log_path(&TestCluster::osd_name(primary_daemon));
+    let primary_log = || std::fs::read_to_string(&primary_log_path).expect("log");
+    // A short outage: 5 rounds (50 log entries) are replayed from the log.
+    outage(&mut c, &mut model, 2..7, &mut write_rounds);
+    let log = primary_log();
+    assert!(log.contains("mode=Log"), "no log-based recovery:\n{log}");
+    assert!(
+        !log.contains("mode=Backfill"),
+        "backfilled a short outage:\n{log}"
+    );
+    // A long one: 340 rounds, more than the 3000 entries (plus trim slack) a PG log keeps:
+    // backfilled.
+    outage(&mut c, &mut model, 7..347, &mut write_rounds);
+    let log = primary_log();
+    assert!(
+        log.contains("mode=Backfill"),
+        "no backfill after a long outage:\n{log}"
+    );
+    store_integration::check_replicas(&rt, &c.map(), "logpool", &model);
     c.check_logs();
 }

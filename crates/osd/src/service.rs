@@ -11,7 +11,7 @@
 //! The apply and peer queues are unbounded channels whose contents are bounded by the
 //! engines' `max_waiting` (operations per PG) on the primaries that feed them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use store_client::server::{accept_loop, ServerConn};
 use store_client::RpcConn;
-use store_objstore::{ObjError, ObjectId, ObjectStore};
+use store_objstore::{ObjError, ObjectId, ObjectStore, PG_LOG_MAX_ENTRIES};
 use store_placement::{map_pg, PgId};
 use store_types::map::{ClusterMap, OsdId, WriteGuard};
 use store_types::osdmsg::{
@@ -353,9 +353,9 @@ impl<S: ObjectStore> OsdService<S> {
                             me.push(&slot, to, interval).await
                         };
                         let ev = match res {
-                            Ok(n) => {
+                            Ok((n, mode)) => {
                                 if n > 0 {
-                                    info!(pg = ?slot.pg, from, to, objects = n, "recovered");
+                                    info!(pg = ?slot.pg, from, to, objects = n, ?mode, "recovered");
                                 }
                                 Event::Recovered { to, interval }
                             }
@@ -757,7 +757,12 @@ impl<S: ObjectStore> OsdService<S> {
     /// Recovery into this OSD: make its copy of the PG equal to `from`'s. Returns how many
     /// objects changed. See [`recovery_plan`] for the order, which keeps an interrupted
     /// recovery from looking complete.
-    async fn pull(&self, slot: &PgSlot, from: OsdId, interval: u64) -> Result<usize, StoreError> {
+    async fn pull(
+        &self,
+        slot: &PgSlot,
+        from: OsdId,
+        interval: u64,
+    ) -> Result<(usize, RecoveryMode), StoreError> {
         let pg = slot.pg;
         let source = self.remote_objects(pg, from).await?;
         let target = self.local_objects(pg).await?;
@@ -801,16 +806,28 @@ impl<S: ObjectStore> OsdService<S> {
             }
             progress.one_done();
         }
-        Ok(changed)
+        Ok((changed, RecoveryMode::Backfill))
     }
 
     /// Recovery of another OSD from this one: the same as `pull`, in the other direction,
     /// through the target's ordered replica path.
-    async fn push(&self, slot: &PgSlot, to: OsdId, interval: u64) -> Result<usize, StoreError> {
+    async fn push(
+        &self,
+        slot: &PgSlot,
+        to: OsdId,
+        interval: u64,
+    ) -> Result<(usize, RecoveryMode), StoreError> {
         let pg = slot.pg;
-        let target = self.remote_objects(pg, to).await?;
-        let source = self.local_objects(pg).await?;
-        let (remove, copy) = recovery_plan(&source, &target);
+        let target_head = self.query_head(pg, to).await?;
+        let (remove, copy, mode) = match self.log_delta(pg, target_head).await? {
+            Some((remove, copy)) => (remove, copy, RecoveryMode::Log),
+            None => {
+                let target = self.remote_objects(pg, to).await?;
+                let source = self.local_objects(pg).await?;
+                let (remove, copy) = recovery_plan(&source, &target);
+                (remove, copy, RecoveryMode::Backfill)
+            }
+        };
         let changed = remove.len() + copy.len();
         let mut progress = RecoveryProgress::start(slot, &self.recovered, changed);
         let send = |object: String, version: ObjVersion, mutation: Mutation| async move {
@@ -866,7 +883,46 @@ impl<S: ObjectStore> OsdService<S> {
             }
             progress.one_done();
         }
-        Ok(changed)
+        Ok((changed, mode))
+    }
+
+    /// Log-based recovery: when this OSD's PG log still holds the target's newest entry,
+    /// only the objects of the entries after it changed. Returns the plan in
+    /// [`recovery_plan`]'s shape (removals and copies at the target's head version, so
+    /// the target's head only moves with each copy's last piece), or None when the log
+    /// does not cover the gap (or the target has nothing): then the PG is backfilled.
+    async fn log_delta(
+        &self,
+        pg: Pg,
+        target_head: Option<ObjVersion>,
+    ) -> Result<Option<RecoveryPlan>, StoreError> {
+        let Some(head) = target_head else {
+            return Ok(None);
+        };
+        let log = self
+            .store
+            .pg_log(pg.pool, pg.seed, None, PG_LOG_MAX_ENTRIES as usize + 64)
+            .await
+            .map_err(obj_err)?;
+        let Some(at) = log.iter().position(|e| e.version == head) else {
+            return Ok(None);
+        };
+        let changed: BTreeSet<&str> = log[at + 1..].iter().map(|e| e.object.as_str()).collect();
+        let mut remove = Vec::new();
+        let mut copy = Vec::new();
+        for name in changed {
+            let id = ObjectId {
+                pool: pg.pool,
+                pg: pg.seed,
+                name: name.to_string(),
+            };
+            match self.store.stat(&id).await.map_err(obj_err)? {
+                Some(st) => copy.push((name.to_string(), st.version, Some(head))),
+                None => remove.push((name.to_string(), head)),
+            }
+        }
+        copy.sort_by_key(|(n, v, _)| (*v, n.clone()));
+        Ok(Some((remove, copy)))
     }
 
     /// Serves a replica's range of an object to a repairing primary.
@@ -1228,6 +1284,22 @@ fn pieces(data: &Bytes, version: ObjVersion) -> Vec<(u64, Bytes, ObjVersion)> {
         .collect()
 }
 
+/// How a recovery found what to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecoveryMode {
+    /// From the source's PG log: only the objects changed since the target's newest entry.
+    Log,
+    /// By comparing the two OSDs' whole object listings.
+    Backfill,
+}
+
+/// Objects to remove (name, version to delete at) and to copy (name, source version,
+/// version to delete the target's copy at first).
+type RecoveryPlan = (
+    Vec<(String, ObjVersion)>,
+    Vec<(String, ObjVersion, Option<ObjVersion>)>,
+);
+
 /// What recovery does to make `target`'s copy of a PG equal to `source`'s: first remove
 /// what `source` lacks (with the target's version), then copy every object whose version
 /// differs, oldest first, each replacing the target's whole object. In that order the
@@ -1237,10 +1309,7 @@ fn pieces(data: &Bytes, version: ObjVersion) -> Vec<(u64, Bytes, ObjVersion)> {
 fn recovery_plan(
     source: &BTreeMap<String, ObjVersion>,
     target: &BTreeMap<String, ObjVersion>,
-) -> (
-    Vec<(String, ObjVersion)>,
-    Vec<(String, ObjVersion, Option<ObjVersion>)>,
-) {
+) -> RecoveryPlan {
     let remove = target
         .iter()
         .filter(|(n, _)| !source.contains_key(*n))
