@@ -227,6 +227,8 @@ fn short_outages_recover_from_the_log_and_long_ones_are_backfilled() {
         mons: 1,
         osds: 3,
         grace_secs: 2.0,
+        // Throttled recovery still completes.
+        osd_conf: "osd_recovery_max_active = 1\nosd_recovery_sleep = 0.002",
         ..Default::default()
     });
     // One PG, so its log fills quickly.

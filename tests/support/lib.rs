@@ -64,6 +64,8 @@ pub struct ClusterOpts {
     pub op_timeout_secs: f64,
     /// Size of each OSD's file-backed device.
     pub device_size: &'static str,
+    /// More `[osd]` settings, one `key = value` per line.
+    pub osd_conf: &'static str,
 }
 
 impl Default for ClusterOpts {
@@ -76,6 +78,7 @@ impl Default for ClusterOpts {
             down_out_secs: 600.0,
             op_timeout_secs: 30.0,
             device_size: "256M",
+            osd_conf: "",
         }
     }
 }
@@ -167,7 +170,7 @@ impl TestCluster {
             })
             .collect();
         let conf = format!(
-            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\nclient_session_grace = 3\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n",
+            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\nclient_session_grace = 3\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n{}\n",
             fake_uuid(),
             mons.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             mons.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(", "),
@@ -175,6 +178,7 @@ impl TestCluster {
             opts.down_out_secs,
             opts.heartbeat_secs,
             opts.op_timeout_secs,
+            opts.osd_conf,
         );
         std::fs::write(dir.path().join("store.conf"), conf).expect("write conf");
         let mut c = TestCluster {

@@ -54,6 +54,7 @@ pub struct OsdSettings {
     pub mon_addrs: Vec<String>,
     pub heartbeat_interval: Duration,
     pub pg_limits: pg::PgLimits,
+    pub recovery: service::RecoveryLimits,
 }
 
 /// Reads or creates the identity record. An empty or missing dir is initialised; a dir with
@@ -201,7 +202,13 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     // Follow the map; if it says we are down while we run, boot again (Ceph's
     // "wrongly marked me down").
     let mut maps = mons.subscribe();
-    let service = service::OsdService::new(id, store.clone(), maps.clone(), settings.pg_limits);
+    let service = service::OsdService::new(
+        id,
+        store.clone(),
+        maps.clone(),
+        settings.pg_limits,
+        settings.recovery,
+    );
     tokio::spawn(service.clone().serve(listener));
     tokio::spawn(service.clone().housekeeping());
     tokio::spawn(heartbeat_loop(

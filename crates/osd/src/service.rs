@@ -147,10 +147,41 @@ pub struct OsdService<S: ObjectStore> {
     repaired: AtomicU64,
     /// Objects copied or removed by recoveries this OSD ran (pulls and pushes).
     recovered: AtomicU64,
+    throttle: RecoveryThrottle,
+}
+
+/// How hard recovery may work, so client I/O keeps most of the device (Ceph's
+/// `osd_recovery_max_active` and `osd_recovery_sleep`).
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryLimits {
+    /// Recoveries (pulls and pushes, one per PG and target) running at once on this OSD.
+    pub max_active: usize,
+    /// Pause after each recovered object.
+    pub sleep: Duration,
+}
+
+impl Default for RecoveryLimits {
+    fn default() -> Self {
+        RecoveryLimits {
+            max_active: 3,
+            sleep: Duration::ZERO,
+        }
+    }
+}
+
+struct RecoveryThrottle {
+    slots: Arc<Semaphore>,
+    sleep: Duration,
 }
 
 impl<S: ObjectStore> OsdService<S> {
-    pub fn new(id: OsdId, store: Arc<S>, maps: MapRx, limits: PgLimits) -> Arc<Self> {
+    pub fn new(
+        id: OsdId,
+        store: Arc<S>,
+        maps: MapRx,
+        limits: PgLimits,
+        recovery: RecoveryLimits,
+    ) -> Arc<Self> {
         Arc::new(OsdService {
             id,
             store,
@@ -162,6 +193,10 @@ impl<S: ObjectStore> OsdService<S> {
             started: Instant::now(),
             repaired: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
+            throttle: RecoveryThrottle {
+                slots: Arc::new(Semaphore::new(recovery.max_active.max(1))),
+                sleep: recovery.sleep,
+            },
         })
     }
 
@@ -347,6 +382,10 @@ impl<S: ObjectStore> OsdService<S> {
                     let me = self.clone();
                     let slot = slot.clone();
                     tokio::spawn(async move {
+                        // Throttled: at most max_active recoveries at once on this OSD.
+                        let Ok(_permit) = me.throttle.slots.clone().acquire_owned().await else {
+                            return;
+                        };
                         let res = if to == me.id {
                             me.pull(&slot, from, interval).await
                         } else {
@@ -547,6 +586,13 @@ impl<S: ObjectStore> OsdService<S> {
     }
 
     /// Damaged copies this OSD has repaired from replicas since it started.
+    /// The configured pause between recovered objects.
+    async fn recovery_pause(&self) {
+        if !self.throttle.sleep.is_zero() {
+            tokio::time::sleep(self.throttle.sleep).await;
+        }
+    }
+
     /// Objects copied or removed in recovery since start.
     pub fn recovered(&self) -> u64 {
         self.recovered.load(Ordering::Relaxed)
@@ -785,6 +831,7 @@ impl<S: ObjectStore> OsdService<S> {
                 .await
                 .map_err(obj_err)?;
             progress.one_done();
+            self.recovery_pause().await;
         }
         for (name, version, current) in copy {
             self.still_peering(slot, interval)?;
@@ -805,6 +852,7 @@ impl<S: ObjectStore> OsdService<S> {
                     .map_err(obj_err)?;
             }
             progress.one_done();
+            self.recovery_pause().await;
         }
         Ok((changed, RecoveryMode::Backfill))
     }
@@ -848,6 +896,7 @@ impl<S: ObjectStore> OsdService<S> {
             self.still_peering(slot, interval)?;
             send(name, current, Mutation::Delete).await?;
             progress.one_done();
+            self.recovery_pause().await;
         }
         for (name, version, current) in copy {
             self.still_peering(slot, interval)?;
@@ -882,6 +931,7 @@ impl<S: ObjectStore> OsdService<S> {
                 .await?;
             }
             progress.one_done();
+            self.recovery_pause().await;
         }
         Ok((changed, mode))
     }

@@ -109,6 +109,23 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// `osd_recovery_max_active` (recoveries at once per OSD, 1-64, default 3) and
+/// `osd_recovery_sleep` (seconds between recovered objects, default 0).
+fn recovery_limits(conf: &Config) -> anyhow::Result<store_osd::service::RecoveryLimits> {
+    let max_active: usize = conf.get_parsed("osd", "osd_recovery_max_active", 3)?;
+    if !(1..=64).contains(&max_active) {
+        bail!("osd_recovery_max_active = {max_active}: must be 1 to 64");
+    }
+    let sleep_s: f64 = conf.get_parsed("osd", "osd_recovery_sleep", 0.0)?;
+    if !(sleep_s.is_finite() && (0.0..=10.0).contains(&sleep_s)) {
+        bail!("osd_recovery_sleep = {sleep_s}: must be 0 to 10 seconds");
+    }
+    Ok(store_osd::service::RecoveryLimits {
+        max_active,
+        sleep: Duration::from_secs_f64(sleep_s),
+    })
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
@@ -196,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     op_timeout_ms: secs_ms(conf.get_parsed("osd", "osd_op_timeout", 30.0)?)?,
                     ..Default::default()
                 },
+                recovery: recovery_limits(&conf)?,
             };
             store_osd::run(settings).await.context("osd")?;
         }
