@@ -304,3 +304,103 @@ fn short_outages_recover_from_the_log_and_long_ones_are_backfilled() {
     store_integration::check_replicas(&rt, &c.map(), "logpool", &model);
     c.check_logs();
 }
+
+#[test]
+fn a_divergent_replica_converges_with_the_others() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 2.0,
+        op_timeout_secs: 60.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    let name = "diverge-0";
+    let (v1, v2) = (fixed_len_content(1, 1), fixed_len_content(1, 2));
+    rt.block_on(client.write(pool.id, name, 0, v1.clone()))
+        .expect("write v1");
+
+    // The PG's OSDs: primary P, replicas R1 and R2. R2 will drop the next write's
+    // replica operation, so only P and R1 apply it and it is never acknowledged.
+    let map = c.map();
+    let pgid = object_to_pg(&pool, name);
+    let up = store_placement::map_pg(&map, &pool, pgid).up;
+    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == Some(id)).expect("daemon");
+    let (p, r2) = (daemon(up[0]), daemon(up[2]));
+    c.ctl_ok(&["osd", "set", "noout"]);
+    c.kill(&TestCluster::osd_name(r2));
+    let failpoint = format!("drop_replica_op:{name}");
+    c.start_osd_env(r2, &[("STORE_FAILPOINT", failpoint.as_str())]);
+    wait_for(Duration::from_secs(30), "all OSDs up", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 3).then_some(())
+    });
+    c.wait_pgs_settled();
+
+    let (client2, v2c) = (client.clone(), v2.clone());
+    let pending = rt.spawn(async move { client2.write(pool.id, name, 0, v2c).await });
+    wait_for(Duration::from_secs(10), "R2 to drop the replica op", || {
+        let log = std::fs::read_to_string(c.log_path(&TestCluster::osd_name(r2))).ok()?;
+        log.contains("failpoint: dropping").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !pending.is_finished(),
+        "the write was acknowledged without R2"
+    );
+    // The primary dies with the write unacknowledged; the client gives up on it.
+    pending.abort();
+    c.kill(&TestCluster::osd_name(p));
+    wait_for(Duration::from_secs(30), "P marked down", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 2).then_some(())
+    });
+    c.wait_pgs_settled();
+    c.start_osd(p);
+    c.ctl_ok(&["osd", "unset", "noout"]);
+    wait_for(Duration::from_secs(60), "HEALTH_OK", || {
+        let s = c.try_status()?;
+        (s["osdmap"]["num_up_osds"] == 3 && s["health"]["status"] == "HEALTH_OK").then_some(())
+    });
+
+    // Every copy is the same, and is one of the two versions (an unacknowledged write may
+    // survive or be rolled back, but never differ between replicas).
+    let map = c.map();
+    let copies = rt.block_on(async {
+        let mut conns = BTreeMap::new();
+        for o in map.osds.values() {
+            let (conn, _) = RpcConn::connect(&o.addr, Duration::from_secs(5), OSD_MAX_FRAME_BYTES)
+                .await
+                .expect("connect");
+            conns.insert(o.id, conn);
+        }
+        replicas(
+            &conns,
+            Pg {
+                pool: pgid.pool,
+                seed: pgid.seed,
+            },
+            name,
+        )
+        .await
+    });
+    let first = copies.values().next().cloned().flatten().expect("a copy");
+    assert!(first == v1 || first == v2, "a copy that is neither version");
+    for (osd, copy) in &copies {
+        assert!(
+            copy.as_ref() == Some(&first),
+            "osd.{osd} diverges: {:?} bytes",
+            copy.as_ref().map(|b| b.len())
+        );
+    }
+    eprintln!(
+        "divergent write {}",
+        if first == v2 {
+            "survived"
+        } else {
+            "was rolled back"
+        }
+    );
+    c.check_logs();
+}

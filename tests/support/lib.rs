@@ -212,6 +212,11 @@ impl TestCluster {
 
     /// Starts a daemon with `stored --conf CONF ARGS...`, logging to log/NAME.log.
     pub fn spawn(&mut self, name: &str, args: &[String]) {
+        self.spawn_env(name, args, &[]);
+    }
+
+    /// [`Self::spawn`] with extra environment variables (e.g. a failpoint).
+    pub fn spawn_env(&mut self, name: &str, args: &[String], env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,6 +227,7 @@ impl TestCluster {
             .arg(self.conf())
             .args(args)
             .env("STORE_LOG", "info,openraft=off")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -245,8 +251,13 @@ impl TestCluster {
     }
 
     pub fn start_osd(&mut self, i: usize) {
+        self.start_osd_env(i, &[]);
+    }
+
+    /// Starts OSD `i` with extra environment variables.
+    pub fn start_osd_env(&mut self, i: usize, env: &[(&str, &str)]) {
         let data = self.dir.path().join(Self::osd_name(i));
-        self.spawn(
+        self.spawn_env(
             &Self::osd_name(i),
             &[
                 "osd".into(),
@@ -257,6 +268,7 @@ impl TestCluster {
                 "--size".into(),
                 self.device_size.into(),
             ],
+            env,
         );
     }
 

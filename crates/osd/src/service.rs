@@ -148,6 +148,34 @@ pub struct OsdService<S: ObjectStore> {
     /// Objects copied or removed by recoveries this OSD ran (pulls and pushes).
     recovered: AtomicU64,
     throttle: RecoveryThrottle,
+    /// Test-only fault injection (see [`Failpoint`]).
+    failpoint: Mutex<Option<Failpoint>>,
+}
+
+/// A fault the tests inject, from `STORE_FAILPOINT` in the OSD's environment:
+/// `drop_replica_op:NAME` makes this OSD silently drop the first replica operation on
+/// object NAME (never applied, never answered), so another replica holds a write that the
+/// primary never acknowledged: a divergent replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failpoint {
+    DropReplicaOp { object: String },
+}
+
+impl Failpoint {
+    pub fn from_env() -> Option<Failpoint> {
+        let v = std::env::var("STORE_FAILPOINT").ok()?;
+        match v.split_once(':') {
+            Some(("drop_replica_op", object)) if !object.is_empty() => {
+                Some(Failpoint::DropReplicaOp {
+                    object: object.to_string(),
+                })
+            }
+            _ => {
+                warn!("ignoring unknown STORE_FAILPOINT '{v}'");
+                None
+            }
+        }
+    }
 }
 
 /// How hard recovery may work, so client I/O keeps most of the device (Ceph's
@@ -197,6 +225,7 @@ impl<S: ObjectStore> OsdService<S> {
                 slots: Arc::new(Semaphore::new(recovery.max_active.max(1))),
                 sleep: recovery.sleep,
             },
+            failpoint: Mutex::new(Failpoint::from_env()),
         })
     }
 
@@ -586,6 +615,19 @@ impl<S: ObjectStore> OsdService<S> {
     }
 
     /// Damaged copies this OSD has repaired from replicas since it started.
+    /// Whether a one-shot injected fault swallows this replica operation.
+    fn fire_failpoint(&self, object: &str) -> bool {
+        let mut fp = self.failpoint.lock().expect("failpoint lock");
+        match fp.as_ref() {
+            Some(Failpoint::DropReplicaOp { object: o }) if o == object => {
+                warn!(object, "failpoint: dropping a replica operation");
+                *fp = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The configured pause between recovered objects.
     async fn recovery_pause(&self) {
         if !self.throttle.sleep.is_zero() {
@@ -1254,6 +1296,9 @@ impl<S: ObjectStore> OsdService<S> {
                     version,
                     mutation,
                 } => {
+                    if self.fire_failpoint(&object) {
+                        continue;
+                    }
                     if let Some(e) = self.stale_primary(map_epoch, from, pg) {
                         tokio::spawn(async move {
                             let _permit = permit;
