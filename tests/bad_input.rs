@@ -22,6 +22,21 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 #[test]
+fn a_closed_output_pipe_ends_the_cli_quietly() {
+    // Like `storectl crush test ... | head -1`: the reader goes away early.
+    let mut child = std::process::Command::new(store_integration::bin_dir().join("storectl"))
+        .args(["crush", "test", "--hosts", "10", "--osds-per-host", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("storectl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn cli_misuse_is_refused_clearly() {
     let o = storectl(&["frobnicate"]);
     assert!(!o.status.success());
