@@ -150,6 +150,8 @@ pub struct OsdService<S: ObjectStore> {
     throttle: RecoveryThrottle,
     /// Test-only fault injection (see [`Failpoint`]).
     failpoint: Mutex<Option<Failpoint>>,
+    /// The newest map epoch whose primary PGs have engines.
+    primaries_at: AtomicU64,
 }
 
 /// A fault the tests inject, from `STORE_FAILPOINT` in the OSD's environment:
@@ -226,6 +228,7 @@ impl<S: ObjectStore> OsdService<S> {
                 sleep: recovery.sleep,
             },
             failpoint: Mutex::new(Failpoint::from_env()),
+            primaries_at: AtomicU64::new(0),
         })
     }
 
@@ -1197,14 +1200,12 @@ impl<S: ObjectStore> OsdService<S> {
     pub async fn housekeeping(self: Arc<Self>) {
         let mut maps = self.maps.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut primaries_at = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 r = maps.changed() => if r.is_err() { return },
             }
-            if let Some(map) = self.map().filter(|m| m.epoch > primaries_at) {
-                primaries_at = map.epoch;
+            if let Some(map) = self.map() {
                 self.ensure_primary_slots(&map);
             }
             let slots = self.all_slots();
@@ -1226,7 +1227,12 @@ impl<S: ObjectStore> OsdService<S> {
 
     /// Creates the engine of every PG this OSD is primary of, so each peers (and recovers
     /// its OSDs) as soon as its interval starts, not when a client first touches it.
+    /// Placement is computed once per map epoch, whoever asks first (housekeeping on a map
+    /// change, or the heartbeat's report).
     fn ensure_primary_slots(self: &Arc<Self>, map: &ClusterMap) {
+        if self.primaries_at.fetch_max(map.epoch, Ordering::AcqRel) >= map.epoch {
+            return;
+        }
         for pool in map.pools.values() {
             for seed in 0..pool.pg_num {
                 let id = PgId {

@@ -293,31 +293,7 @@ mod tests {
         let m = cluster(3);
         assert!(ok_to_stop(&m, &[0]).unwrap().is_empty());
         assert_eq!(ok_to_stop(&m, &[0, 1]).unwrap().len(), 64);
-        let status = StatusReport {
-            fsid: String::new(),
-            epoch: 1,
-            health: store_types::msg::Severity::Ok,
-            checks: Default::default(),
-            mons: vec![],
-            quorum_names: vec![],
-            leader_name: None,
-            answered_by: String::new(),
-            num_osds: 3,
-            num_up_osds: 3,
-            num_in_osds: 3,
-            num_pools: 1,
-            num_pgs: 64,
-            pgs_by_state: [("active+clean".to_string(), 64)].into(),
-            total_bytes: 0,
-            used_bytes: 0,
-            flags: vec![],
-            num_sessions: 0,
-            recovery_objects_left: 0,
-            object_copies: 0,
-            recovery_objects_per_sec: None,
-            num_image_locks: 0,
-            num_blocklisted: 0,
-        };
+        let status = crate::output::sample_status(64);
         let r = safe_to_destroy(&m, &status, &[0]).unwrap();
         assert!(
             r[0].contains("is in") && r[1].contains("64 PGs still map"),

@@ -354,3 +354,33 @@ pub fn osd_tree(format: Format, map: &ClusterMap) {
     }
     println!("{t}");
 }
+
+/// A healthy status report of 3 OSDs and one pool, for tests to modify.
+#[cfg(test)]
+pub fn sample_status(pgs: u64) -> StatusReport {
+    StatusReport {
+        fsid: String::new(),
+        epoch: 1,
+        health: Severity::Ok,
+        checks: Default::default(),
+        mons: vec![],
+        quorum_names: vec![],
+        leader_name: None,
+        answered_by: String::new(),
+        num_osds: 3,
+        num_up_osds: 3,
+        num_in_osds: 3,
+        num_pools: 1,
+        num_pgs: pgs,
+        pgs_by_state: [("active+clean".to_string(), pgs)].into(),
+        total_bytes: 0,
+        used_bytes: 0,
+        flags: vec![],
+        num_sessions: 0,
+        recovery_objects_left: 0,
+        object_copies: 0,
+        recovery_objects_per_sec: None,
+        num_image_locks: 0,
+        num_blocklisted: 0,
+    }
+}

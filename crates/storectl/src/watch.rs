@@ -106,31 +106,7 @@ mod tests {
     use store_types::msg::{HealthCheck, Severity};
 
     fn report() -> StatusReport {
-        StatusReport {
-            fsid: String::new(),
-            epoch: 1,
-            health: Severity::Ok,
-            checks: Default::default(),
-            mons: vec![],
-            quorum_names: vec![],
-            leader_name: None,
-            answered_by: String::new(),
-            num_osds: 3,
-            num_up_osds: 3,
-            num_in_osds: 3,
-            num_pools: 1,
-            num_pgs: 8,
-            pgs_by_state: [("active+clean".to_string(), 8)].into(),
-            total_bytes: 0,
-            used_bytes: 0,
-            flags: vec![],
-            num_sessions: 0,
-            recovery_objects_left: 0,
-            object_copies: 0,
-            recovery_objects_per_sec: None,
-            num_image_locks: 0,
-            num_blocklisted: 0,
-        }
+        crate::output::sample_status(8)
     }
 
     #[test]
