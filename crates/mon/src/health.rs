@@ -37,7 +37,11 @@ pub const STATE_STALE: &str = "stale+undersized+degraded+peered";
 pub const STATE_PEERING: &str = "peering";
 /// The primary has not reported since the PG's acting set last changed.
 pub const STATE_UNKNOWN: &str = "unknown";
-pub const STATE_RECOVERING: &str = "recovering+degraded";
+pub const STATE_RECOVERING: &str = "active+recovering+degraded";
+pub const STATE_RECOVERY_WAIT: &str = "active+recovery_wait+degraded";
+pub const STATE_BACKFILLING: &str = "active+backfilling+degraded";
+pub const STATE_BACKFILL_WAIT: &str = "active+backfill_wait+degraded";
+pub const STATE_INCOMPLETE: &str = "incomplete";
 
 /// What the PGs' current primaries say, for PGs that are not simply active.
 #[derive(Clone, Debug, Default)]
@@ -109,10 +113,8 @@ pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
                 STATE_INACTIVE
             } else if behind {
                 STATE_UNKNOWN
-            } else if reported == Some(PgPhase::Peering) {
-                STATE_PEERING
-            } else if reported == Some(PgPhase::Recovering) {
-                STATE_RECOVERING
+            } else if let Some(state) = reported.and_then(reported_state) {
+                state
             } else if up < m.raw.len() {
                 STATE_DEGRADED
             } else if up < size {
@@ -124,6 +126,19 @@ pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
         }
     }
     out
+}
+
+/// The state a primary's report names, for the phases the map alone cannot tell.
+fn reported_state(phase: PgPhase) -> Option<&'static str> {
+    match phase {
+        PgPhase::Peering => Some(STATE_PEERING),
+        PgPhase::Recovering => Some(STATE_RECOVERING),
+        PgPhase::RecoveryWait => Some(STATE_RECOVERY_WAIT),
+        PgPhase::Backfilling => Some(STATE_BACKFILLING),
+        PgPhase::BackfillWait => Some(STATE_BACKFILL_WAIT),
+        PgPhase::Incomplete => Some(STATE_INCOMPLETE),
+        PgPhase::Inactive | PgPhase::Active => None,
+    }
 }
 
 fn check(severity: Severity, summary: String, detail: Vec<String>) -> HealthCheck {
@@ -318,25 +333,32 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
     };
     let peering = count(&|s| s == STATE_PEERING || s == STATE_UNKNOWN);
+    let incomplete = count(&|s| s == STATE_INCOMPLETE);
     let inactive = count(&|s| {
         !s.starts_with("active")
             && s != STATE_PEERING
-            && s != STATE_RECOVERING
             && s != STATE_UNKNOWN
+            && s != STATE_INCOMPLETE
     });
-    let recovering = count(&|s| s == STATE_RECOVERING);
+    let recovering = count(&|s| s.contains("recovering") || s.contains("backfilling"));
+    let waiting = count(&|s| s.contains("_wait"));
     let degraded = count(&|s| s.contains("degraded"));
     let undersized = count(&|s| s.contains("undersized"));
-    if inactive + peering + recovering > 0 {
+    if inactive + peering + incomplete > 0 {
         let mut detail = Vec::new();
         if inactive > 0 {
             detail.push(format!(
                 "{inactive} pgs have fewer up OSDs than their pool's min_size: I/O to them waits until OSDs return"
             ));
         }
-        if peering + recovering > 0 {
+        if peering > 0 {
             detail.push(format!(
-                "{peering} pgs peering, {recovering} recovering: their OSDs are catching up; I/O to them waits until they are done"
+                "{peering} pgs peering: their OSDs are agreeing on the newest copy; I/O to them waits until they are done"
+            ));
+        }
+        if incomplete > 0 {
+            detail.push(format!(
+                "{incomplete} pgs incomplete: no up OSD holds a complete copy (a recovery into each was cut short); start the OSDs that were down"
             ));
         }
         checks.insert(
@@ -344,7 +366,7 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
             check(
                 Severity::Warn,
                 format!(
-                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {recovering} recovering"
+                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {incomplete} incomplete"
                 ),
                 detail,
             ),
@@ -355,8 +377,14 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
             "PG_DEGRADED".into(),
             check(
                 Severity::Warn,
-                format!("Degraded data redundancy: {degraded} pgs degraded, {undersized} pgs undersized"),
-                Vec::new(),
+                format!("Degraded data redundancy: {degraded} pgs degraded ({recovering} recovering, {waiting} waiting), {undersized} pgs undersized"),
+                if waiting > 0 {
+                    vec![format!(
+                        "{waiting} pgs wait: the norecover or nobackfill flag holds their recovery back (objects a client touches are still recovered)"
+                    )]
+                } else {
+                    Vec::new()
+                },
             ),
         );
     }

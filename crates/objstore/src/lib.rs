@@ -46,7 +46,7 @@ impl std::fmt::Display for ObjectId {
 
 /// Version of an object: (map epoch, sequence in its PG), as the primary assigns it.
 pub use store_types::osdmsg::ObjVersion as Version;
-pub use store_types::osdmsg::{LogOp, PgLogEntry};
+pub use store_types::osdmsg::{LogOp, PgCopyState, PgLogEntry};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectStat {
@@ -150,6 +150,19 @@ pub trait ObjectStore: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Option<Vec<(u64, u64)>>, ObjError>> + Send;
+    /// What this copy of a PG can be trusted for ([`PgCopyState::default`] if never set).
+    fn pg_state(
+        &self,
+        pool: u32,
+        pg: u32,
+    ) -> impl Future<Output = Result<PgCopyState, ObjError>> + Send;
+    /// Records the PG copy's state; durable on return.
+    fn set_pg_state(
+        &self,
+        pool: u32,
+        pg: u32,
+        state: PgCopyState,
+    ) -> impl Future<Output = Result<(), ObjError>> + Send;
     /// Names of a PG's objects, in order.
     fn list(
         &self,

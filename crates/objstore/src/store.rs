@@ -26,8 +26,8 @@ use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
 use crate::device::BlockDevice;
 use crate::{
-    LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgLogEntry, Usage, Version, BLOCK_SIZE,
-    MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
+    LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
+    BLOCK_SIZE, MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
 };
 
 const CF_META: &str = "meta";
@@ -507,6 +507,13 @@ struct Change<'a> {
     log: Option<LogOp>,
 }
 
+/// Key of a PG copy's state in the meta column family.
+fn pg_state_key(pool: u32, pg: u32) -> Vec<u8> {
+    let mut k = b"pgstate/".to_vec();
+    k.extend_from_slice(&pg_prefix(pool, pg));
+    k
+}
+
 fn log_key(pool: u32, pg: u32, v: Version) -> Vec<u8> {
     let mut k = pg_prefix(pool, pg);
     k.extend_from_slice(&v.epoch.to_be_bytes());
@@ -882,6 +889,25 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             }
             _ => Ok(None),
         }
+    }
+
+    async fn pg_state(&self, pool: u32, pg: u32) -> Result<PgCopyState, ObjError> {
+        let cf = self.db.cf_handle(CF_META).expect("column family exists");
+        match self
+            .db
+            .get_cf(cf, pg_state_key(pool, pg))
+            .map_err(meta_err)?
+        {
+            Some(b) => decode_record(RECORD_V, &b).map_err(meta_err),
+            None => Ok(PgCopyState::default()),
+        }
+    }
+
+    async fn set_pg_state(&self, pool: u32, pg: u32, state: PgCopyState) -> Result<(), ObjError> {
+        let cf = self.db.cf_handle(CF_META).expect("column family exists");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, pg_state_key(pool, pg), encode_record(RECORD_V, &state));
+        self.commit(batch).await
     }
 
     async fn list(&self, pool: u32, pg: u32) -> Result<Vec<String>, ObjError> {

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use store_objstore::device::file::FileDevice;
 use store_objstore::device::uring::UringDevice;
 use store_objstore::device::{create_file_device, BlockDevice};
-use store_objstore::{BlockStore, LogOp, ObjError, ObjectId, ObjectStore, Version, BLOCK_SIZE};
+use store_objstore::{
+    BlockStore, LogOp, ObjError, ObjectId, ObjectStore, PgCopyState, Version, BLOCK_SIZE,
+};
 
 const FSID: &str = "conformance-fsid";
 const MIB: u64 = 1 << 20;
@@ -357,6 +359,28 @@ async fn pg_log_records_every_mutation_and_is_trimmed<D: Open>() {
     );
 }
 
+async fn pg_state_is_kept_per_pg_across_reopen<D: Open>() {
+    let e = env(8 * MIB);
+    let s = create::<D>(&e).await;
+    assert_eq!(s.pg_state(1, 7).await.unwrap(), PgCopyState::default());
+    let marked = PgCopyState {
+        complete: false,
+        log_from: Some(v(5)),
+    };
+    s.set_pg_state(1, 7, marked).await.unwrap();
+    assert_eq!(s.pg_state(1, 7).await.unwrap(), marked);
+    assert_eq!(s.pg_state(1, 8).await.unwrap(), PgCopyState::default());
+    drop(s);
+    let s = reopen::<D>(&e).await;
+    assert_eq!(s.pg_state(1, 7).await.unwrap(), marked);
+    let done = PgCopyState {
+        complete: true,
+        log_from: Some(v(9)),
+    };
+    s.set_pg_state(1, 7, done).await.unwrap();
+    assert_eq!(s.pg_state(1, 7).await.unwrap(), done);
+}
+
 /// Random operations against an in-memory model, with a reopen in the middle.
 async fn random_ops_match_a_model<D: Open>() {
     let e = env(32 * MIB);
@@ -464,6 +488,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn pg_log_records_every_mutation_and_is_trimmed() {
                 super::pg_log_records_every_mutation_and_is_trimmed::<$dev>().await
+            }
+            #[tokio::test]
+            async fn pg_state_is_kept_per_pg_across_reopen() {
+                super::pg_state_is_kept_per_pg_across_reopen::<$dev>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn random_ops_match_a_model() {

@@ -1,9 +1,10 @@
 //! The primary's replication engine for one placement group, sans-IO.
 //!
-//! Events in (map intervals, client operations, replica acknowledgements, clock ticks),
-//! commands out (apply an operation on an OSD, release a read, answer a client). The OSD
-//! runtime does the I/O: it sends `Apply` commands to each OSD in emission order over one
-//! FIFO per peer, and feeds back `Durable`/`Failed` events.
+//! Events in (map intervals, client operations, replica acknowledgements, peering and
+//! recovery results, clock ticks), commands out (apply an operation on an OSD, release a
+//! read, answer a client, query/plan/recover). The OSD runtime does the I/O: it sends
+//! `Apply` commands to each OSD in emission order over one FIFO per peer, and feeds back
+//! `Durable`/`Failed` events.
 //!
 //! Rules (Ceph's primary-copy replication):
 //! - only the first OSD of the acting set (the up OSDs of the PG's CRUSH set, in order) is
@@ -18,6 +19,18 @@
 //!   interval with new versions (a write at an offset is idempotent);
 //! - a read of an object waits while a mutation of that object is in flight, so a read
 //!   never returns data that could still be lost, and always returns acknowledged data.
+//!
+//! Peering and recovery (Ceph's, simplified; docs/replication.md):
+//! - a new interval queries every acting OSD's log head and copy state; the authoritative
+//!   copy is the newest head among *complete* copies (a copy is incomplete while a recovery
+//!   into it is unfinished); with no complete copy the PG is `Incomplete` and does no I/O;
+//! - every other OSD is planned against the authoritative copy (from the PG log when it
+//!   covers the gap, else by comparing listings): the plan is the set of objects it misses;
+//! - then the PG goes active at once. Objects are recovered in the background, throttled
+//!   (one at a time per PG, under an OSD-wide grant), and a client operation that touches
+//!   a missing object has that object recovered first; no client operation runs on an
+//!   object while it is being recovered;
+//! - when a target misses nothing any more it is marked complete again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -48,6 +61,8 @@ pub enum PgError {
     Refused { osd: OsdId, error: StoreError },
     /// The PG did not finish peering within the op timeout.
     Peering { waited_ms: u64 },
+    /// No OSD of the acting set holds a complete copy of the PG.
+    Incomplete { waited_ms: u64 },
 }
 
 impl std::fmt::Display for PgError {
@@ -68,8 +83,39 @@ impl std::fmt::Display for PgError {
                 f,
                 "PG still peering (its OSDs are catching up) after {waited_ms} ms"
             ),
+            PgError::Incomplete { waited_ms } => write!(
+                f,
+                "PG incomplete: no up OSD holds a complete copy; waited {waited_ms} ms for one to return"
+            ),
         }
     }
+}
+
+/// What one OSD's copy of an object needs to equal the authoritative copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fix {
+    /// A version at or above the one the target holds (None: it lacks the object); its
+    /// stale copy is removed at this version first.
+    pub have: Option<Version>,
+    /// The authoritative version (None: the object must be removed).
+    pub want: Option<Version>,
+}
+
+/// How a recovery plan was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecoveryMode {
+    /// From the authoritative PG log: only the objects changed since the target's head.
+    Log,
+    /// By comparing the two copies' whole object listings.
+    Backfill,
+}
+
+/// Cluster flags that hold recovery back (Ceph's `norecover` and `nobackfill`); objects a
+/// client touches are still recovered, or its I/O could not go on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryPause {
+    pub norecover: bool,
+    pub nobackfill: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +128,7 @@ pub enum Event<P> {
         /// Changes when an acting OSD restarted (its up_from): a restart is a new interval
         /// even with the same acting set, as in Ceph.
         incarnation: u64,
+        pause: RecoveryPause,
     },
     /// A client mutation of `object`.
     Mutate {
@@ -120,18 +167,43 @@ pub enum Event<P> {
     Tick {
         now_ms: u64,
     },
-    /// Peering: OSD `from`'s PG log head, asked for in `interval`.
+    /// Peering: OSD `from`'s PG log head (counting what its state says it holds) and
+    /// whether its copy is complete, asked for in round `interval`.
     Head {
         from: OsdId,
         interval: u64,
         head: Option<Version>,
+        complete: bool,
     },
-    /// Peering: OSD `to` now holds the newest PG contents.
-    Recovered {
+    /// Peering: what OSD `to` misses against the authoritative copy. The runtime has
+    /// marked `to` incomplete (durably) when `fixes` is not empty.
+    Planned {
+        to: OsdId,
+        interval: u64,
+        fixes: Vec<(String, Fix)>,
+        mode: RecoveryMode,
+    },
+    /// Recovery: every OSD of [`Command::RecoverObject`] now holds the object.
+    ObjectRecovered {
+        object: String,
+        interval: u64,
+    },
+    /// Recovery of an object failed; retried on a tick.
+    ObjectFailed {
+        object: String,
+        interval: u64,
+    },
+    /// OSD `to` is marked complete again.
+    Completed {
         to: OsdId,
         interval: u64,
     },
-    /// Peering: a head query or recovery involving `osd` failed; retried on a tick.
+    /// An OSD-wide background recovery slot for round `interval` (after
+    /// [`Command::WantGrant`]).
+    Granted {
+        interval: u64,
+    },
+    /// A head query, plan or mark involving `osd` failed; retried on a tick.
     PeerFailed {
         osd: OsdId,
         interval: u64,
@@ -153,15 +225,38 @@ pub enum Command<P> {
     Acked { op: OpId, version: Version },
     /// An operation failed.
     Reject { op: OpId, error: PgError },
-    /// Peering: ask OSD `to` (this one included) for its PG log head.
+    /// Peering: ask OSD `to` (this one included) for its PG log head and copy state.
     QueryHead { to: OsdId, interval: u64 },
-    /// Peering: make OSD `to`'s copy of the PG equal to OSD `from`'s (one of them is this
-    /// OSD): objects whose version differs are replaced, objects `from` lacks are removed.
-    Recover {
+    /// Peering: find what OSD `to` misses against `from`'s (authoritative) copy, whose
+    /// head is `auth_head`; mark `to` incomplete if it misses anything, complete (holding
+    /// everything to `auth_head`) if not. Answer with `Planned`.
+    Plan {
         from: OsdId,
         to: OsdId,
         interval: u64,
+        auth_head: Option<Version>,
     },
+    /// Recovery: bring `object` to its authoritative version on each OSD of `fixes`,
+    /// this OSD first (from `source`), then the others from this OSD. `background` ones
+    /// use the grant of this round. Answer with `ObjectRecovered` or `ObjectFailed`.
+    RecoverObject {
+        object: String,
+        source: OsdId,
+        fixes: Vec<(OsdId, Fix)>,
+        interval: u64,
+        background: bool,
+    },
+    /// Recovery: OSD `to` misses nothing; mark its copy complete, holding everything up
+    /// to `log_from`. Answer with `Completed` (or `PeerFailed`).
+    MarkComplete {
+        to: OsdId,
+        interval: u64,
+        log_from: Option<Version>,
+    },
+    /// Ask for an OSD-wide background recovery slot; answer with `Granted`.
+    WantGrant { interval: u64 },
+    /// Give back the slot granted for round `interval`, unused.
+    ReleaseGrant { interval: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,17 +271,26 @@ enum State {
         acting: Vec<OsdId>,
         min_size: u32,
     },
-    /// A new interval: the acting OSDs agree on the newest PG contents before any I/O.
+    /// A new interval: the acting OSDs agree on the authoritative copy and what each
+    /// misses, before any I/O.
     Peering {
         epoch: u64,
         acting: Vec<OsdId>,
         min_size: u32,
         p: Peering,
     },
+    /// No acting OSD holds a complete copy: no I/O until the map changes.
+    Incomplete {
+        epoch: u64,
+        acting: Vec<OsdId>,
+        min_size: u32,
+    },
     Active {
         epoch: u64,
         acting: Vec<OsdId>,
         min_size: u32,
+        round: u64,
+        rec: Recovery,
     },
 }
 
@@ -195,12 +299,81 @@ enum State {
 struct Peering {
     /// This peering round's id: answers from other rounds are ignored.
     interval: u64,
-    /// Each acting OSD's PG log head, once known.
-    heads: BTreeMap<OsdId, Option<Version>>,
-    /// OSDs being brought up to the newest head.
-    recovering: BTreeSet<OsdId>,
-    /// OSDs whose head query or recovery failed: retried on the next tick.
+    /// Each acting OSD's (head, complete), once known.
+    heads: BTreeMap<OsdId, (Option<Version>, bool)>,
+    /// The authoritative OSD and its head, once every head is known.
+    auth: Option<(OsdId, Option<Version>)>,
+    /// OSDs whose plan is awaited.
+    planning: BTreeSet<OsdId>,
+    plans: BTreeMap<OsdId, (Vec<(String, Fix)>, RecoveryMode)>,
+    /// OSDs whose head query or plan failed: retried on the next tick.
     failed: BTreeSet<OsdId>,
+}
+
+/// Whether this PG holds an OSD-wide background recovery slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Grant {
+    Idle,
+    Asked,
+    /// Used by the background recovery of this object.
+    Held(String),
+}
+
+/// Recovery while active: what each OSD misses, and what is being done about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Recovery {
+    /// The authoritative OSD (objects missing on this OSD come from it) and its head.
+    source: OsdId,
+    auth_head: Option<Version>,
+    mode: RecoveryMode,
+    missing: BTreeMap<String, BTreeMap<OsdId, Fix>>,
+    /// Missing copies per OSD; an OSD at zero is marked complete.
+    left: BTreeMap<OsdId, usize>,
+    /// Objects being recovered.
+    running: BTreeSet<String>,
+    /// Objects a client operation waits for: recovered as soon as their gate is free.
+    urgent: BTreeSet<String>,
+    /// Objects whose recovery failed: retried on the next tick.
+    failed: BTreeSet<String>,
+    /// OSDs marked incomplete and not yet marked complete again.
+    incomplete: BTreeSet<OsdId>,
+    marking: BTreeSet<OsdId>,
+    grant: Grant,
+    pause: RecoveryPause,
+}
+
+impl Recovery {
+    fn clean(source: OsdId, auth_head: Option<Version>, pause: RecoveryPause) -> Self {
+        Recovery {
+            source,
+            auth_head,
+            mode: RecoveryMode::Log,
+            missing: BTreeMap::new(),
+            left: BTreeMap::new(),
+            running: BTreeSet::new(),
+            urgent: BTreeSet::new(),
+            failed: BTreeSet::new(),
+            incomplete: BTreeSet::new(),
+            marking: BTreeSet::new(),
+            grant: Grant::Idle,
+            pause,
+        }
+    }
+
+    fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.incomplete.is_empty()
+    }
+
+    fn paused(&self) -> bool {
+        match self.mode {
+            RecoveryMode::Log => self.pause.norecover,
+            RecoveryMode::Backfill => self.pause.nobackfill,
+        }
+    }
+
+    fn copies_left(&self) -> u64 {
+        self.left.values().map(|n| *n as u64).sum()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -262,11 +435,13 @@ impl Default for PgLimits {
 }
 
 /// Per-object exclusion: reads run together, mutations run together (pipelined, ordered
-/// by version), never a read with a mutation; arrivals that would break that wait in order.
+/// by version), never a read with a mutation, nothing during the object's recovery;
+/// arrivals that would break that wait in order.
 #[derive(Debug)]
 struct ObjectGate<P> {
     readers: usize,
     writers: usize,
+    recovering: bool,
     waiting: VecDeque<Queued<P>>,
 }
 
@@ -275,6 +450,7 @@ impl<P> Default for ObjectGate<P> {
         ObjectGate {
             readers: 0,
             writers: 0,
+            recovering: false,
             waiting: VecDeque::new(),
         }
     }
@@ -282,14 +458,20 @@ impl<P> Default for ObjectGate<P> {
 
 impl<P> ObjectGate<P> {
     fn idle(&self) -> bool {
-        self.readers == 0 && self.writers == 0 && self.waiting.is_empty()
+        self.unused() && self.waiting.is_empty()
+    }
+
+    /// No operation or recovery runs on the object.
+    fn unused(&self) -> bool {
+        self.readers == 0 && self.writers == 0 && !self.recovering
     }
 
     fn admits(&self, q: &Queued<P>) -> bool {
-        match q {
-            Queued::Mutate(_) => self.readers == 0,
-            Queued::Read { .. } => self.writers == 0,
-        }
+        !self.recovering
+            && match q {
+                Queued::Mutate(_) => self.readers == 0,
+                Queued::Read { .. } => self.writers == 0,
+            }
     }
 }
 
@@ -308,6 +490,7 @@ pub struct PgPrimary<P> {
     /// Operations waiting in object gates.
     gated: usize,
     incarnation: u64,
+    pause: RecoveryPause,
     /// Peering rounds started: each round's id, so answers from earlier rounds are ignored.
     peering_rounds: u64,
     /// The newest clock reading seen (from events that carry one).
@@ -328,6 +511,7 @@ impl<P: Clone> PgPrimary<P> {
             reads: HashMap::new(),
             gated: 0,
             incarnation: 0,
+            pause: RecoveryPause::default(),
             peering_rounds: 0,
             now_ms: 0,
         }
@@ -338,10 +522,12 @@ impl<P: Clone> PgPrimary<P> {
         self.last_seq = self.last_seq.max(seq);
     }
 
-    /// The current peering round's id, while peering.
-    pub fn peering_round(&self) -> Option<u64> {
+    /// The current round's id while peering or active: recovery work of another round
+    /// must stop touching the PG.
+    pub fn round(&self) -> Option<u64> {
         match &self.state {
             State::Peering { p, .. } => Some(p.interval),
+            State::Active { round, .. } => Some(*round),
             _ => None,
         }
     }
@@ -356,11 +542,26 @@ impl<P: Clone> PgPrimary<P> {
         match &self.state {
             State::Unknown | State::NotPrimary { .. } => None,
             State::Inactive { epoch, .. } => Some((PgPhase::Inactive, *epoch)),
-            State::Peering { epoch, p, .. } if !p.recovering.is_empty() => {
-                Some((PgPhase::Recovering, *epoch))
-            }
+            State::Incomplete { epoch, .. } => Some((PgPhase::Incomplete, *epoch)),
             State::Peering { epoch, .. } => Some((PgPhase::Peering, *epoch)),
-            State::Active { epoch, .. } => Some((PgPhase::Active, *epoch)),
+            State::Active { epoch, rec, .. } => {
+                let phase = match (rec.is_clean(), rec.mode, rec.paused()) {
+                    (true, _, _) => PgPhase::Active,
+                    (false, RecoveryMode::Log, false) => PgPhase::Recovering,
+                    (false, RecoveryMode::Log, true) => PgPhase::RecoveryWait,
+                    (false, RecoveryMode::Backfill, false) => PgPhase::Backfilling,
+                    (false, RecoveryMode::Backfill, true) => PgPhase::BackfillWait,
+                };
+                Some((phase, *epoch))
+            }
+        }
+    }
+
+    /// Object copies still to recover in this round.
+    pub fn recovery_left(&self) -> u64 {
+        match &self.state {
+            State::Active { rec, .. } => rec.copies_left(),
+            _ => 0,
         }
     }
 
@@ -383,7 +584,8 @@ impl<P: Clone> PgPrimary<P> {
                 acting,
                 min_size,
                 incarnation,
-            } => self.on_map(epoch, acting, min_size, incarnation, &mut out),
+                pause,
+            } => self.on_map(epoch, acting, min_size, incarnation, pause, &mut out),
             Event::Mutate {
                 op,
                 object,
@@ -429,8 +631,22 @@ impl<P: Clone> PgPrimary<P> {
                 from,
                 interval,
                 head,
-            } => self.on_head(from, interval, head, &mut out),
-            Event::Recovered { to, interval } => self.on_recovered(to, interval, &mut out),
+                complete,
+            } => self.on_head(from, interval, (head, complete), &mut out),
+            Event::Planned {
+                to,
+                interval,
+                fixes,
+                mode,
+            } => self.on_planned(to, interval, fixes, mode, &mut out),
+            Event::ObjectRecovered { object, interval } => {
+                self.on_object_done(&object, interval, true, &mut out)
+            }
+            Event::ObjectFailed { object, interval } => {
+                self.on_object_done(&object, interval, false, &mut out)
+            }
+            Event::Completed { to, interval } => self.on_completed(to, interval, &mut out),
+            Event::Granted { interval } => self.on_granted(interval, &mut out),
             Event::PeerFailed { osd, interval } => self.on_peer_failed(osd, interval),
         }
         out
@@ -446,6 +662,7 @@ impl<P: Clone> PgPrimary<P> {
             State::NotPrimary { epoch }
             | State::Inactive { epoch, .. }
             | State::Peering { epoch, .. }
+            | State::Incomplete { epoch, .. }
             | State::Active { epoch, .. } => *epoch,
         }
     }
@@ -456,11 +673,13 @@ impl<P: Clone> PgPrimary<P> {
         acting: Vec<OsdId>,
         min_size: u32,
         incarnation: u64,
+        pause: RecoveryPause,
         out: &mut Vec<Command<P>>,
     ) {
         if epoch < self.epoch() {
             return; // maps only move forward
         }
+        self.pause = pause;
         let same_interval = match &self.state {
             State::Active {
                 acting: a,
@@ -468,6 +687,11 @@ impl<P: Clone> PgPrimary<P> {
                 ..
             }
             | State::Inactive {
+                acting: a,
+                min_size: m,
+                ..
+            }
+            | State::Incomplete {
                 acting: a,
                 min_size: m,
                 ..
@@ -482,6 +706,10 @@ impl<P: Clone> PgPrimary<P> {
         self.incarnation = incarnation;
         if same_interval {
             self.set_epoch(epoch);
+            if let State::Active { rec, .. } = &mut self.state {
+                rec.pause = pause;
+            }
+            self.pump(out);
             return;
         }
         self.requeue_unacknowledged();
@@ -508,7 +736,8 @@ impl<P: Clone> PgPrimary<P> {
 
     /// Everything not acknowledged goes back to the queue, in its original order per object
     /// (in-flight mutations are older than anything gated behind them); it is re-driven,
-    /// with new versions, once the PG is active again.
+    /// with new versions, once the PG is active again. Recoveries of the old round are
+    /// forgotten (their results are ignored).
     fn requeue_unacknowledged(&mut self) {
         let mut queue: VecDeque<Queued<P>> = std::mem::take(&mut self.in_flight)
             .into_values()
@@ -516,6 +745,7 @@ impl<P: Clone> PgPrimary<P> {
             .collect();
         for gate in self.objects.values_mut() {
             gate.writers = 0;
+            gate.recovering = false;
             queue.extend(gate.waiting.drain(..));
         }
         self.gated = 0;
@@ -545,7 +775,9 @@ impl<P: Clone> PgPrimary<P> {
             p: Peering {
                 interval,
                 heads: BTreeMap::new(),
-                recovering: BTreeSet::new(),
+                auth: None,
+                planning: BTreeSet::new(),
+                plans: BTreeMap::new(),
                 failed: BTreeSet::new(),
             },
         };
@@ -553,12 +785,13 @@ impl<P: Clone> PgPrimary<P> {
 
     /// An OSD of the acting set did not apply a mutation (lost connection, or refused): its
     /// copy may now lack it while later ones succeed, so the PG peers again before any
-    /// more I/O, which brings that OSD up to date (or waits for the map to drop it).
+    /// more I/O, which plans that OSD's recovery (or waits for the map to drop it).
     fn repeer(&mut self, out: &mut Vec<Command<P>>) {
         let State::Active {
             epoch,
             acting,
             min_size,
+            ..
         } = std::mem::replace(&mut self.state, State::Unknown)
         else {
             return;
@@ -567,35 +800,11 @@ impl<P: Clone> PgPrimary<P> {
         self.start_peering(epoch, acting, min_size, out);
     }
 
-    /// Peering is done: start serving, queued operations first.
-    fn activate(&mut self, out: &mut Vec<Command<P>>) {
-        let State::Peering {
-            epoch,
-            acting,
-            min_size,
-            p,
-        } = std::mem::replace(&mut self.state, State::Unknown)
-        else {
-            unreachable!("activate is only called while peering");
-        };
-        if let Some(seq) = p.heads.values().flatten().map(|v| v.seq).max() {
-            self.raise_seq(seq);
-        }
-        self.state = State::Active {
-            epoch,
-            acting,
-            min_size,
-        };
-        for q in std::mem::take(&mut self.queue) {
-            self.admit(q, out);
-        }
-    }
-
     fn on_head(
         &mut self,
         from: OsdId,
         interval: u64,
-        head: Option<Version>,
+        head: (Option<Version>, bool),
         out: &mut Vec<Command<P>>,
     ) {
         let State::Peering { acting, p, .. } = &mut self.state else {
@@ -611,73 +820,157 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
-    /// With every head known: bring this OSD to the newest head first (from an OSD that
-    /// has it), then every other OSD that is behind (from this one).
+    /// With every head known: the authoritative copy is the newest head among complete
+    /// copies (this OSD's on a tie, else the first in acting order); every other OSD that
+    /// is behind or incomplete is planned against it.
     fn plan_recovery(&mut self, out: &mut Vec<Command<P>>) {
-        let me = self.whoami;
-        let State::Peering { acting, p, .. } = &mut self.state else {
+        let State::Peering {
+            epoch,
+            acting,
+            min_size,
+            p,
+        } = &mut self.state
+        else {
             return;
         };
-        let newest = p.heads.values().max().copied().flatten();
-        let mine = p.heads.get(&me).copied().flatten();
-        if mine < newest {
-            let source = acting
-                .iter()
-                .copied()
-                .find(|o| p.heads.get(o).copied().flatten() == newest)
-                .expect("the newest head belongs to an acting OSD");
-            p.recovering.insert(me);
-            out.push(Command::Recover {
-                from: source,
-                to: me,
-                interval: p.interval,
-            });
+        let mut auth: Option<(OsdId, Option<Version>)> = None;
+        for o in acting.iter() {
+            let (head, complete) = p.heads[o];
+            if complete && auth.is_none_or(|(_, best)| head > best) {
+                auth = Some((*o, head));
+            }
+        }
+        let Some((source, auth_head)) = auth else {
+            self.state = State::Incomplete {
+                epoch: *epoch,
+                acting: std::mem::take(acting),
+                min_size: *min_size,
+            };
             return;
+        };
+        p.auth = auth;
+        for o in acting.iter() {
+            let (head, complete) = p.heads[o];
+            if *o != source && (!complete || head < auth_head) {
+                p.planning.insert(*o);
+                out.push(Command::Plan {
+                    from: source,
+                    to: *o,
+                    interval: p.interval,
+                    auth_head,
+                });
+            }
         }
-        let behind: Vec<OsdId> = acting
-            .iter()
-            .copied()
-            .filter(|o| *o != me && p.heads.get(o).copied().flatten() < newest)
-            .collect();
-        for to in behind {
-            p.recovering.insert(to);
-            out.push(Command::Recover {
-                from: me,
-                to,
-                interval: p.interval,
-            });
-        }
-        if p.recovering.is_empty() {
+        if p.planning.is_empty() {
             self.activate(out);
         }
     }
 
-    fn on_recovered(&mut self, to: OsdId, interval: u64, out: &mut Vec<Command<P>>) {
+    fn on_planned(
+        &mut self,
+        to: OsdId,
+        interval: u64,
+        fixes: Vec<(String, Fix)>,
+        mode: RecoveryMode,
+        out: &mut Vec<Command<P>>,
+    ) {
         let State::Peering { p, .. } = &mut self.state else {
             return;
         };
-        if p.interval != interval || !p.recovering.remove(&to) {
+        if p.interval != interval || !p.planning.remove(&to) {
             return;
         }
-        let newest = p.heads.values().max().copied().flatten();
-        p.heads.insert(to, newest);
         p.failed.remove(&to);
-        if p.recovering.is_empty() {
-            self.plan_recovery(out);
+        p.plans.insert(to, (fixes, mode));
+        if p.planning.is_empty() {
+            self.activate(out);
         }
     }
 
+    /// Peering is done: start serving, queued operations first, with the plans as what
+    /// each OSD misses.
+    fn activate(&mut self, out: &mut Vec<Command<P>>) {
+        let State::Peering {
+            epoch,
+            acting,
+            min_size,
+            p,
+        } = std::mem::replace(&mut self.state, State::Unknown)
+        else {
+            unreachable!("activate is only called while peering");
+        };
+        if let Some(seq) = p.heads.values().filter_map(|(h, _)| h.map(|v| v.seq)).max() {
+            self.raise_seq(seq);
+        }
+        let (source, auth_head) = p.auth.expect("activate follows the choice of an authority");
+        let mut rec = Recovery::clean(source, auth_head, self.pause);
+        for (to, (fixes, mode)) in p.plans {
+            if fixes.is_empty() {
+                continue;
+            }
+            rec.mode = rec.mode.max(mode);
+            rec.incomplete.insert(to);
+            rec.left.insert(to, fixes.len());
+            for (object, fix) in fixes {
+                rec.missing.entry(object).or_default().insert(to, fix);
+            }
+        }
+        self.state = State::Active {
+            epoch,
+            acting,
+            min_size,
+            round: p.interval,
+            rec,
+        };
+        for q in std::mem::take(&mut self.queue) {
+            self.admit(q, out);
+        }
+        self.pump(out);
+    }
+
     fn on_peer_failed(&mut self, osd: OsdId, interval: u64) {
-        if let State::Peering { p, .. } = &mut self.state {
-            if p.interval == interval {
+        match &mut self.state {
+            State::Peering { p, .. } if p.interval == interval => {
                 p.failed.insert(osd);
             }
+            State::Active { round, rec, .. } if *round == interval => {
+                rec.marking.remove(&osd);
+            }
+            _ => {}
         }
     }
 
     /// While peering: expire operations that waited too long, and retry failed head
-    /// queries and recoveries (one attempt per tick).
+    /// queries and plans (one attempt per tick).
     fn peering_tick(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
+        self.expire_queued(now_ms, |waited_ms| PgError::Peering { waited_ms }, out);
+        let State::Peering { p, .. } = &mut self.state else {
+            return;
+        };
+        for osd in std::mem::take(&mut p.failed) {
+            if !p.heads.contains_key(&osd) {
+                out.push(Command::QueryHead {
+                    to: osd,
+                    interval: p.interval,
+                });
+            } else if let (Some((from, auth_head)), true) = (p.auth, p.planning.contains(&osd)) {
+                out.push(Command::Plan {
+                    from,
+                    to: osd,
+                    interval: p.interval,
+                    auth_head,
+                });
+            }
+        }
+    }
+
+    /// Rejects queued operations that waited `op_timeout_ms`, with the error `why` gives.
+    fn expire_queued(
+        &mut self,
+        now_ms: u64,
+        why: impl Fn(u64) -> PgError,
+        out: &mut Vec<Command<P>>,
+    ) {
         let timeout = self.limits.op_timeout_ms;
         let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
             .into_iter()
@@ -686,38 +979,8 @@ impl<P: Clone> PgPrimary<P> {
         for q in expired {
             out.push(Command::Reject {
                 op: q.op(),
-                error: PgError::Peering {
-                    waited_ms: now_ms.saturating_sub(q.arrived_ms()),
-                },
+                error: why(now_ms.saturating_sub(q.arrived_ms())),
             });
-        }
-        let me = self.whoami;
-        let State::Peering { p, .. } = &mut self.state else {
-            return;
-        };
-        let newest = p.heads.values().max().copied().flatten();
-        for osd in std::mem::take(&mut p.failed) {
-            if !p.heads.contains_key(&osd) {
-                out.push(Command::QueryHead {
-                    to: osd,
-                    interval: p.interval,
-                });
-            } else if p.recovering.contains(&osd) {
-                let from = if osd == me {
-                    p.heads
-                        .iter()
-                        .find(|(o, h)| **o != me && **h == newest)
-                        .map(|(o, _)| *o)
-                        .unwrap_or(me)
-                } else {
-                    me
-                };
-                out.push(Command::Recover {
-                    from,
-                    to: osd,
-                    interval: p.interval,
-                });
-            }
         }
     }
 
@@ -726,6 +989,7 @@ impl<P: Clone> PgPrimary<P> {
             State::NotPrimary { epoch }
             | State::Inactive { epoch, .. }
             | State::Peering { epoch, .. }
+            | State::Incomplete { epoch, .. }
             | State::Active { epoch, .. } => *epoch = e,
             State::Unknown => {}
         }
@@ -734,7 +998,7 @@ impl<P: Clone> PgPrimary<P> {
     fn on_op(&mut self, q: Queued<P>, out: &mut Vec<Command<P>>) {
         match &self.state {
             State::Active { .. } => {
-                if self.waiting() >= self.limits.max_waiting && !self.gate_open(&q) {
+                if self.waiting() >= self.limits.max_waiting && !self.runnable(&q) {
                     return self.reject_full(q, out);
                 }
                 self.admit(q, out)
@@ -743,7 +1007,10 @@ impl<P: Clone> PgPrimary<P> {
                 op: q.op(),
                 error: PgError::NotPrimary { epoch: *epoch },
             }),
-            State::Unknown | State::Inactive { .. } | State::Peering { .. } => {
+            State::Unknown
+            | State::Inactive { .. }
+            | State::Peering { .. }
+            | State::Incomplete { .. } => {
                 if self.waiting() >= self.limits.max_waiting {
                     return self.reject_full(q, out);
                 }
@@ -768,20 +1035,45 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
-    fn gate_open(&self, q: &Queued<P>) -> bool {
-        self.objects
+    /// Whether the operation's object must be recovered before it runs: a mutation of an
+    /// object any acting OSD misses, or a read of one this OSD misses.
+    fn needs_recovery(&self, q: &Queued<P>) -> bool {
+        let State::Active { rec, .. } = &self.state else {
+            return false;
+        };
+        rec.missing
             .get(Self::object_of(q))
-            .is_none_or(|g| g.waiting.is_empty() && g.admits(q))
+            .is_some_and(|m| matches!(q, Queued::Mutate(_)) || m.contains_key(&self.whoami))
     }
 
-    /// Runs the operation now if its object's gate admits it, else queues it at the gate.
+    /// Whether the operation could run now (nothing ahead of it at its object).
+    fn runnable(&self, q: &Queued<P>) -> bool {
+        !self.needs_recovery(q)
+            && self
+                .objects
+                .get(Self::object_of(q))
+                .is_none_or(|g| g.waiting.is_empty() && g.admits(q))
+    }
+
+    /// Runs the operation now if it can, else queues it at its object's gate (and has
+    /// the object recovered first if that is what it waits for).
     fn admit(&mut self, q: Queued<P>, out: &mut Vec<Command<P>>) {
-        if self.gate_open(&q) {
-            self.run(q, out);
-        } else {
-            let object = Self::object_of(&q).to_string();
-            self.objects.entry(object).or_default().waiting.push_back(q);
-            self.gated += 1;
+        if self.runnable(&q) {
+            return self.run(q, out);
+        }
+        let object = Self::object_of(&q).to_string();
+        let recover = self.needs_recovery(&q);
+        self.objects
+            .entry(object.clone())
+            .or_default()
+            .waiting
+            .push_back(q);
+        self.gated += 1;
+        if recover {
+            if let State::Active { rec, .. } = &mut self.state {
+                rec.urgent.insert(object.clone());
+            }
+            self.start_urgent(&object, out);
         }
     }
 
@@ -857,50 +1149,217 @@ impl<P: Clone> PgPrimary<P> {
         self.drain_gate(&f.m.object, out);
     }
 
-    /// Runs what the object's gate now admits, in order; forgets idle gates.
+    /// Runs what the object's gate now admits, in order (starting the object's recovery
+    /// when that is what the first waits for); forgets idle gates.
     fn drain_gate(&mut self, object: &str, out: &mut Vec<Command<P>>) {
         let active = self.is_active();
-        loop {
-            let Some(g) = self.objects.get_mut(object) else {
-                return;
-            };
-            let runnable = active && g.waiting.front().is_some_and(|q| g.admits(q));
-            if !runnable {
-                if g.idle() {
-                    self.objects.remove(object);
-                }
-                return;
+        while let Some((g, front)) = self
+            .objects
+            .get(object)
+            .and_then(|g| g.waiting.front().map(|f| (g, f)))
+        {
+            if !active || !g.admits(front) {
+                break;
             }
+            if self.needs_recovery(front) {
+                self.start_urgent(object, out);
+                break;
+            }
+            let g = self.objects.get_mut(object).expect("present above");
             let q = g.waiting.pop_front().expect("front exists");
             self.gated -= 1;
             self.run(q, out);
         }
+        if self.objects.get(object).is_some_and(|g| g.idle()) {
+            self.objects.remove(object);
+        }
+        self.pump(out);
+    }
+
+    /// Starts the recovery of an object an operation waits for, unless something runs
+    /// on it (then it starts when that ends).
+    fn start_urgent(&mut self, object: &str, out: &mut Vec<Command<P>>) {
+        let free = self.objects.get(object).is_none_or(|g| g.unused());
+        let State::Active { rec, .. } = &self.state else {
+            return;
+        };
+        if free && !rec.running.contains(object) && rec.missing.contains_key(object) {
+            self.start_recovery(object.to_string(), false, out);
+        }
+    }
+
+    fn start_recovery(&mut self, object: String, background: bool, out: &mut Vec<Command<P>>) {
+        let State::Active { round, rec, .. } = &mut self.state else {
+            return;
+        };
+        let Some(fixes) = rec.missing.get(&object) else {
+            return;
+        };
+        rec.failed.remove(&object);
+        rec.running.insert(object.clone());
+        if background {
+            rec.grant = Grant::Held(object.clone());
+        }
+        out.push(Command::RecoverObject {
+            object: object.clone(),
+            source: rec.source,
+            fixes: fixes.iter().map(|(o, f)| (*o, *f)).collect(),
+            interval: *round,
+            background,
+        });
+        self.objects.entry(object).or_default().recovering = true;
+    }
+
+    fn on_object_done(
+        &mut self,
+        object: &str,
+        interval: u64,
+        recovered: bool,
+        out: &mut Vec<Command<P>>,
+    ) {
+        let State::Active { round, rec, .. } = &mut self.state else {
+            return;
+        };
+        if *round != interval || !rec.running.remove(object) {
+            return;
+        }
+        if rec.grant == Grant::Held(object.to_string()) {
+            rec.grant = Grant::Idle;
+        }
+        if recovered {
+            rec.urgent.remove(object);
+            for osd in rec.missing.remove(object).unwrap_or_default().into_keys() {
+                if let Some(n) = rec.left.get_mut(&osd) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        } else {
+            rec.failed.insert(object.to_string());
+        }
+        if let Some(g) = self.objects.get_mut(object) {
+            g.recovering = false;
+        }
+        if recovered {
+            self.drain_gate(object, out);
+        } else {
+            self.pump(out);
+        }
+    }
+
+    fn on_completed(&mut self, to: OsdId, interval: u64, out: &mut Vec<Command<P>>) {
+        let State::Active { round, rec, .. } = &mut self.state else {
+            return;
+        };
+        if *round == interval && rec.marking.remove(&to) {
+            rec.incomplete.remove(&to);
+            rec.left.remove(&to);
+        }
+        self.pump(out);
+    }
+
+    fn on_granted(&mut self, interval: u64, out: &mut Vec<Command<P>>) {
+        let next = match &mut self.state {
+            State::Active { round, rec, .. } if *round == interval && rec.grant == Grant::Asked => {
+                rec.grant = Grant::Idle;
+                if rec.paused() {
+                    None
+                } else {
+                    Self::next_background(rec, &self.objects)
+                }
+            }
+            _ => None,
+        };
+        match next {
+            Some(object) => self.start_recovery(object, true, out),
+            None => out.push(Command::ReleaseGrant { interval }),
+        }
+        self.pump(out);
+    }
+
+    /// The next object background recovery may take: missing, not being recovered, not
+    /// failed this tick, nothing running on it.
+    fn next_background(rec: &Recovery, objects: &HashMap<String, ObjectGate<P>>) -> Option<String> {
+        rec.missing
+            .keys()
+            .find(|o| {
+                !rec.running.contains(*o)
+                    && !rec.failed.contains(*o)
+                    && objects.get(*o).is_none_or(|g| g.unused())
+            })
+            .cloned()
+    }
+
+    /// Keeps recovery moving: asks for a background slot while there is work, and marks
+    /// OSDs that miss nothing any more complete.
+    fn pump(&mut self, out: &mut Vec<Command<P>>) {
+        let State::Active { round, rec, .. } = &mut self.state else {
+            return;
+        };
+        if rec.grant == Grant::Idle
+            && !rec.paused()
+            && Self::next_background(rec, &self.objects).is_some()
+        {
+            rec.grant = Grant::Asked;
+            out.push(Command::WantGrant { interval: *round });
+        }
+        let done: Vec<OsdId> = rec
+            .incomplete
+            .iter()
+            .copied()
+            .filter(|o| rec.left.get(o).is_none_or(|n| *n == 0) && !rec.marking.contains(o))
+            .collect();
+        for to in done {
+            rec.marking.insert(to);
+            out.push(Command::MarkComplete {
+                to,
+                interval: *round,
+                log_from: rec.auth_head,
+            });
+        }
     }
 
     fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
-        let timeout = self.limits.op_timeout_ms;
-        let (up, min_size) = match &self.state {
+        match &mut self.state {
             State::Inactive {
                 acting, min_size, ..
-            } => (acting.len(), *min_size),
-            State::Unknown => (0, 0),
-            State::Active { .. } => return,
-            State::Peering { .. } => return self.peering_tick(now_ms, out),
-            State::NotPrimary { .. } => return,
-        };
-        let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|q| now_ms.saturating_sub(q.arrived_ms()) >= timeout);
-        self.queue = keep;
-        for q in expired {
-            out.push(Command::Reject {
-                op: q.op(),
-                error: PgError::Inactive {
-                    up,
-                    min_size,
-                    waited_ms: now_ms.saturating_sub(q.arrived_ms()),
+            } => {
+                let (up, min_size) = (acting.len(), *min_size);
+                self.expire_queued(
+                    now_ms,
+                    |waited_ms| PgError::Inactive {
+                        up,
+                        min_size,
+                        waited_ms,
+                    },
+                    out,
+                );
+            }
+            State::Incomplete { .. } => {
+                self.expire_queued(now_ms, |waited_ms| PgError::Incomplete { waited_ms }, out)
+            }
+            State::Unknown => self.expire_queued(
+                now_ms,
+                |waited_ms| PgError::Inactive {
+                    up: 0,
+                    min_size: 0,
+                    waited_ms,
                 },
-            });
+                out,
+            ),
+            State::Peering { .. } => self.peering_tick(now_ms, out),
+            State::Active { rec, .. } => {
+                // Retry failed recoveries: urgent ones now, the rest in the background.
+                let failed = std::mem::take(&mut rec.failed);
+                let urgent: Vec<String> = failed
+                    .into_iter()
+                    .filter(|o| rec.urgent.contains(o))
+                    .collect();
+                for object in urgent {
+                    self.start_urgent(&object, out);
+                }
+                self.pump(out);
+            }
+            State::NotPrimary { .. } => {}
         }
     }
 

@@ -21,18 +21,20 @@ use store_client::server::{accept_loop, ServerConn};
 use store_client::RpcConn;
 use store_objstore::{ObjError, ObjectId, ObjectStore, PG_LOG_MAX_ENTRIES};
 use store_placement::{map_pg, PgId};
-use store_types::map::{ClusterMap, OsdId, WriteGuard};
+use store_types::map::{ClusterMap, Flag, OsdId, WriteGuard};
 use store_types::osdmsg::{
-    ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, PgPhase, PgReport,
-    OSD_MAX_FRAME_BYTES,
+    ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, PgCopyState, PgPhase,
+    PgReport, OSD_MAX_FRAME_BYTES,
 };
 use store_types::wire;
 use store_types::{ErrorCode, StoreError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::pg::{Command, Event, OpId, PgError, PgLimits, PgPrimary};
+use crate::pg::{
+    Command, Event, Fix, OpId, PgError, PgLimits, PgPrimary, RecoveryMode, RecoveryPause,
+};
 
 /// Requests handled at once per connection.
 const PER_CONN_CONCURRENCY: usize = 256;
@@ -90,42 +92,8 @@ struct PgSlot {
     apply_tx: mpsc::UnboundedSender<ApplyJob>,
     /// Whether the engine's sequence was raised to the PG log's head.
     seq_loaded: std::sync::atomic::AtomicBool,
-    /// Objects the running recoveries of this PG still have to copy or remove.
-    recovery_left: AtomicU64,
-}
-
-/// Counts a recovery's objects down; whatever is left when it ends (done or abandoned)
-/// is taken off the PG's count.
-struct RecoveryProgress<'a> {
-    slot: &'a PgSlot,
-    total: &'a AtomicU64,
-    remaining: u64,
-}
-
-impl<'a> RecoveryProgress<'a> {
-    fn start(slot: &'a PgSlot, total: &'a AtomicU64, objects: usize) -> Self {
-        slot.recovery_left
-            .fetch_add(objects as u64, Ordering::Relaxed);
-        RecoveryProgress {
-            slot,
-            total,
-            remaining: objects as u64,
-        }
-    }
-
-    fn one_done(&mut self) {
-        self.remaining = self.remaining.saturating_sub(1);
-        self.slot.recovery_left.fetch_sub(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for RecoveryProgress<'_> {
-    fn drop(&mut self) {
-        self.slot
-            .recovery_left
-            .fetch_sub(self.remaining, Ordering::Relaxed);
-    }
+    /// Background recovery slots granted to this PG, by round (one at most per round).
+    grants: Mutex<HashMap<u64, OwnedSemaphorePermit>>,
 }
 
 struct PeerJob {
@@ -254,7 +222,7 @@ impl<S: ObjectStore> OsdService<S> {
                     waiters: Mutex::new(HashMap::new()),
                     apply_tx,
                     seq_loaded: std::sync::atomic::AtomicBool::new(false),
-                    recovery_left: AtomicU64::new(0),
+                    grants: Mutex::new(HashMap::new()),
                 })
             })
             .clone()
@@ -308,11 +276,16 @@ impl<S: ObjectStore> OsdService<S> {
             let up_from = map.osds.get(id).map_or(0, |o| o.up_from);
             h.wrapping_mul(0x100_0000_01b3).wrapping_add(up_from)
         });
+        let pause = RecoveryPause {
+            norecover: map.flags.contains(&Flag::NoRecover),
+            nobackfill: map.flags.contains(&Flag::NoBackfill),
+        };
         Some(Event::Map {
             epoch: map.epoch,
             acting,
             min_size,
             incarnation,
+            pause,
         })
     }
 
@@ -397,10 +370,11 @@ impl<S: ObjectStore> OsdService<S> {
                     let slot = slot.clone();
                     tokio::spawn(async move {
                         let ev = match me.query_head(slot.pg, to).await {
-                            Ok(head) => Event::Head {
+                            Ok((head, state)) => Event::Head {
                                 from: to,
                                 interval,
-                                head,
+                                head: effective_head(head, state),
+                                complete: state.complete,
                             },
                             Err(e) => {
                                 debug!(pg = ?slot.pg, osd = to, "peering: head query failed: {e}");
@@ -410,33 +384,107 @@ impl<S: ObjectStore> OsdService<S> {
                         me.feed(&slot, ev);
                     });
                 }
-                Command::Recover { from, to, interval } => {
+                Command::Plan {
+                    from,
+                    to,
+                    interval,
+                    auth_head,
+                } => {
                     let me = self.clone();
                     let slot = slot.clone();
                     tokio::spawn(async move {
-                        // Throttled: at most max_active recoveries at once on this OSD.
-                        let Ok(_permit) = me.throttle.slots.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let res = if to == me.id {
-                            me.pull(&slot, from, interval).await
-                        } else {
-                            me.push(&slot, to, interval).await
-                        };
-                        let ev = match res {
-                            Ok((n, mode)) => {
-                                if n > 0 {
-                                    info!(pg = ?slot.pg, from, to, objects = n, ?mode, "recovered");
+                        let ev = match me.plan(slot.pg, from, to, auth_head).await {
+                            Ok((fixes, mode)) => {
+                                if !fixes.is_empty() {
+                                    info!(pg = ?slot.pg, from, to, objects = fixes.len(), ?mode, "recovery planned");
                                 }
-                                Event::Recovered { to, interval }
+                                Event::Planned {
+                                    to,
+                                    interval,
+                                    fixes,
+                                    mode,
+                                }
                             }
                             Err(e) => {
-                                warn!(pg = ?slot.pg, from, to, "recovery failed, will retry: {e}");
+                                warn!(pg = ?slot.pg, from, to, "recovery planning failed, will retry: {e}");
                                 Event::PeerFailed { osd: to, interval }
                             }
                         };
                         me.feed(&slot, ev);
                     });
+                }
+                Command::RecoverObject {
+                    object,
+                    source,
+                    fixes,
+                    interval,
+                    background,
+                } => {
+                    let permit = background
+                        .then(|| slot.grants.lock().expect("grants lock").remove(&interval))
+                        .flatten();
+                    let me = self.clone();
+                    let slot = slot.clone();
+                    tokio::spawn(async move {
+                        let res = me
+                            .recover_object(&slot, &object, source, &fixes, interval)
+                            .await;
+                        let ev = match res {
+                            Ok(()) => Event::ObjectRecovered { object, interval },
+                            Err(e) => {
+                                warn!(pg = ?slot.pg, object, "recovery of an object failed, will retry: {e}");
+                                Event::ObjectFailed { object, interval }
+                            }
+                        };
+                        me.feed(&slot, ev);
+                        if background {
+                            me.recovery_pause().await;
+                        }
+                        drop(permit);
+                    });
+                }
+                Command::MarkComplete {
+                    to,
+                    interval,
+                    log_from,
+                } => {
+                    let me = self.clone();
+                    let slot = slot.clone();
+                    tokio::spawn(async move {
+                        let state = PgCopyState {
+                            complete: true,
+                            log_from,
+                        };
+                        let ev = match me.mark(slot.pg, to, state).await {
+                            Ok(()) => {
+                                info!(pg = ?slot.pg, osd = to, "recovery done: the copy is complete");
+                                Event::Completed { to, interval }
+                            }
+                            Err(e) => {
+                                warn!(pg = ?slot.pg, osd = to, "marking a copy complete failed, will retry: {e}");
+                                Event::PeerFailed { osd: to, interval }
+                            }
+                        };
+                        me.feed(&slot, ev);
+                    });
+                }
+                Command::WantGrant { interval } => {
+                    let me = self.clone();
+                    let slot = slot.clone();
+                    tokio::spawn(async move {
+                        // Throttled: at most max_active background recoveries on this OSD.
+                        let Ok(permit) = me.throttle.slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        slot.grants
+                            .lock()
+                            .expect("grants lock")
+                            .insert(interval, permit);
+                        me.feed(&slot, Event::Granted { interval });
+                    });
+                }
+                Command::ReleaseGrant { interval } => {
+                    slot.grants.lock().expect("grants lock").remove(&interval);
                 }
                 Command::Reject { op, error } => {
                     let w = slot.waiters.lock().expect("waiters lock").remove(&op);
@@ -791,16 +839,48 @@ impl<S: ObjectStore> OsdService<S> {
         }
     }
 
-    async fn query_head(&self, pg: Pg, osd: OsdId) -> Result<Option<ObjVersion>, StoreError> {
+    /// An OSD's log head of the PG and the state of its copy.
+    async fn query_head(
+        &self,
+        pg: Pg,
+        osd: OsdId,
+    ) -> Result<(Option<ObjVersion>, PgCopyState), StoreError> {
         if osd == self.id {
-            return self
+            let head = self
                 .store
                 .pg_log_head(pg.pool, pg.seed)
                 .await
-                .map_err(obj_err);
+                .map_err(obj_err)?;
+            let state = self
+                .store
+                .pg_state(pg.pool, pg.seed)
+                .await
+                .map_err(obj_err)?;
+            return Ok((head, state));
         }
         match self.peer_call(osd, &OsdRequest::PgHead { pg }).await? {
-            OsdResponse::Head(h) => Ok(h),
+            OsdResponse::Head { head, state } => Ok((head, state)),
+            other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Records the state of OSD `to`'s copy of the PG (durable on return).
+    async fn mark(&self, pg: Pg, to: OsdId, state: PgCopyState) -> Result<(), StoreError> {
+        if to == self.id {
+            return self
+                .store
+                .set_pg_state(pg.pool, pg.seed, state)
+                .await
+                .map_err(obj_err);
+        }
+        let req = OsdRequest::PgMark {
+            map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
+            from: self.id,
+            pg,
+            state,
+        };
+        match self.peer_call(to, &req).await? {
+            OsdResponse::Marked => Ok(()),
             other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
         }
     }
@@ -832,168 +912,213 @@ impl<S: ObjectStore> OsdService<S> {
         }
     }
 
-    /// Whether peering round `interval` is still the PG's current one (recovery from an
+    /// A PG's objects with their versions on OSD `osd` (this one or another).
+    async fn objects_on(
+        &self,
+        pg: Pg,
+        osd: OsdId,
+    ) -> Result<BTreeMap<String, ObjVersion>, StoreError> {
+        if osd == self.id {
+            self.local_objects(pg).await
+        } else {
+            self.remote_objects(pg, osd).await
+        }
+    }
+
+    /// Whether round `interval` is still the PG's current one (recovery work of an
     /// earlier round must stop touching the PG).
-    fn still_peering(&self, slot: &PgSlot, interval: u64) -> Result<(), StoreError> {
-        if slot.engine.lock().expect("engine lock").peering_round() == Some(interval) {
+    fn still_round(&self, slot: &PgSlot, interval: u64) -> Result<(), StoreError> {
+        if slot.engine.lock().expect("engine lock").round() == Some(interval) {
             Ok(())
         } else {
             Err(StoreError::new(
                 ErrorCode::Unavailable,
-                "peering round ended; recovery stopped",
+                "the PG's interval changed; recovery stopped",
             ))
         }
     }
 
-    /// Recovery into this OSD: make its copy of the PG equal to `from`'s. Returns how many
-    /// objects changed. See [`recovery_plan`] for the order, which keeps an interrupted
-    /// recovery from looking complete.
-    async fn pull(
+    /// Peering: what OSD `to` misses against `from`'s authoritative copy (whose head is
+    /// `auth_head`). From this OSD's PG log when it is the source and its log covers the
+    /// gap; else by comparing the two listings. Before answering, `to` is marked
+    /// incomplete if it misses anything, or complete up to `auth_head` if not.
+    async fn plan(
+        &self,
+        pg: Pg,
+        from: OsdId,
+        to: OsdId,
+        auth_head: Option<ObjVersion>,
+    ) -> Result<(Vec<(String, Fix)>, RecoveryMode), StoreError> {
+        let (head, state) = self.query_head(pg, to).await?;
+        let by_log = if from == self.id && state.complete {
+            self.log_delta(pg, effective_head(head, state)).await?
+        } else {
+            None
+        };
+        let (fixes, mode) = match by_log {
+            Some(fixes) => (fixes, RecoveryMode::Log),
+            None => {
+                let source = self.objects_on(pg, from).await?;
+                let target = self.objects_on(pg, to).await?;
+                (listing_delta(&source, &target), RecoveryMode::Backfill)
+            }
+        };
+        let new_state = if fixes.is_empty() {
+            PgCopyState {
+                complete: true,
+                log_from: auth_head.max(state.log_from),
+            }
+        } else {
+            PgCopyState {
+                complete: false,
+                log_from: state.log_from,
+            }
+        };
+        if new_state != state {
+            self.mark(pg, to, new_state).await?;
+        }
+        Ok((fixes, mode))
+    }
+
+    /// Brings one object to its authoritative version on every OSD of `fixes`: this OSD
+    /// first (from `source`), then the others from this OSD, through their ordered
+    /// replica paths. The engine runs no client operation on the object meanwhile.
+    async fn recover_object(
         &self,
         slot: &PgSlot,
-        from: OsdId,
+        object: &str,
+        source: OsdId,
+        fixes: &[(OsdId, Fix)],
         interval: u64,
-    ) -> Result<(usize, RecoveryMode), StoreError> {
+    ) -> Result<(), StoreError> {
         let pg = slot.pg;
-        let source = self.remote_objects(pg, from).await?;
-        let target = self.local_objects(pg).await?;
-        let addr = self
-            .map()
-            .and_then(|m| m.osds.get(&from).map(|o| o.addr.clone()))
-            .ok_or_else(|| StoreError::not_found(format!("osd.{from} is not in the map")))?;
-        let (remove, copy) = recovery_plan(&source, &target);
-        let changed = remove.len() + copy.len();
-        let mut progress = RecoveryProgress::start(slot, &self.recovered, changed);
-        let id = |name: &str| ObjectId {
+        let oid = ObjectId {
             pool: pg.pool,
             pg: pg.seed,
-            name: name.to_string(),
+            name: object.to_string(),
         };
-        for (name, current) in remove {
-            self.still_peering(slot, interval)?;
-            self.store
-                .delete(&id(&name), current)
-                .await
-                .map_err(obj_err)?;
-            progress.one_done();
-            self.recovery_pause().await;
+        if let Some((_, fix)) = fixes.iter().find(|(o, _)| *o == self.id) {
+            self.still_round(slot, interval)?;
+            let data = match fix.want {
+                Some(want) => {
+                    let addr = self
+                        .map()
+                        .and_then(|m| m.osds.get(&source).map(|o| o.addr.clone()))
+                        .ok_or_else(|| {
+                            StoreError::not_found(format!("osd.{source} is not in the map"))
+                        })?;
+                    let (data, got) = self.fetch_whole(pg, &oid, &addr).await?;
+                    if got != want {
+                        return Err(StoreError::internal(format!(
+                            "{oid} is at {got:?} on osd.{source}, not {want:?} as planned"
+                        )));
+                    }
+                    Some((data, want))
+                }
+                None => None,
+            };
+            self.still_round(slot, interval)?;
+            if let Some(have) = fix.have {
+                self.store.delete(&oid, have).await.map_err(obj_err)?;
+            }
+            if let Some((data, want)) = data {
+                for (off, piece, v) in pieces(&data, want) {
+                    self.store
+                        .write(&oid, off, piece, v)
+                        .await
+                        .map_err(obj_err)?;
+                }
+            }
+            self.recovered.fetch_add(1, Ordering::Relaxed);
         }
-        for (name, version, current) in copy {
-            self.still_peering(slot, interval)?;
-            let oid = id(&name);
-            let (data, got) = self.fetch_whole(pg, &oid, &addr).await?;
-            if got != version {
-                return Err(StoreError::internal(format!(
-                    "{oid} changed at the source during recovery"
-                )));
-            }
-            if let Some(v) = current {
-                self.store.delete(&oid, v).await.map_err(obj_err)?;
-            }
-            for (off, chunk, v) in pieces(&data, version) {
-                self.store
-                    .write(&oid, off, chunk, v)
+        let others: Vec<(OsdId, Fix)> = fixes
+            .iter()
+            .copied()
+            .filter(|(o, _)| *o != self.id)
+            .collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let data = match self.store.stat(&oid).await.map_err(obj_err)? {
+            Some(st) => {
+                let data = self
+                    .store
+                    .read(&oid, 0, st.size as usize)
                     .await
                     .map_err(obj_err)?;
+                Some((data, st.version))
             }
-            progress.one_done();
-            self.recovery_pause().await;
+            None => None,
+        };
+        for (to, fix) in others {
+            self.still_round(slot, interval)?;
+            let send = |version: ObjVersion, mutation: Mutation| {
+                let req = OsdRequest::Replica {
+                    map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
+                    from: self.id,
+                    pg,
+                    object: object.to_string(),
+                    version,
+                    mutation,
+                };
+                async move {
+                    match self.peer_call(to, &req).await? {
+                        OsdResponse::Committed { .. } => Ok(()),
+                        other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+                    }
+                }
+            };
+            if let Some(have) = fix.have {
+                send(have, Mutation::Delete).await?;
+            }
+            if let Some(want) = fix.want {
+                let Some((data, version)) = &data else {
+                    return Err(StoreError::internal(format!(
+                        "{oid} is missing here, but planned at {want:?}"
+                    )));
+                };
+                if *version != want {
+                    return Err(StoreError::internal(format!(
+                        "{oid} is at {version:?} here, not {want:?} as planned"
+                    )));
+                }
+                for (offset, chunk, v) in pieces(data, want) {
+                    send(
+                        v,
+                        Mutation::Write {
+                            offset,
+                            data: chunk,
+                        },
+                    )
+                    .await?;
+                }
+            }
+            self.recovered.fetch_add(1, Ordering::Relaxed);
         }
-        Ok((changed, RecoveryMode::Backfill))
+        Ok(())
     }
 
-    /// Recovery of another OSD from this one: the same as `pull`, in the other direction,
-    /// through the target's ordered replica path.
-    async fn push(
-        &self,
-        slot: &PgSlot,
-        to: OsdId,
-        interval: u64,
-    ) -> Result<(usize, RecoveryMode), StoreError> {
-        let pg = slot.pg;
-        let target_head = self.query_head(pg, to).await?;
-        let (remove, copy, mode) = match self.log_delta(pg, target_head).await? {
-            Some((remove, copy)) => (remove, copy, RecoveryMode::Log),
-            None => {
-                let target = self.remote_objects(pg, to).await?;
-                let source = self.local_objects(pg).await?;
-                let (remove, copy) = recovery_plan(&source, &target);
-                (remove, copy, RecoveryMode::Backfill)
-            }
-        };
-        let changed = remove.len() + copy.len();
-        let mut progress = RecoveryProgress::start(slot, &self.recovered, changed);
-        let send = |object: String, version: ObjVersion, mutation: Mutation| async move {
-            let req = OsdRequest::Replica {
-                map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
-                from: self.id,
-                pg,
-                object,
-                version,
-                mutation,
-            };
-            match self.peer_call(to, &req).await? {
-                OsdResponse::Committed { .. } => Ok(()),
-                other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
-            }
-        };
-        for (name, current) in remove {
-            self.still_peering(slot, interval)?;
-            send(name, current, Mutation::Delete).await?;
-            progress.one_done();
-            self.recovery_pause().await;
-        }
-        for (name, version, current) in copy {
-            self.still_peering(slot, interval)?;
-            let oid = ObjectId {
-                pool: pg.pool,
-                pg: pg.seed,
-                name: name.clone(),
-            };
-            let size = self
-                .store
-                .stat(&oid)
-                .await
-                .map_err(obj_err)?
-                .map_or(0, |s| s.size);
-            let data = self
-                .store
-                .read(&oid, 0, size as usize)
-                .await
-                .map_err(obj_err)?;
-            if let Some(v) = current {
-                send(name.clone(), v, Mutation::Delete).await?;
-            }
-            for (offset, chunk, v) in pieces(&data, version) {
-                send(
-                    name.clone(),
-                    v,
-                    Mutation::Write {
-                        offset,
-                        data: chunk,
-                    },
-                )
-                .await?;
-            }
-            progress.one_done();
-            self.recovery_pause().await;
-        }
-        Ok((changed, mode))
-    }
-
-    /// Log-based recovery: when this OSD's PG log still holds the target's newest entry,
-    /// only the objects of the entries after it changed. Returns the plan in
-    /// [`recovery_plan`]'s shape (removals and copies at the target's head version, so
-    /// the target's head only moves with each copy's last piece), or None when the log
-    /// does not cover the gap (or the target has nothing): then the PG is backfilled.
+    /// Log-based planning: when this OSD's PG log holds the target's newest entry (and is
+    /// a full history from there), only the objects of the entries after it changed. Each
+    /// fix removes the target's copy at the target's head version (at or above whatever
+    /// it holds) first. None when the log does not cover the gap, or the target has
+    /// nothing: then the PG is backfilled.
     async fn log_delta(
         &self,
         pg: Pg,
         target_head: Option<ObjVersion>,
-    ) -> Result<Option<RecoveryPlan>, StoreError> {
+    ) -> Result<Option<Vec<(String, Fix)>>, StoreError> {
         let Some(head) = target_head else {
             return Ok(None);
         };
+        let mine = self
+            .store
+            .pg_state(pg.pool, pg.seed)
+            .await
+            .map_err(obj_err)?;
+        if mine.log_from.is_some_and(|from| head < from) {
+            return Ok(None);
+        }
         let log = self
             .store
             .pg_log(pg.pool, pg.seed, None, PG_LOG_MAX_ENTRIES as usize + 64)
@@ -1003,21 +1128,28 @@ impl<S: ObjectStore> OsdService<S> {
             return Ok(None);
         };
         let changed: BTreeSet<&str> = log[at + 1..].iter().map(|e| e.object.as_str()).collect();
-        let mut remove = Vec::new();
-        let mut copy = Vec::new();
+        let mut fixes = Vec::new();
         for name in changed {
             let id = ObjectId {
                 pool: pg.pool,
                 pg: pg.seed,
                 name: name.to_string(),
             };
-            match self.store.stat(&id).await.map_err(obj_err)? {
-                Some(st) => copy.push((name.to_string(), st.version, Some(head))),
-                None => remove.push((name.to_string(), head)),
-            }
+            let want = self
+                .store
+                .stat(&id)
+                .await
+                .map_err(obj_err)?
+                .map(|st| st.version);
+            fixes.push((
+                name.to_string(),
+                Fix {
+                    have: Some(head),
+                    want,
+                },
+            ));
         }
-        copy.sort_by_key(|(n, v, _)| (*v, n.clone()));
-        Ok(Some((remove, copy)))
+        Ok(Some(fixes))
     }
 
     /// Serves a replica's range of an object to a repairing primary.
@@ -1264,12 +1396,13 @@ impl<S: ObjectStore> OsdService<S> {
             .iter()
             .filter_map(|s| {
                 self.feed(s, Event::Tick { now_ms });
-                let (phase, epoch) = s.engine.lock().expect("engine lock").phase()?;
+                let engine = s.engine.lock().expect("engine lock");
+                let (phase, epoch) = engine.phase()?;
                 (phase != PgPhase::Active).then_some(PgReport {
                     pg: s.pg,
                     phase,
                     epoch,
-                    objects_left: s.recovery_left.load(Ordering::Relaxed),
+                    objects_left: engine.recovery_left(),
                 })
             })
             .collect();
@@ -1328,8 +1461,22 @@ impl<S: ObjectStore> OsdService<S> {
                     len,
                 } => Box::pin(async move { me.fetch(pg, object, offset, len).await }),
                 OsdRequest::PgHead { pg } => Box::pin(async move {
-                    match me.store.pg_log_head(pg.pool, pg.seed).await {
-                        Ok(h) => OsdResponse::Head(h),
+                    match me.query_head(pg, me.id).await {
+                        Ok((head, state)) => OsdResponse::Head { head, state },
+                        Err(e) => OsdResponse::Error(e),
+                    }
+                }),
+                OsdRequest::PgMark {
+                    map_epoch,
+                    from,
+                    pg,
+                    state,
+                } => Box::pin(async move {
+                    if let Some(e) = me.stale_primary(map_epoch, from, pg) {
+                        return OsdResponse::Error(e);
+                    }
+                    match me.store.set_pg_state(pg.pool, pg.seed, state).await {
+                        Ok(()) => OsdResponse::Marked,
                         Err(e) => OsdResponse::Error(obj_err(e)),
                     }
                 }),
@@ -1385,44 +1532,40 @@ fn pieces(data: &Bytes, version: ObjVersion) -> Vec<(u64, Bytes, ObjVersion)> {
         .collect()
 }
 
-/// How a recovery found what to copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RecoveryMode {
-    /// From the source's PG log: only the objects changed since the target's newest entry.
-    Log,
-    /// By comparing the two OSDs' whole object listings.
-    Backfill,
+/// The head peering counts for a copy: what its state says it holds, if that is newer
+/// than its log's newest entry (a recovered copy holds objects, not log entries).
+fn effective_head(head: Option<ObjVersion>, state: PgCopyState) -> Option<ObjVersion> {
+    head.max(state.log_from)
 }
 
-/// Objects to remove (name, version to delete at) and to copy (name, source version,
-/// version to delete the target's copy at first).
-type RecoveryPlan = (
-    Vec<(String, ObjVersion)>,
-    Vec<(String, ObjVersion, Option<ObjVersion>)>,
-);
-
-/// What recovery does to make `target`'s copy of a PG equal to `source`'s: first remove
-/// what `source` lacks (with the target's version), then copy every object whose version
-/// differs, oldest first, each replacing the target's whole object. In that order the
-/// target's PG log head reaches the source's only when the last copy is complete, so an
-/// interrupted recovery never looks finished to the next peering round.
-#[allow(clippy::type_complexity)]
-fn recovery_plan(
+/// What makes `target`'s copy of a PG equal to `source`'s: remove what `source` lacks,
+/// replace every object whose version differs (removing the target's copy at its own
+/// version first).
+fn listing_delta(
     source: &BTreeMap<String, ObjVersion>,
     target: &BTreeMap<String, ObjVersion>,
-) -> RecoveryPlan {
-    let remove = target
+) -> Vec<(String, Fix)> {
+    let removes = target
         .iter()
         .filter(|(n, _)| !source.contains_key(*n))
-        .map(|(n, v)| (n.clone(), *v))
-        .collect();
-    let mut copy: Vec<(String, ObjVersion, Option<ObjVersion>)> = source
+        .map(|(n, v)| {
+            let fix = Fix {
+                have: Some(*v),
+                want: None,
+            };
+            (n.clone(), fix)
+        });
+    let copies = source
         .iter()
         .filter(|(n, v)| target.get(*n) != Some(v))
-        .map(|(n, v)| (n.clone(), *v, target.get(n).copied()))
-        .collect();
-    copy.sort_by_key(|(n, v, _)| (*v, n.clone()));
-    (remove, copy)
+        .map(|(n, v)| {
+            let fix = Fix {
+                have: target.get(n).copied(),
+                want: Some(*v),
+            };
+            (n.clone(), fix)
+        });
+    removes.chain(copies).collect()
 }
 
 #[cfg(test)]
@@ -1434,7 +1577,7 @@ mod tests {
     }
 
     #[test]
-    fn recovery_removes_first_then_copies_oldest_first() {
+    fn listing_delta_removes_extras_and_replaces_what_differs() {
         let source: BTreeMap<String, ObjVersion> = [
             ("a", v(6, 20)),
             ("b", v(6, 19)),
@@ -1449,18 +1592,27 @@ mod tests {
                 .into_iter()
                 .map(|(n, v)| (n.to_string(), v))
                 .collect();
-        let (remove, copy) = recovery_plan(&source, &target);
-        assert_eq!(remove, vec![("gone".to_string(), v(4, 4))]);
-        let order: Vec<(&str, ObjVersion, Option<ObjVersion>)> =
-            copy.iter().map(|(n, v, c)| (n.as_str(), *v, *c)).collect();
+        let fix = |have, want| Fix { have, want };
         assert_eq!(
-            order,
+            listing_delta(&source, &target),
             vec![
-                ("c", v(1, 1), None),
-                ("b", v(6, 19), Some(v(3, 1))),
-                ("a", v(6, 20), None)
+                ("gone".to_string(), fix(Some(v(4, 4)), None)),
+                ("a".to_string(), fix(None, Some(v(6, 20)))),
+                ("b".to_string(), fix(Some(v(3, 1)), Some(v(6, 19)))),
+                ("c".to_string(), fix(None, Some(v(1, 1)))),
             ]
         );
+    }
+
+    #[test]
+    fn a_recovered_copy_counts_as_holding_what_it_was_recovered_to() {
+        let state = PgCopyState {
+            complete: true,
+            log_from: Some(v(5, 50)),
+        };
+        assert_eq!(effective_head(Some(v(5, 10)), state), Some(v(5, 50)));
+        assert_eq!(effective_head(Some(v(6, 1)), state), Some(v(6, 1)));
+        assert_eq!(effective_head(None, PgCopyState::default()), None);
     }
 
     #[test]

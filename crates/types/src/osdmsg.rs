@@ -33,10 +33,39 @@ pub enum PgPhase {
     Inactive,
     /// Agreeing on the newest PG contents (log heads) before serving I/O.
     Peering,
-    /// Bringing OSDs of the acting set up to the newest contents.
+    /// Serving I/O while bringing OSDs of the acting set up to date from the PG log.
     Recovering,
-    /// Serving I/O.
+    /// Serving I/O, clean.
     Active,
+    /// Serving I/O while copying the PG to an OSD by comparing listings.
+    Backfilling,
+    /// Recovery waits: `norecover` is set.
+    RecoveryWait,
+    /// Backfill waits: `nobackfill` is set.
+    BackfillWait,
+    /// No OSD of the acting set holds a complete copy: no I/O until one returns.
+    Incomplete,
+}
+
+/// What one OSD's copy of a PG can be trusted for; persisted with the copy and reported in
+/// peering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgCopyState {
+    /// False while a recovery into this copy is unfinished: its log head then says nothing
+    /// about which objects it holds, and it is never the authoritative copy.
+    pub complete: bool,
+    /// This copy holds everything up to this version, and its log is a full history only
+    /// of what came after it (a recovery writes objects, not the log entries between).
+    pub log_from: Option<ObjVersion>,
+}
+
+impl Default for PgCopyState {
+    fn default() -> Self {
+        PgCopyState {
+            complete: true,
+            log_from: None,
+        }
+    }
 }
 
 /// One PG's phase as its primary reports it, with the map epoch the primary saw.
@@ -45,7 +74,7 @@ pub struct PgReport {
     pub pg: Pg,
     pub phase: PgPhase,
     pub epoch: u64,
-    /// While recovering: objects still to copy or remove.
+    /// While recovering: object copies still to write or remove.
     pub objects_left: u64,
 }
 
@@ -108,6 +137,14 @@ pub enum OsdRequest {
     PgHead { pg: Pg },
     /// Peering: every object of the PG on this OSD, with its version.
     PgList { pg: Pg },
+    /// Recovery: record what this OSD's copy of the PG can be trusted for (durable when
+    /// answered). From the PG's primary only.
+    PgMark {
+        map_epoch: u64,
+        from: u32,
+        pg: Pg,
+        state: PgCopyState,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +170,13 @@ pub enum OsdResponse {
         version: ObjVersion,
         data: Bytes,
     },
-    Head(Option<ObjVersion>),
+    /// Answer to `PgHead`: the newest version in the copy's log, and its state.
+    Head {
+        head: Option<ObjVersion>,
+        state: PgCopyState,
+    },
+    /// Answer to `PgMark`.
+    Marked,
     Objects(Vec<(String, ObjVersion)>),
     /// The receiver is not this PG's primary at `epoch`: get a newer map and resend.
     NotPrimary {

@@ -21,6 +21,7 @@ fn map(pg: &mut Pg, epoch: u64, acting: &[OsdId], min_size: u32) -> Vec<Command<
         acting: acting.to_vec(),
         min_size,
         incarnation: 0,
+        pause: RecoveryPause::default(),
     };
     let c = pg.handle(event);
     settle_heads(pg, c)
@@ -35,6 +36,7 @@ fn settle_heads(pg: &mut Pg, cmds: Vec<Command<u32>>) -> Vec<Command<u32>> {
                     from: to,
                     interval,
                     head: None,
+                    complete: true,
                 });
                 out.extend(settle_heads(pg, more));
             }
@@ -336,8 +338,13 @@ fn run_schedule(seed: u64) {
                         assert!(!e.2, "seed {seed}: op {op} answered twice");
                         e.2 = true;
                     }
-                    Command::QueryHead { .. } | Command::Recover { .. } => {
-                        unreachable!("answered by settle_heads")
+                    Command::QueryHead { .. }
+                    | Command::Plan { .. }
+                    | Command::RecoverObject { .. }
+                    | Command::MarkComplete { .. }
+                    | Command::WantGrant { .. }
+                    | Command::ReleaseGrant { .. } => {
+                        unreachable!("no recovery: every head is equal")
                     }
                     Command::Read { op } => {
                         let e = ops.get_mut(&op).expect("known op");
@@ -414,6 +421,7 @@ fn run_schedule(seed: u64) {
                     acting: acting.clone(),
                     min_size,
                     incarnation: 0,
+                    pause: RecoveryPause::default(),
                 });
                 settle_heads(&mut p, c)
             }
@@ -438,6 +446,7 @@ fn run_schedule(seed: u64) {
             acting: a,
             min_size,
             incarnation: 0,
+            pause: RecoveryPause::default(),
         });
         let c = settle_heads(&mut p, c);
         check(
@@ -476,16 +485,7 @@ fn run_schedule(seed: u64) {
             &mut applied,
         );
     }
-    let unanswered: Vec<_> = ops
-        .iter()
-        .filter(|(_, (_, _, done))| !done)
-        .map(|(id, _)| *id)
-        .collect();
-    assert!(
-        unanswered.is_empty(),
-        "seed {seed}: unanswered ops {unanswered:?}"
-    );
-    assert_eq!(p.outstanding(), 0, "seed {seed}");
+    assert_all_answered(seed, &ops, &p);
 }
 
 #[test]
@@ -496,6 +496,7 @@ fn a_restarted_replica_is_a_new_interval() {
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 7,
+        pause: RecoveryPause::default(),
     });
     settle_heads(&mut p, c);
     mutate(&mut p, 1, "a", 0);
@@ -510,6 +511,7 @@ fn a_restarted_replica_is_a_new_interval() {
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 8,
+        pause: RecoveryPause::default(),
     });
     let c = settle_heads(&mut p, c);
     assert_eq!(applies(&c), vec![(0, v(2, 2)), (1, v(2, 2))]);
@@ -519,7 +521,8 @@ fn a_restarted_replica_is_a_new_interval() {
             epoch: 3,
             acting: vec![0, 1],
             min_size: 2,
-            incarnation: 8
+            incarnation: 8,
+            pause: RecoveryPause::default(),
         })
         .is_empty());
 }
@@ -553,13 +556,21 @@ fn a_failed_write_makes_the_pg_peer_again_and_redrives_it() {
     let c = head(&mut p, 1, interval, None);
     assert_eq!(
         c,
-        vec![Command::Recover {
+        vec![Command::Plan {
             from: 0,
             to: 1,
-            interval
+            interval,
+            auth_head: Some(v(1, 1)),
         }]
     );
-    let c = p.handle(Event::Recovered { to: 1, interval });
+    let c = planned(&mut p, 1, interval, &[("a", None, Some(v(1, 1)))]);
+    // Active again; the write's object is missing on osd.1: it is recovered first.
+    assert_eq!(recoveries(&c), vec![("a".to_string(), false)]);
+    assert!(applies(&c).is_empty());
+    let c = p.handle(Event::ObjectRecovered {
+        object: "a".into(),
+        interval,
+    });
     assert_eq!(applies(&c), vec![(0, v(1, 2)), (1, v(1, 2))]);
     // Nobody answers: the waiting operations fail after the op timeout.
     let c = p.handle(Event::Failed {
@@ -618,18 +629,60 @@ fn head(p: &mut Pg, from: OsdId, interval: u64, h: Option<Version>) -> Vec<Comma
         from,
         interval,
         head: h,
+        complete: true,
     })
 }
 
-#[test]
-fn peering_brings_a_stale_primary_up_first_then_stale_replicas() {
-    let mut p = pg();
-    let c = p.handle(Event::Map {
-        epoch: 5,
-        acting: vec![0, 1, 2],
+/// Answers a plan for `to` with fixes (object, have, want).
+fn planned(
+    p: &mut Pg,
+    to: OsdId,
+    interval: u64,
+    fixes: &[(&str, Option<Version>, Option<Version>)],
+) -> Vec<Command<u32>> {
+    p.handle(Event::Planned {
+        to,
+        interval,
+        fixes: fixes
+            .iter()
+            .map(|(o, have, want)| {
+                let fix = Fix {
+                    have: *have,
+                    want: *want,
+                };
+                (o.to_string(), fix)
+            })
+            .collect(),
+        mode: RecoveryMode::Log,
+    })
+}
+
+/// The objects of RecoverObject commands, with whether each is background work.
+fn recoveries(cmds: &[Command<u32>]) -> Vec<(String, bool)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::RecoverObject {
+                object, background, ..
+            } => Some((object.clone(), *background)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn map_event(epoch: u64, acting: &[OsdId], pause: RecoveryPause) -> Event<u32> {
+    Event::Map {
+        epoch,
+        acting: acting.to_vec(),
         min_size: 2,
         incarnation: 0,
-    });
+        pause,
+    }
+}
+
+#[test]
+fn peering_picks_the_newest_complete_copy_and_plans_every_other() {
+    let mut p = pg();
+    let c = p.handle(map_event(5, &[0, 1, 2], RecoveryPause::default()));
     let queries: Vec<OsdId> = c
         .iter()
         .filter_map(|c| match c {
@@ -641,47 +694,252 @@ fn peering_brings_a_stale_primary_up_first_then_stale_replicas() {
     // I/O waits while peering.
     assert!(mutate(&mut p, 1, "a", 0).is_empty());
     assert!(head(&mut p, 0, 1, Some(v(3, 7))).is_empty());
-    assert!(head(&mut p, 2, 1, None).is_empty());
-    // A stale answer from another interval is ignored.
+    // osd.2 is newer but incomplete (a recovery into it was cut short): never the source.
+    assert!(p
+        .handle(Event::Head {
+            from: 2,
+            interval: 1,
+            head: Some(v(9, 9)),
+            complete: false,
+        })
+        .is_empty());
+    // A stale answer from another round is ignored.
     assert!(head(&mut p, 1, 99, Some(v(9, 9))).is_empty());
-    // osd.1 has the newest log: this (primary) OSD recovers from it first.
     let c = head(&mut p, 1, 1, Some(v(4, 2)));
-    assert_eq!(
-        c,
-        vec![Command::Recover {
-            from: 1,
-            to: 0,
-            interval: 1
-        }]
-    );
-    // A failure is retried on the next tick.
+    let plan = |to| Command::Plan {
+        from: 1,
+        to,
+        interval: 1,
+        auth_head: Some(v(4, 2)),
+    };
+    assert_eq!(c, vec![plan(0), plan(2)]);
+    // A failed plan is retried on the next tick.
     p.handle(Event::PeerFailed {
-        osd: 0,
+        osd: 2,
         interval: 1,
     });
-    let c = p.handle(Event::Tick { now_ms: 10 });
+    assert_eq!(p.handle(Event::Tick { now_ms: 10 }), vec![plan(2)]);
+    assert!(planned(&mut p, 0, 1, &[("b", Some(v(3, 7)), Some(v(4, 2)))]).is_empty());
+    // Every plan is in: active at once, with a sequence after every head's (incomplete
+    // ones too, so no version is used twice). The queued write's object is missing
+    // nowhere: it runs now.
+    let c = planned(
+        &mut p,
+        2,
+        1,
+        &[("b", None, Some(v(4, 2))), ("c", Some(v(9, 9)), None)],
+    );
+    assert_eq!(
+        applies(&c),
+        vec![(0, v(5, 10)), (1, v(5, 10)), (2, v(5, 10))]
+    );
+    assert!(c.contains(&Command::WantGrant { interval: 1 }));
+    assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
+    assert_eq!(p.recovery_left(), 3);
+    // Background recovery takes one object per grant; "b" misses on this OSD and osd.2.
+    let c = p.handle(Event::Granted { interval: 1 });
     assert_eq!(
         c,
-        vec![Command::Recover {
-            from: 1,
-            to: 0,
-            interval: 1
+        vec![Command::RecoverObject {
+            object: "b".into(),
+            source: 1,
+            fixes: vec![
+                (
+                    0,
+                    Fix {
+                        have: Some(v(3, 7)),
+                        want: Some(v(4, 2))
+                    }
+                ),
+                (
+                    2,
+                    Fix {
+                        have: None,
+                        want: Some(v(4, 2))
+                    }
+                )
+            ],
+            interval: 1,
+            background: true,
         }]
     );
-    // Then osd.2 (empty) is brought up from this OSD.
-    let c = p.handle(Event::Recovered { to: 0, interval: 1 });
+    // A read of "b" waits: this OSD misses it.
+    assert!(read(&mut p, 2, "b").is_empty());
+    let c = p.handle(Event::ObjectRecovered {
+        object: "b".into(),
+        interval: 1,
+    });
+    assert!(c.contains(&Command::Read { op: 2 }));
+    // osd.0 misses nothing more: marked complete. osd.2 still misses "c".
+    assert!(c.contains(&Command::MarkComplete {
+        to: 0,
+        interval: 1,
+        log_from: Some(v(4, 2))
+    }));
+    assert!(c.contains(&Command::WantGrant { interval: 1 }));
+    let c = p.handle(Event::Granted { interval: 1 });
+    assert_eq!(recoveries(&c), vec![("c".to_string(), true)]);
+    let c = p.handle(Event::ObjectRecovered {
+        object: "c".into(),
+        interval: 1,
+    });
     assert_eq!(
         c,
-        vec![Command::Recover {
-            from: 0,
+        vec![Command::MarkComplete {
             to: 2,
-            interval: 1
+            interval: 1,
+            log_from: Some(v(4, 2))
         }]
     );
-    // When everyone is current the PG goes active and the queued write runs, with a
-    // sequence after the newest head's.
-    let c = p.handle(Event::Recovered { to: 2, interval: 1 });
-    assert_eq!(applies(&c), vec![(0, v(5, 3)), (1, v(5, 3)), (2, v(5, 3))]);
+    p.handle(Event::Completed { to: 0, interval: 1 });
+    assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
+    p.handle(Event::Completed { to: 2, interval: 1 });
+    assert_eq!(p.phase(), Some((PgPhase::Active, 5)));
+    assert_eq!(p.recovery_left(), 0);
+}
+
+#[test]
+fn a_touched_missing_object_is_recovered_first_and_nothing_runs_on_it_meanwhile() {
+    let mut p = pg();
+    let c = p.handle(map_event(2, &[0, 1], RecoveryPause::default()));
+    let c = settle_heads_with(&mut p, c, &[(0, Some(v(2, 5))), (1, Some(v(1, 1)))]);
+    assert_eq!(c.len(), 1);
+    let c = planned(
+        &mut p,
+        1,
+        1,
+        &[
+            ("x", Some(v(1, 1)), Some(v(2, 5))),
+            ("y", Some(v(1, 1)), None),
+        ],
+    );
+    assert_eq!(c, vec![Command::WantGrant { interval: 1 }]);
+    assert_eq!(p.phase(), Some((PgPhase::Recovering, 2)));
+    // A read of "x" runs: only the replica misses it.
+    assert_eq!(read(&mut p, 1, "x"), vec![Command::Read { op: 1 }]);
+    // A write of "x" waits for the read, then for the object's recovery.
+    assert!(mutate(&mut p, 2, "x", 0).is_empty());
+    let c = p.handle(Event::ReadDone { op: 1 });
+    assert_eq!(recoveries(&c), vec![("x".to_string(), false)]);
+    // The background grant now goes to "y", not to "x" (being recovered).
+    let c = p.handle(Event::Granted { interval: 1 });
+    assert_eq!(recoveries(&c), vec![("y".to_string(), true)]);
+    // Another write of "x" and a read queue behind; nothing runs on "x" yet.
+    assert!(mutate(&mut p, 3, "x", 0).is_empty());
+    assert!(read(&mut p, 4, "x").is_empty());
+    // A failed recovery is retried on the next tick (it is urgent).
+    let c = p.handle(Event::ObjectFailed {
+        object: "x".into(),
+        interval: 1,
+    });
+    assert!(applies(&c).is_empty());
+    let c = p.handle(Event::Tick { now_ms: 5 });
+    assert_eq!(recoveries(&c), vec![("x".to_string(), false)]);
+    // Results of another round change nothing.
+    assert!(p
+        .handle(Event::ObjectRecovered {
+            object: "x".into(),
+            interval: 7,
+        })
+        .is_empty());
+    let c = p.handle(Event::ObjectRecovered {
+        object: "x".into(),
+        interval: 1,
+    });
+    assert_eq!(
+        applies(&c),
+        vec![(0, v(2, 6)), (1, v(2, 6)), (0, v(2, 7)), (1, v(2, 7))]
+    );
+    assert_eq!(p.outstanding(), 3);
+}
+
+#[test]
+fn recovery_flags_hold_background_work_but_not_touched_objects() {
+    let mut p = pg();
+    let hold = RecoveryPause {
+        norecover: true,
+        nobackfill: false,
+    };
+    let c = p.handle(map_event(2, &[0, 1], hold));
+    settle_heads_with(&mut p, c, &[(0, Some(v(2, 5))), (1, Some(v(1, 1)))]);
+    let c = planned(
+        &mut p,
+        1,
+        1,
+        &[
+            ("x", Some(v(1, 1)), Some(v(2, 5))),
+            ("y", None, Some(v(2, 4))),
+        ],
+    );
+    assert!(
+        c.is_empty(),
+        "no background recovery under norecover: {c:?}"
+    );
+    assert_eq!(p.phase(), Some((PgPhase::RecoveryWait, 2)));
+    // A client write still gets its object recovered.
+    mutate(&mut p, 1, "y", 0);
+    let c = p.handle(Event::ObjectRecovered {
+        object: "y".into(),
+        interval: 1,
+    });
+    assert_eq!(applies(&c).len(), 2);
+    // Unsetting the flag (same interval, new epoch) resumes it.
+    let c = p.handle(map_event(3, &[0, 1], RecoveryPause::default()));
+    assert_eq!(c, vec![Command::WantGrant { interval: 1 }]);
+    assert_eq!(p.phase(), Some((PgPhase::Recovering, 3)));
+    // A grant that arrives after the flag is set again is given back.
+    p.handle(map_event(4, &[0, 1], hold));
+    assert_eq!(
+        p.handle(Event::Granted { interval: 1 }),
+        vec![Command::ReleaseGrant { interval: 1 }]
+    );
+}
+
+#[test]
+fn no_complete_copy_makes_the_pg_incomplete() {
+    let mut p = pg();
+    p.handle(map_event(3, &[0, 1], RecoveryPause::default()));
+    mutate(&mut p, 1, "a", 0);
+    for from in [0, 1] {
+        p.handle(Event::Head {
+            from,
+            interval: 1,
+            head: Some(v(2, from as u64 + 1)),
+            complete: false,
+        });
+    }
+    assert_eq!(p.phase(), Some((PgPhase::Incomplete, 3)));
+    let c = p.handle(Event::Tick { now_ms: 1500 });
+    assert_eq!(
+        c,
+        vec![Command::Reject {
+            op: 1,
+            error: PgError::Incomplete { waited_ms: 1500 }
+        }]
+    );
+    // A map that brings an OSD with a complete copy peers again.
+    let c = p.handle(map_event(4, &[0, 1, 2], RecoveryPause::default()));
+    assert_eq!(c.len(), 3);
+}
+
+/// Answers the head queries among `cmds` with the given heads (complete copies); returns
+/// the other commands.
+fn settle_heads_with(
+    p: &mut Pg,
+    cmds: Vec<Command<u32>>,
+    heads: &[(OsdId, Option<Version>)],
+) -> Vec<Command<u32>> {
+    let mut out = Vec::new();
+    for c in cmds {
+        match c {
+            Command::QueryHead { to, interval } => {
+                let h = heads.iter().find(|(o, _)| *o == to).and_then(|(_, h)| *h);
+                out.extend(head(p, to, interval, h));
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[test]
@@ -692,6 +950,7 @@ fn peering_that_never_finishes_fails_waiting_operations() {
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 0,
+        pause: RecoveryPause::default(),
     });
     mutate(&mut p, 1, "a", 0);
     head(&mut p, 0, 1, None);
@@ -703,4 +962,314 @@ fn peering_that_never_finishes_fails_waiting_operations() {
             error: PgError::Peering { waited_ms: 1500 }
         }]
     );
+}
+
+/// Every operation of a schedule was answered, and the engine holds none.
+fn assert_all_answered(seed: u64, ops: &HashMap<OpId, (bool, String, bool)>, p: &Pg) {
+    let unanswered: Vec<_> = ops
+        .iter()
+        .filter(|(_, (_, _, done))| !done)
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "seed {seed}: unanswered ops {unanswered:?}"
+    );
+    assert_eq!(p.outstanding(), 0, "seed {seed}");
+}
+
+#[test]
+fn random_schedules_with_recovery_keep_the_promises() {
+    for seed in 0..300u64 {
+        RecoverySim::new(seed).run();
+    }
+}
+
+/// A PG under random interleavings of client operations, map changes, peering answers,
+/// recovery results and failures. Checks: no mutation or recovery of an object while the
+/// current round misses it or recovers it (as the plans told), no read of an object this
+/// OSD misses, every operation answered exactly once, and all answered after a settle.
+struct RecoverySim {
+    seed: u64,
+    x: u64,
+    p: Pg,
+    epoch: u64,
+    round: u64,
+    /// Per round: OSDs whose plan was accepted.
+    planned: BTreeSet<(u64, OsdId)>,
+    /// The current round's missing objects (object → OSDs).
+    missing: BTreeMap<String, BTreeSet<OsdId>>,
+    recovering: BTreeSet<String>,
+    /// Commands waiting for an answer from the "cluster".
+    bag: Vec<Command<u32>>,
+    ops: HashMap<OpId, (bool, String, bool)>,
+    running_reads: HashMap<OpId, String>,
+    next_op: OpId,
+    now: u64,
+    settling: bool,
+}
+
+impl RecoverySim {
+    fn new(seed: u64) -> Self {
+        let p = PgPrimary::new(
+            0,
+            0,
+            PgLimits {
+                op_timeout_ms: 40,
+                max_waiting: 16,
+            },
+        );
+        RecoverySim {
+            seed,
+            x: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            p,
+            epoch: 0,
+            round: 0,
+            planned: BTreeSet::new(),
+            missing: BTreeMap::new(),
+            recovering: BTreeSet::new(),
+            bag: Vec::new(),
+            ops: HashMap::new(),
+            running_reads: HashMap::new(),
+            next_op: 0,
+            now: 0,
+            settling: false,
+        }
+    }
+
+    fn rnd(&mut self, n: u64) -> u64 {
+        self.x ^= self.x << 13;
+        self.x ^= self.x >> 7;
+        self.x ^= self.x << 17;
+        self.x % n
+    }
+
+    fn feed(&mut self, e: Event<u32>) {
+        let cmds = self.p.handle(e);
+        let seed = self.seed;
+        for c in cmds {
+            match &c {
+                Command::Apply { object, .. } => {
+                    assert!(
+                        !self.missing.contains_key(object) && !self.recovering.contains(object),
+                        "seed {seed}: mutation of {object}, which the round misses"
+                    );
+                    self.bag.push(c);
+                }
+                Command::Read { op } => {
+                    let e = self.ops.get_mut(op).expect("known op");
+                    assert!(!e.2, "seed {seed}: read {op} released twice");
+                    e.2 = true;
+                    let object = e.1.clone();
+                    assert!(
+                        !self.recovering.contains(&object)
+                            && !self.missing.get(&object).is_some_and(|m| m.contains(&0)),
+                        "seed {seed}: read of {object}, which this OSD misses"
+                    );
+                    self.running_reads.insert(*op, object);
+                }
+                Command::Acked { op, .. } | Command::Reject { op, .. } => {
+                    let e = self.ops.get_mut(op).expect("known op");
+                    assert!(!e.2, "seed {seed}: op {op} answered twice");
+                    e.2 = true;
+                }
+                Command::QueryHead { interval, .. } => {
+                    if *interval != self.round {
+                        self.round = *interval;
+                        self.missing.clear();
+                        self.recovering.clear();
+                    }
+                    self.bag.push(c);
+                }
+                Command::RecoverObject {
+                    object, interval, ..
+                } => {
+                    assert_eq!(*interval, self.round, "seed {seed}");
+                    assert!(
+                        self.missing.contains_key(object) && self.recovering.insert(object.clone()),
+                        "seed {seed}: recovery of {object}: not missing, or already running"
+                    );
+                    assert!(
+                        !self.running_reads.values().any(|o| o == object),
+                        "seed {seed}: recovery of {object} during a read of it"
+                    );
+                    self.bag.push(c);
+                }
+                Command::Plan { .. } | Command::MarkComplete { .. } | Command::WantGrant { .. } => {
+                    self.bag.push(c)
+                }
+                Command::ReleaseGrant { .. } => {}
+            }
+        }
+    }
+
+    fn answer(&mut self, c: Command<u32>) {
+        let fail = !self.settling && self.rnd(6) == 0;
+        let e = match c {
+            Command::Apply { to, version, .. } if fail => Event::Failed { version, from: to },
+            Command::Apply { to, version, .. } => Event::Durable { version, from: to },
+            Command::QueryHead { to, interval } if fail => Event::PeerFailed { osd: to, interval },
+            Command::QueryHead { to, interval } => {
+                let head = [None, Some(v(1, 1)), Some(v(1, 2))][self.rnd(3) as usize];
+                let complete = self.settling || self.rnd(5) != 0;
+                Event::Head {
+                    from: to,
+                    interval,
+                    head,
+                    complete,
+                }
+            }
+            Command::Plan { to, interval, .. } if fail => Event::PeerFailed { osd: to, interval },
+            Command::Plan { to, interval, .. } => {
+                let mut fixes = Vec::new();
+                for o in 0..3 {
+                    if self.rnd(2) == 0 {
+                        let fix = Fix {
+                            have: None,
+                            want: Some(v(1, 1)),
+                        };
+                        fixes.push((format!("o{o}"), fix));
+                    }
+                }
+                if interval == self.round && self.planned.insert((interval, to)) {
+                    for (o, _) in &fixes {
+                        self.missing.entry(o.clone()).or_default().insert(to);
+                    }
+                }
+                let mode = if self.rnd(2) == 0 {
+                    RecoveryMode::Log
+                } else {
+                    RecoveryMode::Backfill
+                };
+                Event::Planned {
+                    to,
+                    interval,
+                    fixes,
+                    mode,
+                }
+            }
+            Command::RecoverObject {
+                object, interval, ..
+            } => {
+                if interval == self.round && self.recovering.remove(&object) && !fail {
+                    self.missing.remove(&object);
+                }
+                if fail {
+                    Event::ObjectFailed { object, interval }
+                } else {
+                    Event::ObjectRecovered { object, interval }
+                }
+            }
+            Command::MarkComplete { to, interval, .. } if fail => {
+                Event::PeerFailed { osd: to, interval }
+            }
+            Command::MarkComplete { to, interval, .. } => Event::Completed { to, interval },
+            Command::WantGrant { interval } => Event::Granted { interval },
+            other => unreachable!("not an external command: {other:?}"),
+        };
+        self.feed(e);
+    }
+
+    fn step(&mut self) {
+        self.now += self.rnd(5);
+        match self.rnd(14) {
+            0..=2 => {
+                self.next_op += 1;
+                let object = format!("o{}", self.rnd(3));
+                let op = self.next_op;
+                let mutate = self.rnd(3) != 0;
+                self.ops.insert(op, (mutate, object.clone(), false));
+                let now_ms = self.now;
+                self.feed(if mutate {
+                    Event::Mutate {
+                        op,
+                        object,
+                        payload: 0,
+                        now_ms,
+                    }
+                } else {
+                    Event::Read { op, object, now_ms }
+                });
+            }
+            3 if !self.running_reads.is_empty() => {
+                let op = *self.running_reads.keys().next().expect("non-empty");
+                self.running_reads.remove(&op);
+                self.feed(Event::ReadDone { op });
+            }
+            4 => {
+                self.epoch += 1;
+                let mut acting: Vec<OsdId> = [0, 1, 2, 3]
+                    .into_iter()
+                    .filter(|_| self.rnd(3) != 0)
+                    .collect();
+                if self.rnd(2) == 0 {
+                    acting.sort_unstable_by_key(|o| *o != 0);
+                }
+                let pause = RecoveryPause {
+                    norecover: self.rnd(4) == 0,
+                    nobackfill: self.rnd(4) == 0,
+                };
+                let e = Event::Map {
+                    epoch: self.epoch,
+                    acting,
+                    min_size: 2,
+                    incarnation: 0,
+                    pause,
+                };
+                self.feed(e);
+            }
+            5 => {
+                let now_ms = self.now;
+                self.feed(Event::Tick { now_ms });
+            }
+            _ if !self.bag.is_empty() => {
+                let i = self.rnd(self.bag.len() as u64) as usize;
+                let c = self.bag.swap_remove(i);
+                self.answer(c);
+            }
+            _ => {}
+        }
+    }
+
+    fn run(mut self) {
+        for _ in 0..300 {
+            self.step();
+        }
+        // Settle: a healthy interval with this OSD primary and no flags; every answer a
+        // success. Then every operation has an answer.
+        self.settling = true;
+        for acting in [vec![0, 3], vec![0, 1, 2]] {
+            self.epoch += 1;
+            let e = Event::Map {
+                epoch: self.epoch,
+                acting,
+                min_size: 2,
+                incarnation: 0,
+                pause: RecoveryPause::default(),
+            };
+            self.feed(e);
+        }
+        for _ in 0..20_000 {
+            if let Some(&op) = self.running_reads.keys().next() {
+                self.running_reads.remove(&op);
+                self.feed(Event::ReadDone { op });
+            } else if let Some(c) = self.bag.pop() {
+                self.answer(c);
+            } else {
+                break;
+            }
+            if self.bag.is_empty() {
+                self.now += 1;
+                let now_ms = self.now;
+                self.feed(Event::Tick { now_ms });
+            }
+        }
+        let seed = self.seed;
+        assert_all_answered(seed, &self.ops, &self.p);
+        assert_eq!(
+            self.p.phase().map(|(ph, _)| ph),
+            Some(PgPhase::Active),
+            "seed {seed}"
+        );
+    }
 }
