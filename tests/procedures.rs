@@ -1,5 +1,6 @@
 //! The operator's procedures, scripted end to end on real processes: ok-to-stop, a rolling
-//! restart under noout, adding a node (it receives its share), a dry run, and removing a
+//! restart under noout, adding a node under norebalance (nothing moves until the flag is
+//! unset, then it receives its share), a dry run, and removing a
 //! node for good (out, wait, safe-to-destroy, stop, purge). Afterwards every object reads
 //! back from every OSD that should hold it.
 
@@ -80,17 +81,46 @@ fn rolling_restart_add_a_node_and_remove_a_node() {
     eprintln!("FIGURE rolling restart: HEALTH_OK {t:?} after the OSD was started again");
     check_replicas(&rt, &c.map(), "vm-pool", &model);
 
-    // A new node joins and receives its share.
+    // A new node joins under norebalance (as when adding several at once): it gets
+    // nothing, and status counts what would move. Unsetting the flag moves its share.
+    c.ctl_ok(&["osd", "set", "norebalance"]);
     c.start_osd(3);
-    let t = wait_health_ok(&c, 4, "HEALTH_OK with the new node");
-    eprintln!("FIGURE new OSD filled and HEALTH_OK after {t:?}");
-    let map = c.map();
+    c.wait_osds_up(4, Duration::from_secs(60));
+    let share_of = |c: &TestCluster, o: u32| {
+        let map = c.map();
+        store_placement::pool_mappings(&map, map.pool_by_name("vm-pool").expect("pool"))
+            .iter()
+            .filter(|m| m.up.contains(&o))
+            .count()
+    };
     let o3: u32 = osd(3, &c).parse().expect("id");
-    let share = store_placement::pool_mappings(&map, map.pool_by_name("vm-pool").expect("pool"))
-        .iter()
-        .filter(|m| m.up.contains(&o3))
-        .count();
-    assert!(share > 0, "the new OSD holds no PG");
+    let s = wait_for(
+        Duration::from_secs(30),
+        "misplaced objects in status",
+        || {
+            let s = c.try_status()?;
+            (s["pgmap"]["misplaced_objects"].as_u64()? > 0).then_some(s)
+        },
+    );
+    assert_eq!(
+        share_of(&c, o3),
+        0,
+        "norebalance let PGs move to the new OSD"
+    );
+    assert!(s["health"]["checks"]["OBJECT_MISPLACED"].is_object(), "{s}");
+    let remapped = s["pgmap"]["pgs_remapped"].as_u64().unwrap_or(0);
+    assert!(remapped > 0, "{s}");
+    let states = s["pgmap"]["pgs_by_state"].to_string();
+    assert!(states.contains("active+remapped+backfill_wait"), "{states}");
+    eprintln!(
+        "FIGURE norebalance held {remapped} pgs (~{} objects) off the new OSD",
+        s["pgmap"]["misplaced_objects"]
+    );
+    c.ctl_ok(&["osd", "unset", "norebalance"]);
+    let t = wait_health_ok(&c, 4, "HEALTH_OK with the new node");
+    eprintln!("FIGURE new OSD filled and HEALTH_OK {t:?} after norebalance was unset");
+    let map = c.map();
+    assert!(share_of(&c, o3) > 0, "the new OSD holds no PG");
     check_replicas(&rt, &map, "vm-pool", &model);
 
     // A dry run says what would move and moves nothing.

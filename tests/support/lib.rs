@@ -217,12 +217,33 @@ impl TestCluster {
 
     /// [`Self::spawn`] with extra environment variables (e.g. a failpoint).
     pub fn spawn_env(&mut self, name: &str, args: &[String], env: &[(&str, &str)]) {
+        self.spawn_in(None, name, args, env);
+    }
+
+    /// [`Self::spawn_env`], in network namespace `netns` when given (`ip netns exec` execs
+    /// the daemon, so the pid is the daemon's).
+    pub fn spawn_in(
+        &mut self,
+        netns: Option<&str>,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path(name))
             .expect("open log");
-        let child = Command::new(bin_dir().join("stored"))
+        let stored = bin_dir().join("stored");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(stored);
+                c
+            }
+            None => Command::new(stored),
+        };
+        let child = cmd
             .arg("--conf")
             .arg(self.conf())
             .args(args)
@@ -256,20 +277,28 @@ impl TestCluster {
 
     /// Starts OSD `i` with extra environment variables.
     pub fn start_osd_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        let args = self.osd_args(i);
+        self.spawn_env(&Self::osd_name(i), &args, env);
+    }
+
+    /// Starts OSD `i` in network namespace `netns`, serving on `addr`.
+    pub fn start_osd_netns(&mut self, i: usize, netns: &str, addr: &str) {
+        let mut args = self.osd_args(i);
+        args.extend(["--addr".into(), addr.into()]);
+        self.spawn_in(Some(netns), &Self::osd_name(i), &args, &[]);
+    }
+
+    fn osd_args(&self, i: usize) -> Vec<String> {
         let data = self.dir.path().join(Self::osd_name(i));
-        self.spawn_env(
-            &Self::osd_name(i),
-            &[
-                "osd".into(),
-                "--data".into(),
-                data.display().to_string(),
-                "--host".into(),
-                format!("node{}", i + 1),
-                "--size".into(),
-                self.device_size.into(),
-            ],
-            env,
-        );
+        vec![
+            "osd".into(),
+            "--data".into(),
+            data.display().to_string(),
+            "--host".into(),
+            format!("node{}", i + 1),
+            "--size".into(),
+            self.device_size.into(),
+        ]
     }
 
     /// The OSD id that daemon `osd-devN` booted as (from its log).

@@ -171,7 +171,25 @@ impl MonClient {
         if let MonResponse::Error(e) = resp {
             return Err(e);
         }
-        while let Some(bytes) = pushes.recv().await {
+        // Maps are pushed only when they change, so a silent connection says nothing: ping
+        // the monitor on it, and give it up (to reconnect, possibly elsewhere) when a ping
+        // goes unanswered. A partitioned peer's connection can stay open on this side
+        // forever otherwise, and this follower would never see a newer map.
+        let mut ping = tokio::time::interval(SUBSCRIPTION_PING);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            let bytes = tokio::select! {
+                b = pushes.recv() => match b {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    conn.call::<_, MonResponse>(&MonRequest::Ping, self.opts.read_timeout)
+                        .await?;
+                    continue;
+                }
+            };
             let map: ClusterMap = match wire::decode_payload::<MonResponse>(&bytes) {
                 Ok(MonResponse::Map(m)) => *m,
                 Ok(other) => {
@@ -198,6 +216,9 @@ impl MonClient {
         ))
     }
 }
+
+/// How often a map subscription checks that its monitor still answers.
+const SUBSCRIPTION_PING: Duration = Duration::from_secs(2);
 
 fn unexpected(resp: &MonResponse) -> StoreError {
     StoreError::internal(format!("unexpected monitor reply: {resp:?}"))

@@ -97,6 +97,38 @@ impl ObjectClient {
         .await;
     }
 
+    /// Returns once a map newer than `epoch` sends the PG to another address than `addr`
+    /// (or nowhere); pending forever otherwise.
+    async fn target_moved(
+        &self,
+        mut epoch: u64,
+        pool_id: u32,
+        pg_of: &impl Fn(&Pool) -> PgId,
+        addr: &str,
+    ) {
+        let mut rx = self.maps.clone();
+        loop {
+            let Ok(map) = rx
+                .wait_for(|m| m.as_ref().is_some_and(|m| m.epoch > epoch))
+                .await
+                .map(|m| m.clone().expect("checked above"))
+            else {
+                return std::future::pending().await;
+            };
+            epoch = map.epoch;
+            let Some(pool) = map.pools.get(&pool_id) else {
+                return;
+            };
+            let now = map_pg(&map, pool, pg_of(pool))
+                .primary
+                .and_then(|p| map.osds.get(&p))
+                .map(|o| o.addr.as_str());
+            if now != Some(addr) {
+                return;
+            }
+        }
+    }
+
     /// Sends one operation to the primary of `pg`, resending across map changes until the
     /// deadline.
     async fn on_pg(
@@ -147,9 +179,23 @@ impl ObjectClient {
                 op: op.clone(),
                 guard: guard.cloned(),
             };
-            let res = match self.conn(&addr).await {
-                Ok(c) => c.call::<_, OsdResponse>(&req, remaining).await,
-                Err(e) => Err(e),
+            let call = async {
+                match self.conn(&addr).await {
+                    Ok(c) => c.call::<_, OsdResponse>(&req, remaining).await,
+                    Err(e) => Err(e),
+                }
+            };
+            // As Ceph's Objecter: when a newer map sends the PG elsewhere (its primary
+            // marked down, say, with no answer coming from it), resend there instead of
+            // waiting out the deadline. Every operation is idempotent.
+            let res = tokio::select! {
+                r = call => r,
+                () = self.target_moved(map.epoch, pool_id, &pg_of, &addr) => {
+                    debug!(%addr, "the PG's primary changed while waiting; resending");
+                    last_error = format!("the primary at {addr} was replaced");
+                    self.conns.lock().await.remove(&addr);
+                    continue;
+                }
             };
             match res {
                 Ok(OsdResponse::NotPrimary { epoch }) => {

@@ -5,7 +5,8 @@
 //! for one that does not.
 
 use store_types::map::{
-    weight_to_f64, ClusterMap, CrushWeight, FailureDomain, Flag, HostBucket, MonInfo, OsdInfo, Pool,
+    weight_to_f64, ClusterMap, CrushWeight, FailureDomain, Flag, HeldPlacement, HostBucket,
+    MonInfo, OsdInfo, Pool,
 };
 use store_types::msg::{CommandOutcome, MapCommand};
 use store_types::StoreError;
@@ -105,6 +106,8 @@ fn moves_placement(cmd: &MapCommand) -> bool {
             | MapCommand::PoolCreate { .. }
             | MapCommand::PoolSet { .. }
             | MapCommand::PoolRm { .. }
+            | MapCommand::SetFlag(Flag::NoRebalance)
+            | MapCommand::UnsetFlag(Flag::NoRebalance)
     )
 }
 
@@ -307,6 +310,21 @@ fn set_flag(map: &mut ClusterMap, flag: Flag, on: bool) -> String {
     } else {
         map.flags.remove(&flag)
     };
+    if changed && flag == Flag::NoRebalance {
+        // Holding placement where it stands, or letting it go: unsetting moves placement.
+        map.rebalance_hold = on.then(|| {
+            map.osds
+                .values()
+                .map(|o| {
+                    let held = HeldPlacement {
+                        weight: o.weight,
+                        is_in: o.is_in,
+                    };
+                    (o.id, held)
+                })
+                .collect()
+        });
+    }
     match (changed, on) {
         (true, true) => {
             bump(map);

@@ -5,7 +5,7 @@
 //! derived from the map: a PG whose CRUSH set has a down OSD is degraded; one with fewer up
 //! OSDs than its pool's min_size is inactive.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use store_placement::pool_mappings;
 use store_types::map::{ClusterMap, OsdId};
@@ -42,6 +42,8 @@ pub const STATE_RECOVERY_WAIT: &str = "active+recovery_wait+degraded";
 pub const STATE_BACKFILLING: &str = "active+backfilling+degraded";
 pub const STATE_BACKFILL_WAIT: &str = "active+backfill_wait+degraded";
 pub const STATE_INCOMPLETE: &str = "incomplete";
+/// Clean, but `norebalance` keeps it where CRUSH would no longer put it.
+pub const STATE_REMAPPED: &str = "active+remapped+backfill_wait";
 
 /// What the PGs' current primaries say, for PGs that are not simply active.
 #[derive(Clone, Debug, Default)]
@@ -101,6 +103,7 @@ pub fn busy_pgs(map: &ClusterMap, reports: &HashMap<OsdId, (u64, Vec<PgReport>)>
 /// the primaries report (peering, recovering).
 pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    let remapped = held_back(map);
     for pool in map.pools.values() {
         for (seed, m) in pool_mappings(map, pool).into_iter().enumerate() {
             let size = pool.size as usize;
@@ -119,11 +122,44 @@ pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
                 STATE_DEGRADED
             } else if up < size {
                 STATE_UNDERSIZED
+            } else if remapped.pgs.contains(&(pool.id, seed as u32)) {
+                STATE_REMAPPED
             } else {
                 STATE_CLEAN
             };
             *out.entry(state.to_string()).or_default() += 1;
         }
+    }
+    out
+}
+
+/// What `norebalance` holds back: the PGs whose placement would move without the hold,
+/// and how many copies would move, of how many placement slots (PGs × size).
+#[derive(Debug, Default)]
+pub struct HeldBack {
+    pub pgs: BTreeSet<(u32, u32)>,
+    pub copies: u64,
+    pub slots: u64,
+}
+
+pub fn held_back(map: &ClusterMap) -> HeldBack {
+    let mut out = HeldBack::default();
+    if map.rebalance_hold.is_none() {
+        return out;
+    }
+    let mut free = map.clone();
+    free.rebalance_hold = None;
+    for pool in map.pools.values() {
+        let held = pool_mappings(map, pool);
+        let unheld = pool_mappings(&free, pool);
+        for (seed, (h, u)) in held.iter().zip(&unheld).enumerate() {
+            let moved = u.raw.iter().filter(|o| !h.raw.contains(o)).count() as u64;
+            if moved > 0 {
+                out.pgs.insert((pool.id, seed as u32));
+                out.copies += moved;
+            }
+        }
+        out.slots += u64::from(pool.pg_num) * u64::from(pool.size);
     }
     out
 }
@@ -399,6 +435,28 @@ pub fn status(input: StatusInput) -> StatusReport {
     usage_checks(map, input.osd_stats, &mut checks);
     let pgs = pgs_by_state(map, input.busy);
     pg_checks(&pgs, &mut checks);
+    let object_copies: u64 = map
+        .osds
+        .keys()
+        .filter_map(|id| input.osd_stats.get(id))
+        .map(|s| s.objects)
+        .sum();
+    let held = held_back(map);
+    let misplaced_objects = object_copies * held.copies / held.slots.max(1);
+    if !held.pgs.is_empty() {
+        checks.insert(
+            "OBJECT_MISPLACED".into(),
+            check(
+                Severity::Warn,
+                format!(
+                    "~{misplaced_objects} objects misplaced ({:.1}%): norebalance keeps {} pgs where CRUSH would no longer put them",
+                    100.0 * misplaced_objects as f64 / object_copies.max(1) as f64,
+                    held.pgs.len()
+                ),
+                vec!["they move when the flag is unset (`storectl osd unset norebalance`)".into()],
+            ),
+        );
+    }
     lock_checks(map, input.silent_holders.as_deref(), &mut checks);
     let health = checks
         .values()
@@ -430,12 +488,7 @@ pub fn status(input: StatusInput) -> StatusReport {
         flags: map.flags.iter().map(|f| f.to_string()).collect(),
         num_sessions: input.live_sessions,
         recovery_objects_left: input.busy.objects_left,
-        object_copies: map
-            .osds
-            .keys()
-            .filter_map(|id| input.osd_stats.get(id))
-            .map(|s| s.objects)
-            .sum(),
+        object_copies,
         recovery_objects_per_sec: input.recovery_rate,
         num_image_locks: map
             .image_locks
@@ -443,6 +496,8 @@ pub fn status(input: StatusInput) -> StatusReport {
             .filter(|l| l.holder.is_some())
             .count(),
         num_blocklisted: map.blocklist.len(),
+        pgs_remapped: held.pgs.len() as u64,
+        misplaced_objects,
     }
 }
 
@@ -589,6 +644,62 @@ mod tests {
         assert_eq!(r.health, Severity::Ok, "{:?}", r.checks);
         assert_eq!(r.pgs_by_state.get(STATE_CLEAN), Some(&64));
         assert_eq!(r.quorum_names, vec!["m1", "m2", "m3"]);
+    }
+
+    #[test]
+    fn norebalance_holds_placement_for_up_osds_but_not_for_down_and_out_ones() {
+        use store_types::map::Flag;
+        let mut m = cluster(4, 1);
+        let mappings = |m: &ClusterMap| pool_mappings(m, &m.pools[&1]);
+        apply_command(&mut m, &MapCommand::SetFlag(Flag::NoRebalance)).unwrap();
+        let held = mappings(&m);
+        // A new OSD and a reweight move nothing while the flag is set...
+        apply_command(
+            &mut m,
+            &MapCommand::OsdBoot {
+                uuid: "new".into(),
+                addr: "127.0.0.1:7100".into(),
+                host: "h9".into(),
+                weight: WEIGHT_ONE,
+            },
+        )
+        .unwrap();
+        apply_command(
+            &mut m,
+            &MapCommand::OsdReweight {
+                id: 0,
+                weight: WEIGHT_ONE / 4,
+            },
+        )
+        .unwrap();
+        assert_eq!(mappings(&m), held);
+        let back = held_back(&m);
+        assert!(!back.pgs.is_empty() && back.copies > 0, "{back:?}");
+        assert_eq!(back.slots, 64 * 3);
+        let r = report(&m, &[true]);
+        assert!(r.checks.contains_key("OBJECT_MISPLACED") || r.object_copies == 0);
+        assert_eq!(
+            r.pgs_by_state.get(STATE_REMAPPED).copied(),
+            Some(back.pgs.len() as u64)
+        );
+        // ...but a down and out OSD's PGs still go elsewhere (recovery, not rebalance).
+        apply_command(
+            &mut m,
+            &MapCommand::OsdMarkDown {
+                ids: vec![1],
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        apply_command(&mut m, &MapCommand::OsdOut { ids: vec![1] }).unwrap();
+        assert!(mappings(&m).iter().all(|pg| !pg.raw.contains(&1)));
+        // Unsetting it lets everything move to where CRUSH puts it.
+        let before = m.placement_epoch;
+        apply_command(&mut m, &MapCommand::UnsetFlag(Flag::NoRebalance)).unwrap();
+        assert!(m.placement_epoch > before);
+        assert!(m.rebalance_hold.is_none());
+        assert!(held_back(&m).pgs.is_empty());
+        assert!(mappings(&m).iter().any(|pg| pg.raw.contains(&4)));
     }
 
     #[test]

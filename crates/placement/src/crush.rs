@@ -118,19 +118,22 @@ pub struct PoolMapper {
 impl PoolMapper {
     pub fn new(map: &ClusterMap, pool: &Pool) -> Self {
         // `map.osds` iterates in id order, so each domain ends up sorted by id.
-        let mut eligible: Vec<&OsdInfo> =
-            map.osds.values().filter(|o| o.crush_eligible()).collect();
+        let mut eligible: Vec<(&OsdInfo, CrushWeight)> = map
+            .osds
+            .values()
+            .filter_map(|o| crush_standing(map, o).map(|w| (o, w)))
+            .collect();
         if pool.failure_domain == FailureDomain::Host {
             // Stable sort: ids stay ascending within a host. `OsdInfo::host` names the
             // host bucket holding the OSD; the monitors keep the two consistent.
-            eligible.sort_by(|a, b| a.host.cmp(&b.host));
+            eligible.sort_by(|a, b| a.0.host.cmp(&b.0.host));
         }
         let domain_ends = domain_ends(&eligible, pool.failure_domain);
         let candidates = eligible
             .iter()
-            .map(|o| Candidate {
+            .map(|(o, weight)| Candidate {
                 id: o.id,
-                reciprocal: weight_reciprocal(o.weight),
+                reciprocal: weight_reciprocal(*weight),
                 up: o.up,
             })
             .collect();
@@ -188,14 +191,26 @@ impl PoolMapper {
     }
 }
 
+/// The CRUSH weight an OSD draws with, None if it is not eligible: its own standing, or
+/// the one held by `norebalance` while it is up (see [`ClusterMap::rebalance_hold`]).
+pub fn crush_standing(map: &ClusterMap, o: &OsdInfo) -> Option<CrushWeight> {
+    match &map.rebalance_hold {
+        Some(hold) if o.up => hold
+            .get(&o.id)
+            .filter(|h| h.is_in && h.weight > 0)
+            .map(|h| h.weight),
+        _ => o.crush_eligible().then_some(o.weight),
+    }
+}
+
 /// Where each failure domain ends in the (grouped) eligible list.
-fn domain_ends(eligible: &[&OsdInfo], failure_domain: FailureDomain) -> Vec<usize> {
+fn domain_ends(eligible: &[(&OsdInfo, CrushWeight)], failure_domain: FailureDomain) -> Vec<usize> {
     let mut ends = Vec::new();
     for i in 1..=eligible.len() {
         let boundary = i == eligible.len()
             || match failure_domain {
                 FailureDomain::Osd => true,
-                FailureDomain::Host => eligible[i].host != eligible[i - 1].host,
+                FailureDomain::Host => eligible[i].0.host != eligible[i - 1].0.host,
             };
         if boundary {
             ends.push(i);

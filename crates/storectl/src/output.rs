@@ -78,6 +78,9 @@ pub fn status_json(s: &StatusReport) -> Value {
             "degraded_total": s.object_copies,
             "degraded_ratio": s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
             "recovering_objects_per_sec": s.recovery_objects_per_sec,
+            "misplaced_objects": s.misplaced_objects,
+            "misplaced_ratio": s.misplaced_objects as f64 / s.object_copies.max(1) as f64,
+            "pgs_remapped": s.pgs_remapped,
             "bytes_used": s.used_bytes,
             "bytes_total": s.total_bytes,
             "bytes_avail": s.total_bytes.saturating_sub(s.used_bytes),
@@ -153,6 +156,15 @@ pub fn status(format: Format, s: &StatusReport) {
             s.recovery_objects_left,
             100.0 * s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
             s.object_copies
+        );
+    }
+    if s.pgs_remapped > 0 {
+        println!(
+            "    misplaced: ~{} objects ({:.1}% of {} object copies), {} pgs remapped (held by norebalance)",
+            s.misplaced_objects,
+            100.0 * s.misplaced_objects as f64 / s.object_copies.max(1) as f64,
+            s.object_copies,
+            s.pgs_remapped
         );
     }
     println!(
@@ -380,6 +392,8 @@ pub fn sample_status(pgs: u64) -> StatusReport {
         recovery_objects_left: 0,
         object_copies: 0,
         recovery_objects_per_sec: None,
+        pgs_remapped: 0,
+        misplaced_objects: 0,
         num_image_locks: 0,
         num_blocklisted: 0,
     }

@@ -277,6 +277,19 @@ pub struct ClusterMap {
     pub blocklist: BTreeMap<SessionId, BlocklistEntry>,
     pub next_osd_id: OsdId,
     pub next_pool_id: PoolId,
+    /// While `norebalance` is set: each OSD's CRUSH standing when it was set. Placement
+    /// uses it for OSDs that are up, so adding, reweighting or marking out running OSDs
+    /// moves nothing; down OSDs use their current standing, so a PG whose OSD is down and
+    /// out still recovers elsewhere (as Ceph's norebalance, which holds back only the
+    /// backfill of PGs that are not degraded).
+    pub rebalance_hold: Option<BTreeMap<OsdId, HeldPlacement>>,
+}
+
+/// An OSD's CRUSH standing, as [`ClusterMap::rebalance_hold`] keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldPlacement {
+    pub weight: CrushWeight,
+    pub is_in: bool,
 }
 
 impl ClusterMap {
@@ -297,6 +310,7 @@ impl ClusterMap {
             blocklist: BTreeMap::new(),
             next_osd_id: 0,
             next_pool_id: 1,
+            rebalance_hold: None,
         }
     }
 

@@ -286,4 +286,9 @@ pub struct StatusReport {
     /// Image locks held.
     pub num_image_locks: usize,
     pub num_blocklisted: usize,
+    /// While `norebalance` holds placement: PGs whose CRUSH placement would move, and an
+    /// estimate of the object copies that would move with them (copies spread evenly
+    /// over PGs).
+    pub pgs_remapped: u64,
+    pub misplaced_objects: u64,
 }
