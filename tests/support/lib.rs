@@ -483,28 +483,19 @@ fn fake_uuid() -> String {
 }
 
 /// Sends SIGKILL to a pid (for processes not started through [`TestCluster`]).
-/// Checks every object of `pool` against `model` on every up OSD of its PG, reading each
-/// OSD's own copy directly (`Fetch`): replicas must all hold exactly what was acknowledged.
+/// Checks every object of `pool` against `model` on every acting OSD of its PG, reading
+/// each OSD's own copy directly (`Fetch`): replicas must all hold exactly what was
+/// acknowledged.
 pub fn check_replicas(
     rt: &tokio::runtime::Runtime,
     map: &store_types::map::ClusterMap,
     pool: &str,
     model: &BTreeMap<String, bytes::Bytes>,
 ) {
-    use store_types::osdmsg::{OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES};
+    use store_types::osdmsg::{OsdRequest, OsdResponse, Pg};
     let pool = map.pool_by_name(pool).expect("pool");
     rt.block_on(async {
-        let mut conns: BTreeMap<u32, store_client::RpcConn> = BTreeMap::new();
-        for o in map.osds.values().filter(|o| o.up) {
-            let (conn, _) = store_client::RpcConn::connect(
-                &o.addr,
-                Duration::from_secs(5),
-                OSD_MAX_FRAME_BYTES,
-            )
-            .await
-            .expect("connect to osd");
-            conns.insert(o.id, conn);
-        }
+        let conns = osd_conns(map).await;
         for (name, want) in model {
             let pgid = store_placement::object_to_pg(pool, name);
             let m = store_placement::map_pg(map, pool, pgid);
@@ -513,7 +504,8 @@ pub fn check_replicas(
                 pool.size as usize,
                 "{name}: PG {pgid} is degraded"
             );
-            for osd in &m.up {
+            // A remapped PG's acting set holds the OSDs it moves to (`up`) too.
+            for osd in &m.acting {
                 let req = OsdRequest::Fetch {
                     pg: Pg {
                         pool: pgid.pool,
@@ -539,6 +531,63 @@ pub fn check_replicas(
             }
         }
     });
+}
+
+/// A connection to every up OSD of the map.
+async fn osd_conns(map: &store_types::map::ClusterMap) -> BTreeMap<u32, store_client::RpcConn> {
+    let mut conns = BTreeMap::new();
+    for o in map.osds.values().filter(|o| o.up) {
+        let (conn, _) = store_client::RpcConn::connect(
+            &o.addr,
+            Duration::from_secs(5),
+            store_types::osdmsg::OSD_MAX_FRAME_BYTES,
+        )
+        .await
+        .expect("connect to osd");
+        conns.insert(o.id, conn);
+    }
+    conns
+}
+
+/// How many objects of `names` are still stored on up OSDs that neither serve their PG
+/// nor are named by CRUSH for it (stray copies), read directly from each OSD.
+pub fn stray_copies(
+    rt: &tokio::runtime::Runtime,
+    map: &store_types::map::ClusterMap,
+    pool: &str,
+    names: impl IntoIterator<Item = String>,
+) -> usize {
+    use store_types::osdmsg::{OsdRequest, OsdResponse, Pg};
+    let pool = map.pool_by_name(pool).expect("pool");
+    rt.block_on(async {
+        let conns = osd_conns(map).await;
+        let mut strays = 0;
+        for name in names {
+            let pgid = store_placement::object_to_pg(pool, &name);
+            let m = store_placement::map_pg(map, pool, pgid);
+            for (osd, conn) in &conns {
+                if m.acting.contains(osd) || m.up.contains(osd) {
+                    continue;
+                }
+                let req = OsdRequest::Fetch {
+                    pg: Pg {
+                        pool: pgid.pool,
+                        seed: pgid.seed,
+                    },
+                    object: name.clone(),
+                    offset: 0,
+                    len: 1,
+                };
+                let resp = conn
+                    .call::<_, OsdResponse>(&req, Duration::from_secs(10))
+                    .await;
+                if matches!(resp, Ok(OsdResponse::Fetched { .. })) {
+                    strays += 1;
+                }
+            }
+        }
+        strays
+    })
 }
 
 /// xorshift64: reproducible pseudo-random choices for tests (state must not be 0).

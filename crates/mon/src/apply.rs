@@ -12,6 +12,7 @@ use store_types::msg::{CommandOutcome, MapCommand};
 use store_types::StoreError;
 
 use crate::locks;
+use crate::pgs;
 
 /// Largest pg_num a pool may have (as Ceph's mon_max_pg_per_osd keeps it sane).
 pub const MAX_PG_NUM: u32 = 65536;
@@ -22,6 +23,8 @@ pub const DEFAULT_PG_NUM: u32 = 128;
 /// Applies one command. On error the map is untouched.
 pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOutcome, StoreError> {
     let before_epoch = map.epoch;
+    // What served each PG before a CRUSH change, for the PGs' pg_temp entries.
+    let before = moves_crush(cmd).then(|| map.clone());
     let mut lock_generation = None;
     let mut lock = |r: crate::locks::LockResult| -> Result<(String, Option<u32>), StoreError> {
         let (msg, g) = r?;
@@ -78,11 +81,19 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
             (locks::add_blocklist(map, *session, reason)?, None)
         }
         MapCommand::BlocklistRm { session } => (locks::rm_blocklist(map, *session)?, None),
+        MapCommand::PgActivated { pgs: list } => (pgs::activated(map, list), None),
+        MapCommand::PgTempDone { pgs: list } => (pgs::temp_done(map, list), None),
+        MapCommand::OsdLost { id } => (pgs::osd_lost(map, *id)?, None),
     };
     let changed = map.epoch != before_epoch;
     debug_assert!(map.epoch == before_epoch || map.epoch == before_epoch + 1);
-    if changed && moves_placement(cmd) {
-        map.placement_epoch = map.epoch;
+    if changed {
+        if let Some(before) = before {
+            pgs::update_pg_temp(&before, map);
+        }
+        if moves_placement(cmd) {
+            map.placement_epoch = map.epoch;
+        }
     }
     Ok(CommandOutcome {
         epoch: map.epoch,
@@ -95,6 +106,17 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
 
 /// Whether a command can change some PG's acting set.
 fn moves_placement(cmd: &MapCommand) -> bool {
+    moves_crush(cmd)
+        || matches!(
+            cmd,
+            MapCommand::PgTempDone { .. }
+                | MapCommand::PoolCreate { .. }
+                | MapCommand::PoolRm { .. }
+        )
+}
+
+/// Whether a command can change some PG's CRUSH set (up OSDs) of an existing pool.
+fn moves_crush(cmd: &MapCommand) -> bool {
     matches!(
         cmd,
         MapCommand::OsdBoot { .. }
@@ -103,9 +125,7 @@ fn moves_placement(cmd: &MapCommand) -> bool {
             | MapCommand::OsdIn { .. }
             | MapCommand::OsdReweight { .. }
             | MapCommand::OsdPurge { .. }
-            | MapCommand::PoolCreate { .. }
             | MapCommand::PoolSet { .. }
-            | MapCommand::PoolRm { .. }
             | MapCommand::SetFlag(Flag::NoRebalance)
             | MapCommand::UnsetFlag(Flag::NoRebalance)
     )
@@ -300,6 +320,7 @@ fn purge(map: &mut ClusterMap, id: u32) -> Result<String, StoreError> {
     let host = osd.host.clone();
     map.osds.remove(&id);
     crush_remove_osd(map, &host, id);
+    pgs::purged(map, id);
     bump(map);
     Ok(format!("purged osd.{id}"))
 }
@@ -408,6 +429,7 @@ fn pool_create(
             created_epoch: map.epoch,
         },
     );
+    pgs::init_history(map, id);
     Ok(format!(
         "pool '{name}' created (id {id}, size {size}, min_size {min_size}, pg_num {pg_num}, failure domain {failure_domain})"
     ))
@@ -439,13 +461,17 @@ fn pool_set(
         "min_size" => new.min_size = parse_u32(key, value)?,
         "pg_num" => {
             let v = parse_u32(key, value)?;
-            if v < pool.pg_num {
-                return Err(StoreError::invalid(format!(
-                    "pg_num can only grow ({} -> {v} refused): PG merging is not supported",
-                    pool.pg_num
-                )));
+            if v != pool.pg_num {
+                // Objects would map to PGs whose OSDs do not hold them: until OSDs split
+                // their PG copies, pg_num is fixed at creation.
+                return Err(StoreError::new(
+                    store_types::ErrorCode::NotPermitted,
+                    format!(
+                        "pg_num of pool '{name}' is fixed at {} (PG splitting and merging are not supported yet): create a new pool with the pg_num you want and copy images with `storectl image cp`",
+                        pool.pg_num
+                    ),
+                ));
             }
-            new.pg_num = v;
         }
         "failure_domain" => {
             new.failure_domain = value.parse().map_err(StoreError::invalid)?;
@@ -468,6 +494,7 @@ fn pool_set(
 fn pool_rm(map: &mut ClusterMap, name: &str) -> Result<String, StoreError> {
     let id = find_pool_mut(map, name)?.id;
     map.pools.remove(&id);
+    pgs::forget_pool(map, id);
     bump(map);
     Ok(format!("pool '{name}' removed"))
 }
@@ -569,9 +596,12 @@ mod tests {
             )
         };
         assert!(set(&mut m, "min_size", "4").is_err());
+        // pg_num is fixed: objects would map to PGs that do not hold them.
         assert!(set(&mut m, "pg_num", "16").is_err());
-        assert!(set(&mut m, "pg_num", "64").unwrap().changed);
-        assert!(!set(&mut m, "pg_num", "64").unwrap().changed);
+        let e = set(&mut m, "pg_num", "64").unwrap_err();
+        assert_eq!(e.code, store_types::ErrorCode::NotPermitted);
+        assert!(e.message.contains("fixed"), "{e}");
+        assert!(!set(&mut m, "pg_num", "32").unwrap().changed);
         assert!(set(&mut m, "colour", "blue").is_err());
         apply_command(&mut m, &MapCommand::PoolRm { name: "p".into() }).unwrap();
         assert!(m.pools.is_empty());

@@ -71,6 +71,7 @@ pub struct FailureDetector {
     /// map epoch the report is true of.
     pg_reports: HashMap<OsdId, (u64, Vec<PgReport>)>,
     recovery: RecoveryMeter,
+    recovery_bytes: RecoveryMeter,
     /// Since when this monitor leads; None when it does not.
     leader_since_ms: Option<u64>,
 }
@@ -86,21 +87,26 @@ impl FailureDetector {
     pub fn heartbeat(&mut self, id: OsdId, stat: OsdStat, pgs: (u64, Vec<PgReport>), now_ms: u64) {
         let seen = self.last_seen_ms.entry(id).or_insert(now_ms);
         *seen = (*seen).max(now_ms);
-        let before = self.stats.get(&id).map_or(0, |s| s.recovered_objects);
+        let before = self.stats.get(&id).copied().unwrap_or_default();
         // A restarted OSD counts from zero again.
-        let delta = if stat.recovered_objects >= before {
-            stat.recovered_objects - before
-        } else {
-            stat.recovered_objects
-        };
-        self.recovery.add(delta, now_ms);
+        let delta = |now: u64, before: u64| if now >= before { now - before } else { now };
+        self.recovery.add(
+            delta(stat.recovered_objects, before.recovered_objects),
+            now_ms,
+        );
+        self.recovery_bytes
+            .add(delta(stat.recovered_bytes, before.recovered_bytes), now_ms);
         self.stats.insert(id, stat);
         self.pg_reports.insert(id, pgs);
     }
 
-    /// Objects recovered per second over the last [`RATE_WINDOW_MS`], when known.
-    pub fn recovery_rate(&self, now_ms: u64) -> Option<u64> {
-        self.recovery.rate_per_sec(now_ms)
+    /// Objects and bytes recovered per second over the last [`RATE_WINDOW_MS`], when
+    /// known.
+    pub fn recovery_rate(&self, now_ms: u64) -> (Option<u64>, Option<u64>) {
+        (
+            self.recovery.rate_per_sec(now_ms),
+            self.recovery_bytes.rate_per_sec(now_ms),
+        )
     }
 
     pub fn pg_reports(&self) -> &HashMap<OsdId, (u64, Vec<PgReport>)> {
@@ -176,17 +182,17 @@ mod tests {
             recovered_objects: n,
             ..Default::default()
         };
-        assert_eq!(d.recovery_rate(0), None);
+        assert_eq!(d.recovery_rate(0).0, None);
         d.heartbeat(0, stat(0), (0, vec![]), 0);
         d.heartbeat(0, stat(100), (0, vec![]), 2000);
-        assert_eq!(d.recovery_rate(2000), Some(50));
+        assert_eq!(d.recovery_rate(2000).0, Some(50));
         // Restarted: its counter starts over; the rate does not go negative.
         d.heartbeat(0, stat(40), (0, vec![]), 4000);
-        assert_eq!(d.recovery_rate(4000), Some(35));
+        assert_eq!(d.recovery_rate(4000).0, Some(35));
         // Long quiet: the old samples leave the window.
         d.heartbeat(0, stat(40), (0, vec![]), 30_000);
         d.heartbeat(0, stat(40), (0, vec![]), 32_000);
-        assert_eq!(d.recovery_rate(32_000), Some(0));
+        assert_eq!(d.recovery_rate(32_000).0, Some(0));
     }
     use crate::apply::apply_command;
     use store_types::map::WEIGHT_ONE;

@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use store_placement::pool_mappings;
-use store_types::map::{ClusterMap, OsdId};
+use store_placement::{pool_mappings, PgMapping};
+use store_types::map::{ClusterMap, OsdId, Pool};
 use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, StatusReport};
 use store_types::osdmsg::{PgPhase, PgReport};
 
@@ -25,8 +25,8 @@ pub struct StatusInput<'a> {
     pub silent_holders: Option<Vec<String>>,
     /// PGs their primaries report busy (see [`busy_pgs`]).
     pub busy: &'a BusyPgs,
-    /// Objects recovered per second lately, when known.
-    pub recovery_rate: Option<u64>,
+    /// Objects and bytes recovered per second lately, when known.
+    pub recovery_rate: (Option<u64>, Option<u64>),
 }
 
 pub const STATE_CLEAN: &str = "active+clean";
@@ -39,19 +39,34 @@ pub const STATE_PEERING: &str = "peering";
 pub const STATE_UNKNOWN: &str = "unknown";
 pub const STATE_RECOVERING: &str = "active+recovering+degraded";
 pub const STATE_RECOVERY_WAIT: &str = "active+recovery_wait+degraded";
-pub const STATE_BACKFILLING: &str = "active+backfilling+degraded";
-pub const STATE_BACKFILL_WAIT: &str = "active+backfill_wait+degraded";
+pub const STATE_BACKFILLING: &str = "active+degraded+backfilling";
+pub const STATE_BACKFILL_WAIT: &str = "active+degraded+backfill_wait";
 pub const STATE_INCOMPLETE: &str = "incomplete";
+pub const STATE_DOWN: &str = "down";
 /// Clean, but `norebalance` keeps it where CRUSH would no longer put it.
 pub const STATE_REMAPPED: &str = "active+remapped+backfill_wait";
+/// Filling an OSD CRUSH moved it to while the OSDs that held it keep serving.
+pub const STATE_REMAPPED_BACKFILLING: &str = "active+remapped+backfilling";
+
+/// What a PG's current primary last reported about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgSeen {
+    pub phase: PgPhase,
+    /// Object copies missing below the pool's size.
+    pub degraded: u64,
+    /// Object copies missing on OSDs the PG moves to, beyond its size.
+    pub misplaced: u64,
+}
 
 /// What the PGs' current primaries say, for PGs that are not simply active.
 #[derive(Clone, Debug, Default)]
 pub struct BusyPgs {
-    /// PGs reported not active, by (pool, seed).
-    pub phases: HashMap<(u32, u32), PgPhase>,
-    /// Objects the current primaries still have to recover.
+    /// PGs reported not active+clean, by (pool, seed).
+    pub pgs: HashMap<(u32, u32), PgSeen>,
+    /// Object copies the current primaries still have to recover (degraded + misplaced).
     pub objects_left: u64,
+    pub degraded: u64,
+    pub misplaced: u64,
     /// Primaries whose last report predates the last placement change: their PGs' state
     /// is unknown until they report again.
     pub behind: std::collections::HashSet<OsdId>,
@@ -75,6 +90,7 @@ pub fn busy_pgs(map: &ClusterMap, reports: &HashMap<OsdId, (u64, Vec<PgReport>)>
             out.behind.insert(o.id);
         }
     }
+    let mut mappers = HashMap::new();
     for (osd, (_, list)) in reports {
         if !map.osds.get(osd).is_some_and(|o| o.up) {
             continue;
@@ -86,51 +102,103 @@ pub fn busy_pgs(map: &ClusterMap, reports: &HashMap<OsdId, (u64, Vec<PgReport>)>
             if r.pg.seed >= pool.pg_num {
                 continue;
             }
-            let id = store_placement::PgId {
-                pool: r.pg.pool,
-                seed: r.pg.seed,
-            };
-            if store_placement::map_pg(map, pool, id).primary == Some(*osd) {
-                out.phases.insert((r.pg.pool, r.pg.seed), r.phase);
+            let mapper = mappers
+                .entry(pool.id)
+                .or_insert_with(|| store_placement::PoolMapper::new(map, pool));
+            if mapper.map_seed(r.pg.seed).primary == Some(*osd) {
+                let misplaced = r.misplaced.min(r.objects_left);
+                let seen = PgSeen {
+                    phase: r.phase,
+                    degraded: r.objects_left - misplaced,
+                    misplaced,
+                };
+                out.pgs.insert((r.pg.pool, r.pg.seed), seen);
                 out.objects_left += r.objects_left;
+                out.degraded += seen.degraded;
+                out.misplaced += seen.misplaced;
             }
         }
     }
     out
 }
 
-/// PG counts by state, for all pools: from the map (which OSDs are up), refined by what
-/// the primaries report (peering, recovering).
+/// PG counts by state, for all pools: from the map (which OSDs are up, pg_temp), refined
+/// by what the primaries report (peering, recovering, what is missing where).
 pub fn pgs_by_state(map: &ClusterMap, busy: &BusyPgs) -> BTreeMap<String, u64> {
     let mut out: BTreeMap<String, u64> = BTreeMap::new();
-    let remapped = held_back(map);
+    let held = held_back(map);
     for pool in map.pools.values() {
         for (seed, m) in pool_mappings(map, pool).into_iter().enumerate() {
-            let size = pool.size as usize;
-            let up = m.up.len();
-            let reported = busy.phases.get(&(pool.id, seed as u32)).copied();
+            let key = (pool.id, seed as u32);
             let behind = m.primary.is_some_and(|p| busy.behind.contains(&p));
-            let state = if up == 0 {
-                STATE_STALE
-            } else if up < pool.min_size as usize {
-                STATE_INACTIVE
-            } else if behind {
-                STATE_UNKNOWN
-            } else if let Some(state) = reported.and_then(reported_state) {
-                state
-            } else if up < m.raw.len() {
-                STATE_DEGRADED
-            } else if up < size {
-                STATE_UNDERSIZED
-            } else if remapped.pgs.contains(&(pool.id, seed as u32)) {
-                STATE_REMAPPED
-            } else {
-                STATE_CLEAN
-            };
-            *out.entry(state.to_string()).or_default() += 1;
+            let state = pg_state(
+                pool,
+                &m,
+                busy.pgs.get(&key),
+                behind,
+                held.pgs.contains(&key),
+            );
+            *out.entry(state).or_default() += 1;
         }
     }
     out
+}
+
+/// One PG's state, in Ceph's words and order (`active+undersized+degraded+remapped+backfilling`).
+fn pg_state(pool: &Pool, m: &PgMapping, seen: Option<&PgSeen>, behind: bool, held: bool) -> String {
+    let acting = m.acting.len();
+    if acting == 0 {
+        return STATE_STALE.into();
+    }
+    if acting < pool.min_size as usize {
+        return STATE_INACTIVE.into();
+    }
+    if behind {
+        return STATE_UNKNOWN.into();
+    }
+    let phase = seen.map_or(PgPhase::Active, |s| s.phase);
+    match phase {
+        PgPhase::Peering => return STATE_PEERING.into(),
+        PgPhase::Incomplete => return STATE_INCOMPLETE.into(),
+        PgPhase::Down => return STATE_DOWN.into(),
+        PgPhase::Inactive => return STATE_INACTIVE.into(),
+        _ => {}
+    }
+    let undersized = acting < pool.size as usize;
+    let degraded = m.up.len() < m.raw.len()
+        || (undersized && m.raw.len() >= pool.size as usize)
+        || seen.is_some_and(|s| s.degraded > 0);
+    let remapped = m.remapped() || held;
+    let mut parts = vec!["active"];
+    let busy = phase != PgPhase::Active;
+    if !busy && !undersized && !degraded && !remapped {
+        parts.push("clean");
+    }
+    match phase {
+        PgPhase::RecoveryWait => parts.push("recovery_wait"),
+        PgPhase::Recovering => parts.push("recovering"),
+        _ => {}
+    }
+    if undersized {
+        parts.push("undersized");
+    }
+    if degraded {
+        parts.push("degraded");
+    }
+    if remapped {
+        parts.push("remapped");
+    }
+    match phase {
+        PgPhase::BackfillWait => parts.push("backfill_wait"),
+        PgPhase::Backfilling => parts.push("backfilling"),
+        PgPhase::Active if held => parts.push("backfill_wait"),
+        _ => {}
+    }
+    if parts == ["active", "remapped"] {
+        // Every copy is complete; the primary is about to drop the pg_temp entry.
+        parts = vec!["active", "clean", "remapped"];
+    }
+    parts.join("+")
 }
 
 /// What `norebalance` holds back: the PGs whose placement would move without the hold,
@@ -162,19 +230,6 @@ pub fn held_back(map: &ClusterMap) -> HeldBack {
         out.slots += u64::from(pool.pg_num) * u64::from(pool.size);
     }
     out
-}
-
-/// The state a primary's report names, for the phases the map alone cannot tell.
-fn reported_state(phase: PgPhase) -> Option<&'static str> {
-    match phase {
-        PgPhase::Peering => Some(STATE_PEERING),
-        PgPhase::Recovering => Some(STATE_RECOVERING),
-        PgPhase::RecoveryWait => Some(STATE_RECOVERY_WAIT),
-        PgPhase::Backfilling => Some(STATE_BACKFILLING),
-        PgPhase::BackfillWait => Some(STATE_BACKFILL_WAIT),
-        PgPhase::Incomplete => Some(STATE_INCOMPLETE),
-        PgPhase::Inactive | PgPhase::Active => None,
-    }
 }
 
 fn check(severity: Severity, summary: String, detail: Vec<String>) -> HealthCheck {
@@ -364,23 +419,29 @@ fn usage_checks(
     );
 }
 
-fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCheck>) {
+fn pg_checks(
+    pgs: &BTreeMap<String, u64>,
+    waited_for: &[String],
+    checks: &mut BTreeMap<String, HealthCheck>,
+) {
     let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
     };
     let peering = count(&|s| s == STATE_PEERING || s == STATE_UNKNOWN);
     let incomplete = count(&|s| s == STATE_INCOMPLETE);
+    let down = count(&|s| s == STATE_DOWN);
     let inactive = count(&|s| {
         !s.starts_with("active")
             && s != STATE_PEERING
             && s != STATE_UNKNOWN
             && s != STATE_INCOMPLETE
+            && s != STATE_DOWN
     });
     let recovering = count(&|s| s.contains("recovering") || s.contains("backfilling"));
     let waiting = count(&|s| s.contains("_wait"));
     let degraded = count(&|s| s.contains("degraded"));
     let undersized = count(&|s| s.contains("undersized"));
-    if inactive + peering + incomplete > 0 {
+    if inactive + peering + incomplete + down > 0 {
         let mut detail = Vec::new();
         if inactive > 0 {
             detail.push(format!(
@@ -397,12 +458,18 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
                 "{incomplete} pgs incomplete: no up OSD holds a complete copy (a recovery into each was cut short); start the OSDs that were down"
             ));
         }
+        if down > 0 {
+            detail.push(format!(
+                "{down} pgs down: the OSDs that last served them ({}) may hold acknowledged writes no other OSD has; start them, or if one is gone for good, `storectl osd lost ID --yes-i-really-mean-it` (what only it held is lost)",
+                waited_for.join(", ")
+            ));
+        }
         checks.insert(
             "PG_AVAILABILITY".into(),
             check(
                 Severity::Warn,
                 format!(
-                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {incomplete} incomplete"
+                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {incomplete} incomplete, {down} down"
                 ),
                 detail,
             ),
@@ -426,6 +493,53 @@ fn pg_checks(pgs: &BTreeMap<String, u64>, checks: &mut BTreeMap<String, HealthCh
     }
 }
 
+/// An estimate of the object copies missing from PGs with fewer acting OSDs than their
+/// size (an OSD down, not yet out): the empty slots times the average copies per slot.
+/// Their primaries cannot count them (nothing is planned for an OSD that is not there).
+fn undersized_copies(map: &ClusterMap, object_copies: u64) -> u64 {
+    let (mut filled, mut empty) = (0u64, 0u64);
+    for pool in map.pools.values() {
+        for m in pool_mappings(map, pool) {
+            filled += m.acting.len() as u64;
+            if m.raw.len() >= pool.size as usize {
+                empty += (pool.size as usize).saturating_sub(m.acting.len()) as u64;
+            }
+        }
+    }
+    object_copies * empty / filled.max(1)
+}
+
+/// The OSDs `down` PGs wait for (of their last active sets, those not serving them now),
+/// for the health detail.
+fn down_waits(map: &ClusterMap, busy: &BusyPgs) -> Vec<String> {
+    let mut ids: BTreeSet<OsdId> = BTreeSet::new();
+    for ((pool, seed), seen) in &busy.pgs {
+        if seen.phase != PgPhase::Down {
+            continue;
+        }
+        let (Some(rec), Some(p)) = (map.last_active(*pool, *seed), map.pools.get(pool)) else {
+            continue;
+        };
+        let acting = store_placement::map_pg(
+            map,
+            p,
+            store_placement::PgId {
+                pool: *pool,
+                seed: *seed,
+            },
+        )
+        .acting;
+        ids.extend(rec.osds.iter().filter(|o| !acting.contains(o)));
+    }
+    ids.iter()
+        .map(|o| match map.osds.get(o) {
+            Some(i) if i.up => format!("osd.{o}, up but out: mark it in"),
+            Some(_) => format!("osd.{o}, down"),
+            None => format!("osd.{o}, purged"),
+        })
+        .collect()
+}
+
 /// Builds the status report.
 pub fn status(input: StatusInput) -> StatusReport {
     let map = input.map;
@@ -434,7 +548,12 @@ pub fn status(input: StatusInput) -> StatusReport {
     osd_checks(map, &mut checks);
     usage_checks(map, input.osd_stats, &mut checks);
     let pgs = pgs_by_state(map, input.busy);
-    pg_checks(&pgs, &mut checks);
+    pg_checks(&pgs, &down_waits(map, input.busy), &mut checks);
+    let pgs_remapped = pgs
+        .iter()
+        .filter(|(s, _)| s.contains("remapped"))
+        .map(|(_, n)| *n)
+        .sum();
     let object_copies: u64 = map
         .osds
         .keys()
@@ -442,15 +561,15 @@ pub fn status(input: StatusInput) -> StatusReport {
         .map(|s| s.objects)
         .sum();
     let held = held_back(map);
-    let misplaced_objects = object_copies * held.copies / held.slots.max(1);
+    let held_objects = object_copies * held.copies / held.slots.max(1);
     if !held.pgs.is_empty() {
         checks.insert(
             "OBJECT_MISPLACED".into(),
             check(
                 Severity::Warn,
                 format!(
-                    "~{misplaced_objects} objects misplaced ({:.1}%): norebalance keeps {} pgs where CRUSH would no longer put them",
-                    100.0 * misplaced_objects as f64 / object_copies.max(1) as f64,
+                    "~{held_objects} objects misplaced ({:.1}%): norebalance keeps {} pgs where CRUSH would no longer put them",
+                    100.0 * held_objects as f64 / object_copies.max(1) as f64,
                     held.pgs.len()
                 ),
                 vec!["they move when the flag is unset (`storectl osd unset norebalance`)".into()],
@@ -488,16 +607,18 @@ pub fn status(input: StatusInput) -> StatusReport {
         flags: map.flags.iter().map(|f| f.to_string()).collect(),
         num_sessions: input.live_sessions,
         recovery_objects_left: input.busy.objects_left,
+        degraded_objects: input.busy.degraded + undersized_copies(map, object_copies),
         object_copies,
-        recovery_objects_per_sec: input.recovery_rate,
+        recovery_objects_per_sec: input.recovery_rate.0,
+        recovery_bytes_per_sec: input.recovery_rate.1,
         num_image_locks: map
             .image_locks
             .values()
             .filter(|l| l.holder.is_some())
             .count(),
         num_blocklisted: map.blocklist.len(),
-        pgs_remapped: held.pgs.len() as u64,
-        misplaced_objects,
+        pgs_remapped,
+        misplaced_objects: held_objects + input.busy.misplaced,
     }
 }
 
@@ -632,7 +753,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
-            recovery_rate: None,
+            recovery_rate: (None, None),
             busy: &current(map),
         })
     }
@@ -755,6 +876,7 @@ mod tests {
             objects: 1,
             checksum_errors: errs,
             recovered_objects: 0,
+            recovered_bytes: 0,
         };
         stats.insert(0, st(96, 0));
         stats.insert(1, st(90, 2));
@@ -767,7 +889,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 0,
             silent_holders: None,
-            recovery_rate: None,
+            recovery_rate: (None, None),
             busy: &current(&m),
         });
         assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
@@ -816,7 +938,7 @@ mod tests {
             osd_stats: &stats,
             live_sessions: 1,
             silent_holders: Some(vec!["image p/1/b is locked by ...".into()]),
-            recovery_rate: None,
+            recovery_rate: (None, None),
             busy: &current(&m),
         });
         assert_eq!(r.checks["IMAGE_LOCK_BLOCKLISTED"].detail.len(), 1);

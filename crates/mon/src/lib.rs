@@ -11,6 +11,7 @@ pub mod consensus;
 pub mod failure;
 pub mod health;
 pub mod locks;
+pub mod pgs;
 pub mod raft;
 pub mod server;
 pub mod sessions;

@@ -169,5 +169,18 @@ pub trait ObjectStore: Send + Sync + 'static {
         pool: u32,
         pg: u32,
     ) -> impl Future<Output = Result<Vec<String>, ObjError>> + Send;
+    /// The PGs this store holds anything of (objects, log entries or a copy state), in
+    /// order.
+    fn pgs(&self) -> impl Future<Output = Result<Vec<(u32, u32)>, ObjError>> + Send;
+    /// Removes a copy of a PG that this OSD no longer serves, in steps: up to
+    /// `max_objects` of its objects per call (no log entries: the copy is going away),
+    /// then, once none is left, its log and copy state. True when nothing of it is left.
+    /// Callers mark the copy incomplete first, so a copy half removed is never trusted.
+    fn remove_pg(
+        &self,
+        pool: u32,
+        pg: u32,
+        max_objects: usize,
+    ) -> impl Future<Output = Result<bool, ObjError>> + Send;
     fn usage(&self) -> Usage;
 }

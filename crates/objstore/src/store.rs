@@ -507,9 +507,11 @@ struct Change<'a> {
     log: Option<LogOp>,
 }
 
+const PG_STATE_PREFIX: &[u8] = b"pgstate/";
+
 /// Key of a PG copy's state in the meta column family.
 fn pg_state_key(pool: u32, pg: u32) -> Vec<u8> {
-    let mut k = b"pgstate/".to_vec();
+    let mut k = PG_STATE_PREFIX.to_vec();
     k.extend_from_slice(&pg_prefix(pool, pg));
     k
 }
@@ -522,6 +524,36 @@ fn log_key(pool: u32, pg: u32, v: Version) -> Vec<u8> {
 }
 
 impl<D: BlockDevice> BlockStore<D> {
+    /// The distinct (pool, pg) of the keys that start with `lead` then a PG prefix, found
+    /// by seeking from one PG to the next (one seek per PG, not a scan of every key).
+    fn pg_prefixes(
+        &self,
+        cf: &rocksdb::ColumnFamily,
+        lead: &[u8],
+    ) -> Result<Vec<(u32, u32)>, ObjError> {
+        let mut out = Vec::new();
+        let mut from = lead.to_vec();
+        loop {
+            let mut it = self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward));
+            let Some(kv) = it.next() else { break };
+            let (k, _) = kv.map_err(meta_err)?;
+            let Some(rest) = k.strip_prefix(lead).filter(|r| r.len() >= 8) else {
+                break;
+            };
+            let pool = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
+            let pg = u32::from_be_bytes(rest[4..8].try_into().expect("4 bytes"));
+            out.push((pool, pg));
+            // The next PG's prefix: (pool, pg + 1), carrying into the pool.
+            let next = (u64::from(pool) << 32 | u64::from(pg)).checked_add(1);
+            let Some(next) = next else { break };
+            from = lead.to_vec();
+            from.extend_from_slice(&next.to_be_bytes());
+        }
+        Ok(out)
+    }
+
     /// Adds a PG log entry to `batch`, and trims the PG's log in the same batch once it is
     /// over its bound.
     fn log_into(
@@ -928,6 +960,65 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             names.push(String::from_utf8_lossy(name).into_owned());
         }
         Ok(names)
+    }
+
+    async fn pgs(&self) -> Result<Vec<(u32, u32)>, ObjError> {
+        let mut out = std::collections::BTreeSet::new();
+        for cf in [CF_OBJECTS, CF_PGLOG] {
+            let cf = self.db.cf_handle(cf).expect("column family exists");
+            out.extend(self.pg_prefixes(cf, &[])?);
+        }
+        let meta = self.db.cf_handle(CF_META).expect("column family exists");
+        out.extend(self.pg_prefixes(meta, PG_STATE_PREFIX)?);
+        Ok(out.into_iter().collect())
+    }
+
+    async fn remove_pg(&self, pool: u32, pg: u32, max_objects: usize) -> Result<bool, ObjError> {
+        let prefix = pg_prefix(pool, pg);
+        let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let okeys: Vec<Vec<u8>> = self
+            .db
+            .iterator_cf(objects_cf, IteratorMode::From(&prefix, Direction::Forward))
+            .take_while(|kv| kv.as_ref().is_ok_and(|(k, _)| k.starts_with(&prefix)))
+            .take(max_objects.max(1))
+            .map(|kv| kv.map(|(k, _)| k.to_vec()).map_err(meta_err))
+            .collect::<Result<_, _>>()?;
+        if okeys.is_empty() {
+            let log_cf = self.db.cf_handle(CF_PGLOG).expect("column family exists");
+            let meta_cf = self.db.cf_handle(CF_META).expect("column family exists");
+            let mut end = prefix.clone();
+            end.extend_from_slice(&[0xff; 17]);
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(log_cf, &prefix, &end);
+            batch.delete_cf(log_cf, &end);
+            batch.delete_cf(meta_cf, pg_state_key(pool, pg));
+            self.commit(batch).await?;
+            self.log_len
+                .lock()
+                .map_err(|_| meta_err("log lock poisoned"))?
+                .remove(&(pool, pg));
+            return Ok(true);
+        }
+        for okey in okeys {
+            let _guard = self.lock(&okey).write().await;
+            let Some(meta) = self.get_meta(&okey)? else {
+                continue;
+            };
+            let (_, b1) = block_span(0, meta.size);
+            let refs = self.block_refs(&okey, 0, b1.max(1))?;
+            let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(blocks_cf, block_key(&okey, 0), block_key(&okey, u32::MAX));
+            batch.delete_cf(blocks_cf, block_key(&okey, u32::MAX));
+            batch.delete_cf(objects_cf, &okey);
+            self.commit(batch).await?;
+            self.objects.fetch_sub(1, Ordering::Relaxed);
+            self.release(refs.iter().flatten().map(|r| Extent {
+                start: r.device_block,
+                len: 1,
+            }));
+        }
+        Ok(false)
     }
 
     fn usage(&self) -> Usage {

@@ -5,6 +5,7 @@
 //! and re-booting when the map wrongly says it is down. Object storage and replication join
 //! it with the replicated I/O issue. It must not know how monitors agree or how CRUSH maps.
 
+pub mod announce;
 pub mod pg;
 pub mod service;
 
@@ -166,7 +167,7 @@ fn weight_for(total_bytes: u64) -> CrushWeight {
 }
 
 /// Usage for heartbeats; checksum errors count only damage not yet repaired.
-fn stat_of(store: &Store, repaired: u64, recovered: u64) -> OsdStat {
+fn stat_of(store: &Store, repaired: u64, (recovered, recovered_bytes): (u64, u64)) -> OsdStat {
     let u = store.usage();
     OsdStat {
         total_bytes: u.total_bytes,
@@ -174,6 +175,7 @@ fn stat_of(store: &Store, repaired: u64, recovered: u64) -> OsdStat {
         objects: u.objects,
         checksum_errors: u.checksum_errors.saturating_sub(repaired),
         recovered_objects: recovered,
+        recovered_bytes,
     }
 }
 
@@ -202,15 +204,19 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
     // Follow the map; if it says we are down while we run, boot again (Ceph's
     // "wrongly marked me down").
     let mut maps = mons.subscribe();
+    let announcer = announce::Announcer::new();
+    tokio::spawn(announcer.clone().run(mons.clone()));
     let service = service::OsdService::new(
         id,
         store.clone(),
         maps.clone(),
         settings.pg_limits,
         settings.recovery,
+        announcer,
     );
     tokio::spawn(service.clone().serve(listener));
     tokio::spawn(service.clone().housekeeping());
+    tokio::spawn(service.clone().sweep_strays());
     tokio::spawn(heartbeat_loop(
         id,
         meta.uuid.clone(),

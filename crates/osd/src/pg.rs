@@ -63,6 +63,11 @@ pub enum PgError {
     Peering { waited_ms: u64 },
     /// No OSD of the acting set holds a complete copy of the PG.
     Incomplete { waited_ms: u64 },
+    /// The OSDs that last served the PG are down.
+    Down {
+        waiting_for: Vec<OsdId>,
+        waited_ms: u64,
+    },
 }
 
 impl std::fmt::Display for PgError {
@@ -86,6 +91,18 @@ impl std::fmt::Display for PgError {
             PgError::Incomplete { waited_ms } => write!(
                 f,
                 "PG incomplete: no up OSD holds a complete copy; waited {waited_ms} ms for one to return"
+            ),
+            PgError::Down {
+                waiting_for,
+                waited_ms,
+            } => write!(
+                f,
+                "PG down: the OSDs that last served it ({}) are down; waited {waited_ms} ms for one to return",
+                waiting_for
+                    .iter()
+                    .map(|o| format!("osd.{o}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -125,10 +142,14 @@ pub enum Event<P> {
         epoch: u64,
         acting: Vec<OsdId>,
         min_size: u32,
+        /// The pool's size: copies missing beyond it are misplaced, not degraded.
+        size: u32,
         /// Changes when an acting OSD restarted (its up_from): a restart is a new interval
         /// even with the same acting set, as in Ceph.
         incarnation: u64,
         pause: RecoveryPause,
+        /// The PG's last active set as the map records it (empty: nothing recorded).
+        history: Vec<OsdId>,
     },
     /// A client mutation of `object`.
     Mutate {
@@ -253,6 +274,10 @@ pub enum Command<P> {
         interval: u64,
         log_from: Option<Version>,
     },
+    /// Peering: have the monitors record `osds` as the PG's last active set, for an
+    /// interval that started at map epoch `since_epoch`. The PG goes active once a map
+    /// shows the record (repeated on ticks until then).
+    RecordActive { since_epoch: u64, osds: Vec<OsdId> },
     /// Ask for an OSD-wide background recovery slot; answer with `Granted`.
     WantGrant { interval: u64 },
     /// Give back the slot granted for round `interval`, unused.
@@ -285,6 +310,15 @@ enum State {
         acting: Vec<OsdId>,
         min_size: u32,
     },
+    /// No OSD of the last active set is here with a complete copy, and some of it is not
+    /// here: acknowledged writes may be only on those. No I/O until the map changes (one
+    /// of them returns, or is declared lost).
+    Down {
+        epoch: u64,
+        acting: Vec<OsdId>,
+        min_size: u32,
+        waiting_for: Vec<OsdId>,
+    },
     Active {
         epoch: u64,
         acting: Vec<OsdId>,
@@ -308,6 +342,10 @@ struct Peering {
     plans: BTreeMap<OsdId, (Vec<(String, Fix)>, RecoveryMode)>,
     /// OSDs whose head query or plan failed: retried on the next tick.
     failed: BTreeSet<OsdId>,
+    /// The map epoch this round started at: what a record of its activation says.
+    since_epoch: u64,
+    /// Plans are done and the acting set is being recorded as the last active set.
+    recording: bool,
 }
 
 /// Whether this PG holds an OSD-wide background recovery slot.
@@ -491,6 +529,9 @@ pub struct PgPrimary<P> {
     gated: usize,
     incarnation: u64,
     pause: RecoveryPause,
+    /// The pool's size and the PG's last active set, from the newest map.
+    size: u32,
+    history: Vec<OsdId>,
     /// Peering rounds started: each round's id, so answers from earlier rounds are ignored.
     peering_rounds: u64,
     /// The newest clock reading seen (from events that carry one).
@@ -512,6 +553,8 @@ impl<P: Clone> PgPrimary<P> {
             gated: 0,
             incarnation: 0,
             pause: RecoveryPause::default(),
+            size: 0,
+            history: Vec::new(),
             peering_rounds: 0,
             now_ms: 0,
         }
@@ -532,6 +575,14 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
+    /// The acting set while the PG is active and every OSD of it holds a complete copy.
+    pub fn clean_acting(&self) -> Option<&[OsdId]> {
+        match &self.state {
+            State::Active { acting, rec, .. } if rec.is_clean() => Some(acting),
+            _ => None,
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         matches!(self.state, State::Active { .. })
     }
@@ -543,6 +594,7 @@ impl<P: Clone> PgPrimary<P> {
             State::Unknown | State::NotPrimary { .. } => None,
             State::Inactive { epoch, .. } => Some((PgPhase::Inactive, *epoch)),
             State::Incomplete { epoch, .. } => Some((PgPhase::Incomplete, *epoch)),
+            State::Down { epoch, .. } => Some((PgPhase::Down, *epoch)),
             State::Peering { epoch, .. } => Some((PgPhase::Peering, *epoch)),
             State::Active { epoch, rec, .. } => {
                 let phase = match (rec.is_clean(), rec.mode, rec.paused()) {
@@ -557,12 +609,26 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
-    /// Object copies still to recover in this round.
-    pub fn recovery_left(&self) -> u64 {
-        match &self.state {
-            State::Active { rec, .. } => rec.copies_left(),
-            _ => 0,
-        }
+    /// Object copies still to recover in this round, and how many of those are
+    /// misplaced rather than degraded: an object whose acting set already holds `size`
+    /// complete copies misses only copies beyond its redundancy (a remapped PG filling the
+    /// OSDs it moves to).
+    pub fn recovery_left(&self) -> (u64, u64) {
+        let State::Active { rec, acting, .. } = &self.state else {
+            return (0, 0);
+        };
+        let size = self.size as usize;
+        let misplaced = rec
+            .missing
+            .values()
+            .map(|lacking| {
+                let present = acting.len().saturating_sub(lacking.len());
+                let degraded = size.saturating_sub(present).min(lacking.len());
+                (lacking.len() - degraded) as u64
+            })
+            .sum::<u64>();
+        let total = rec.copies_left();
+        (total, misplaced.min(total))
     }
 
     /// Operations not yet answered or released (in flight, queued or gated).
@@ -583,9 +649,24 @@ impl<P: Clone> PgPrimary<P> {
                 epoch,
                 acting,
                 min_size,
+                size,
                 incarnation,
                 pause,
-            } => self.on_map(epoch, acting, min_size, incarnation, pause, &mut out),
+                history,
+            } => {
+                if epoch >= self.epoch() {
+                    self.size = size;
+                }
+                self.on_map(
+                    epoch,
+                    acting,
+                    min_size,
+                    incarnation,
+                    pause,
+                    history,
+                    &mut out,
+                )
+            }
             Event::Mutate {
                 op,
                 object,
@@ -663,10 +744,12 @@ impl<P: Clone> PgPrimary<P> {
             | State::Inactive { epoch, .. }
             | State::Peering { epoch, .. }
             | State::Incomplete { epoch, .. }
+            | State::Down { epoch, .. }
             | State::Active { epoch, .. } => *epoch,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_map(
         &mut self,
         epoch: u64,
@@ -674,12 +757,15 @@ impl<P: Clone> PgPrimary<P> {
         min_size: u32,
         incarnation: u64,
         pause: RecoveryPause,
+        history: Vec<OsdId>,
         out: &mut Vec<Command<P>>,
     ) {
         if epoch < self.epoch() {
             return; // maps only move forward
         }
         self.pause = pause;
+        let history_changed = history != self.history;
+        self.history = history;
         let same_interval = match &self.state {
             State::Active {
                 acting: a,
@@ -696,6 +782,11 @@ impl<P: Clone> PgPrimary<P> {
                 min_size: m,
                 ..
             }
+            | State::Down {
+                acting: a,
+                min_size: m,
+                ..
+            }
             | State::Peering {
                 acting: a,
                 min_size: m,
@@ -706,8 +797,21 @@ impl<P: Clone> PgPrimary<P> {
         self.incarnation = incarnation;
         if same_interval {
             self.set_epoch(epoch);
-            if let State::Active { rec, .. } = &mut self.state {
-                rec.pause = pause;
+            match &mut self.state {
+                State::Active { rec, .. } => rec.pause = pause,
+                State::Peering { p, acting, .. } if p.recording => {
+                    if same_osds(&self.history, acting) {
+                        self.activate(out);
+                    }
+                }
+                // The last active set changed (an OSD declared lost): look again.
+                State::Down { acting, .. } | State::Incomplete { acting, .. }
+                    if history_changed =>
+                {
+                    let acting = std::mem::take(acting);
+                    self.start_peering(epoch, acting, min_size, out);
+                }
+                _ => {}
             }
             self.pump(out);
             return;
@@ -779,6 +883,8 @@ impl<P: Clone> PgPrimary<P> {
                 planning: BTreeSet::new(),
                 plans: BTreeMap::new(),
                 failed: BTreeSet::new(),
+                since_epoch: epoch,
+                recording: false,
             },
         };
     }
@@ -820,9 +926,11 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
-    /// With every head known: the authoritative copy is the newest head among complete
-    /// copies (this OSD's on a tie, else the first in acting order); every other OSD that
-    /// is behind or incomplete is planned against it.
+    /// With every head known: the authoritative copy is the newest head among the complete
+    /// copies of the last active set's OSDs (every acknowledged write is on each of them;
+    /// any complete copy when nothing is recorded), this OSD's on a tie, else the first in
+    /// acting order. Every other OSD that is behind or incomplete is planned against it.
+    /// Without such a copy the PG is down (some of that set is not here) or incomplete.
     fn plan_recovery(&mut self, out: &mut Vec<Command<P>>) {
         let State::Peering {
             epoch,
@@ -833,25 +941,44 @@ impl<P: Clone> PgPrimary<P> {
         else {
             return;
         };
+        let history = &self.history;
         let mut auth: Option<(OsdId, Option<Version>)> = None;
         for o in acting.iter() {
             let (head, complete) = p.heads[o];
-            if complete && auth.is_none_or(|(_, best)| head > best) {
+            let trusted = history.is_empty() || history.contains(o);
+            if complete && trusted && auth.is_none_or(|(_, best)| head > best) {
                 auth = Some((*o, head));
             }
         }
         let Some((source, auth_head)) = auth else {
-            self.state = State::Incomplete {
-                epoch: *epoch,
-                acting: std::mem::take(acting),
-                min_size: *min_size,
+            let waiting_for: Vec<OsdId> = history
+                .iter()
+                .copied()
+                .filter(|o| !acting.contains(o))
+                .collect();
+            let (epoch, acting, min_size) = (*epoch, std::mem::take(acting), *min_size);
+            self.state = if waiting_for.is_empty() {
+                State::Incomplete {
+                    epoch,
+                    acting,
+                    min_size,
+                }
+            } else {
+                State::Down {
+                    epoch,
+                    acting,
+                    min_size,
+                    waiting_for,
+                }
             };
             return;
         };
         p.auth = auth;
         for o in acting.iter() {
             let (head, complete) = p.heads[o];
-            if *o != source && (!complete || head < auth_head) {
+            // A head newer than the authority's holds writes never acknowledged: planned
+            // too, so they are rolled back.
+            if *o != source && (!complete || head != auth_head) {
                 p.planning.insert(*o);
                 out.push(Command::Plan {
                     from: source,
@@ -862,8 +989,26 @@ impl<P: Clone> PgPrimary<P> {
             }
         }
         if p.planning.is_empty() {
-            self.activate(out);
+            self.planned(out);
         }
+    }
+
+    /// Every plan is in (each OSD that misses anything is durably marked incomplete): the
+    /// PG goes active once the map records this acting set as its last active set, so a
+    /// later peering knows where acknowledged writes are (Ceph's up_thru and past
+    /// intervals serve the same end).
+    fn planned(&mut self, out: &mut Vec<Command<P>>) {
+        let State::Peering { acting, p, .. } = &mut self.state else {
+            return;
+        };
+        if same_osds(&self.history, acting) {
+            return self.activate(out);
+        }
+        p.recording = true;
+        out.push(Command::RecordActive {
+            since_epoch: p.since_epoch,
+            osds: acting.clone(),
+        });
     }
 
     fn on_planned(
@@ -883,7 +1028,7 @@ impl<P: Clone> PgPrimary<P> {
         p.failed.remove(&to);
         p.plans.insert(to, (fixes, mode));
         if p.planning.is_empty() {
-            self.activate(out);
+            self.planned(out);
         }
     }
 
@@ -944,9 +1089,15 @@ impl<P: Clone> PgPrimary<P> {
     /// queries and plans (one attempt per tick).
     fn peering_tick(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
         self.expire_queued(now_ms, |waited_ms| PgError::Peering { waited_ms }, out);
-        let State::Peering { p, .. } = &mut self.state else {
+        let State::Peering { p, acting, .. } = &mut self.state else {
             return;
         };
+        if p.recording {
+            out.push(Command::RecordActive {
+                since_epoch: p.since_epoch,
+                osds: acting.clone(),
+            });
+        }
         for osd in std::mem::take(&mut p.failed) {
             if !p.heads.contains_key(&osd) {
                 out.push(Command::QueryHead {
@@ -990,6 +1141,7 @@ impl<P: Clone> PgPrimary<P> {
             | State::Inactive { epoch, .. }
             | State::Peering { epoch, .. }
             | State::Incomplete { epoch, .. }
+            | State::Down { epoch, .. }
             | State::Active { epoch, .. } => *epoch = e,
             State::Unknown => {}
         }
@@ -1010,7 +1162,8 @@ impl<P: Clone> PgPrimary<P> {
             State::Unknown
             | State::Inactive { .. }
             | State::Peering { .. }
-            | State::Incomplete { .. } => {
+            | State::Incomplete { .. }
+            | State::Down { .. } => {
                 if self.waiting() >= self.limits.max_waiting {
                     return self.reject_full(q, out);
                 }
@@ -1337,6 +1490,17 @@ impl<P: Clone> PgPrimary<P> {
             State::Incomplete { .. } => {
                 self.expire_queued(now_ms, |waited_ms| PgError::Incomplete { waited_ms }, out)
             }
+            State::Down { waiting_for, .. } => {
+                let waiting_for = waiting_for.clone();
+                self.expire_queued(
+                    now_ms,
+                    |waited_ms| PgError::Down {
+                        waiting_for: waiting_for.clone(),
+                        waited_ms,
+                    },
+                    out,
+                )
+            }
             State::Unknown => self.expire_queued(
                 now_ms,
                 |waited_ms| PgError::Inactive {
@@ -1375,6 +1539,11 @@ impl<P: Clone> PgPrimary<P> {
         }
         self.drain_gate(&f.m.object, out);
     }
+}
+
+/// Whether two OSD lists name the same OSDs (order aside).
+fn same_osds(a: &[OsdId], b: &[OsdId]) -> bool {
+    a.len() == b.len() && a.iter().all(|o| b.contains(o))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use store_client::server::{accept_loop, ServerConn};
 use store_client::RpcConn;
 use store_objstore::{ObjError, ObjectId, ObjectStore, PG_LOG_MAX_ENTRIES};
-use store_placement::{map_pg, PgId};
+use store_placement::{map_pg, PgId, PoolMapper};
 use store_types::map::{ClusterMap, Flag, OsdId, WriteGuard};
 use store_types::osdmsg::{
     ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, PgCopyState, PgPhase,
@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::announce::Announcer;
 use crate::pg::{
     Command, Event, Fix, OpId, PgError, PgLimits, PgPrimary, RecoveryMode, RecoveryPause,
 };
@@ -115,12 +116,33 @@ pub struct OsdService<S: ObjectStore> {
     repaired: AtomicU64,
     /// Objects copied or removed by recoveries this OSD ran (pulls and pushes).
     recovered: AtomicU64,
+    recovered_bytes: AtomicU64,
     throttle: RecoveryThrottle,
     /// Test-only fault injection (see [`Failpoint`]).
     failpoint: Mutex<Option<Failpoint>>,
     /// The newest map epoch whose primary PGs have engines.
     primaries_at: AtomicU64,
+    /// Activations and finished backfills, for the monitors.
+    announce: Arc<Announcer>,
+    /// pg_temp entries announced done, and when: not repeated for a while.
+    temp_announced: Mutex<HashMap<Pg, (Vec<OsdId>, Instant)>>,
+    /// Copies of PGs this OSD no longer serves, being removed.
+    strays: Mutex<HashMap<Pg, Arc<StrayRemoval>>>,
 }
+
+/// A stray copy being removed, step by step. Any peering or replica request for its PG
+/// claims it back: the removal stops before its next step (the copy was marked
+/// incomplete first, so it is backfilled like an empty one).
+#[derive(Default)]
+struct StrayRemoval {
+    claimed: std::sync::atomic::AtomicBool,
+    step: tokio::sync::Mutex<()>,
+}
+
+/// Objects a stray removal deletes per step.
+const STRAY_STEP_OBJECTS: usize = 64;
+/// How often an OSD looks for stray copies.
+const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(3);
 
 /// A fault the tests inject, from `STORE_FAILPOINT` in the OSD's environment:
 /// `drop_replica_op:NAME` makes this OSD silently drop the first replica operation on
@@ -179,6 +201,7 @@ impl<S: ObjectStore> OsdService<S> {
         maps: MapRx,
         limits: PgLimits,
         recovery: RecoveryLimits,
+        announce: Arc<Announcer>,
     ) -> Arc<Self> {
         Arc::new(OsdService {
             id,
@@ -191,12 +214,16 @@ impl<S: ObjectStore> OsdService<S> {
             started: Instant::now(),
             repaired: AtomicU64::new(0),
             recovered: AtomicU64::new(0),
+            recovered_bytes: AtomicU64::new(0),
             throttle: RecoveryThrottle {
                 slots: Arc::new(Semaphore::new(recovery.max_active.max(1))),
                 sleep: recovery.sleep,
             },
             failpoint: Mutex::new(Failpoint::from_env()),
             primaries_at: AtomicU64::new(0),
+            announce,
+            temp_announced: Mutex::new(HashMap::new()),
+            strays: Mutex::new(HashMap::new()),
         })
     }
 
@@ -256,21 +283,18 @@ impl<S: ObjectStore> OsdService<S> {
             return None;
         }
         slot.epoch_fed.store(map.epoch, Ordering::Release);
-        let (acting, min_size) = match map.pools.get(&slot.pg.pool) {
+        let (acting, min_size, size) = match map.pools.get(&slot.pg.pool) {
             Some(pool) => {
-                let m = map_pg(
-                    &map,
-                    pool,
-                    PgId {
-                        pool: pool.id,
-                        seed: slot.pg.seed,
-                    },
-                );
-                (m.up, pool.min_size)
+                let m = map_pg(&map, pool, pg_id(slot.pg));
+                (m.acting, pool.min_size, pool.size)
             }
             // Pool removed: nobody is primary.
-            None => (Vec::new(), 1),
+            None => (Vec::new(), 1, 1),
         };
+        let history = map
+            .last_active(slot.pg.pool, slot.pg.seed)
+            .map(|r| r.osds.clone())
+            .unwrap_or_default();
         // An acting OSD that restarted (new up_from) makes a new interval.
         let incarnation = acting.iter().fold(0u64, |h, id| {
             let up_from = map.osds.get(id).map_or(0, |o| o.up_from);
@@ -284,8 +308,10 @@ impl<S: ObjectStore> OsdService<S> {
             epoch: map.epoch,
             acting,
             min_size,
+            size,
             incarnation,
             pause,
+            history,
         })
     }
 
@@ -467,6 +493,9 @@ impl<S: ObjectStore> OsdService<S> {
                         };
                         me.feed(&slot, ev);
                     });
+                }
+                Command::RecordActive { since_epoch, osds } => {
+                    self.announce.activated(slot.pg, since_epoch, osds);
                 }
                 Command::WantGrant { interval } => {
                     let me = self.clone();
@@ -686,9 +715,12 @@ impl<S: ObjectStore> OsdService<S> {
         }
     }
 
-    /// Objects copied or removed in recovery since start.
-    pub fn recovered(&self) -> u64 {
-        self.recovered.load(Ordering::Relaxed)
+    /// Objects copied or removed, and bytes copied, in recovery since start.
+    pub fn recovered(&self) -> (u64, u64) {
+        (
+            self.recovered.load(Ordering::Relaxed),
+            self.recovered_bytes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn repaired(&self) -> u64 {
@@ -736,19 +768,12 @@ impl<S: ObjectStore> OsdService<S> {
             .pools
             .get(&pg.pool)
             .ok_or_else(|| StoreError::not_found("pool removed"))?;
-        let peers: Vec<(OsdId, String)> = map_pg(
-            &map,
-            pool,
-            PgId {
-                pool: pg.pool,
-                seed: pg.seed,
-            },
-        )
-        .up
-        .into_iter()
-        .filter(|o| *o != self.id)
-        .filter_map(|o| map.osds.get(&o).map(|i| (o, i.addr.clone())))
-        .collect();
+        let peers: Vec<(OsdId, String)> = map_pg(&map, pool, pg_id(pg))
+            .acting
+            .into_iter()
+            .filter(|o| *o != self.id)
+            .filter_map(|o| map.osds.get(&o).map(|i| (o, i.addr.clone())))
+            .collect();
         let mut errors = Vec::new();
         for (peer, addr) in peers {
             let res = async {
@@ -1022,6 +1047,8 @@ impl<S: ObjectStore> OsdService<S> {
                 self.store.delete(&oid, have).await.map_err(obj_err)?;
             }
             if let Some((data, want)) = data {
+                self.recovered_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 for (off, piece, v) in pieces(&data, want) {
                     self.store
                         .write(&oid, off, piece, v)
@@ -1082,6 +1109,8 @@ impl<S: ObjectStore> OsdService<S> {
                         "{oid} is at {version:?} here, not {want:?} as planned"
                     )));
                 }
+                self.recovered_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 for (offset, chunk, v) in pieces(data, want) {
                     send(
                         v,
@@ -1214,14 +1243,7 @@ impl<S: ObjectStore> OsdService<S> {
             return OsdResponse::Error(StoreError::invalid("bad PG or empty object name"));
         }
         if let ClientOpKind::List = op {
-            let m = map_pg(
-                &map,
-                pool,
-                PgId {
-                    pool: pg.pool,
-                    seed: pg.seed,
-                },
-            );
+            let m = map_pg(&map, pool, pg_id(pg));
             if m.primary != Some(self.id) {
                 return OsdResponse::NotPrimary { epoch: map.epoch };
             }
@@ -1289,15 +1311,7 @@ impl<S: ObjectStore> OsdService<S> {
             return None;
         }
         let pool = map.pools.get(&pg.pool)?;
-        let primary = map_pg(
-            &map,
-            pool,
-            PgId {
-                pool: pg.pool,
-                seed: pg.seed,
-            },
-        )
-        .primary;
+        let primary = map_pg(&map, pool, pg_id(pg)).primary;
         (primary != Some(from)).then(|| {
             StoreError::new(
                 ErrorCode::NotPermitted,
@@ -1342,8 +1356,44 @@ impl<S: ObjectStore> OsdService<S> {
             }
             let slots = self.all_slots();
             let now_ms = self.now_ms();
-            for s in slots {
-                self.feed(&s, Event::Tick { now_ms });
+            for s in &slots {
+                self.feed(s, Event::Tick { now_ms });
+            }
+            if let Some(map) = self.map() {
+                self.announce_finished_backfills(&map, &slots);
+            }
+        }
+    }
+
+    /// Tells the monitors which remapped PGs this OSD leads are done: every OSD of the
+    /// acting set (its pg_temp entry) holds a complete copy, those CRUSH names included,
+    /// so the entry can go and the PG map by CRUSH again.
+    fn announce_finished_backfills(&self, map: &ClusterMap, slots: &[Arc<PgSlot>]) {
+        const REPEAT_AFTER: Duration = Duration::from_secs(2);
+        let mut announced = self.temp_announced.lock().expect("announced lock");
+        announced.retain(|pg, (entry, _)| map.pg_temp_of(pg.pool, pg.seed) == Some(entry));
+        for slot in slots {
+            let pg = slot.pg;
+            let (Some(entry), Some(pool)) =
+                (map.pg_temp_of(pg.pool, pg.seed), map.pools.get(&pg.pool))
+            else {
+                continue;
+            };
+            if announced
+                .get(&pg)
+                .is_some_and(|(_, at)| at.elapsed() < REPEAT_AFTER)
+            {
+                continue;
+            }
+            let m = map_pg(map, pool, pg_id(pg));
+            let engine = slot.engine.lock().expect("engine lock");
+            let done = engine.clean_acting().is_some_and(|acting| {
+                acting == m.acting && m.up.iter().all(|o| acting.contains(o))
+            });
+            drop(engine);
+            if done {
+                self.announce.temp_done(pg, entry.to_vec());
+                announced.insert(pg, (entry.to_vec(), Instant::now()));
             }
         }
     }
@@ -1366,12 +1416,9 @@ impl<S: ObjectStore> OsdService<S> {
             return;
         }
         for pool in map.pools.values() {
+            let mapper = PoolMapper::new(map, pool);
             for seed in 0..pool.pg_num {
-                let id = PgId {
-                    pool: pool.id,
-                    seed,
-                };
-                if map_pg(map, pool, id).primary == Some(self.id) {
+                if mapper.map_seed(seed).primary == Some(self.id) {
                     self.slot(Pg {
                         pool: pool.id,
                         seed,
@@ -1398,15 +1445,174 @@ impl<S: ObjectStore> OsdService<S> {
                 self.feed(s, Event::Tick { now_ms });
                 let engine = s.engine.lock().expect("engine lock");
                 let (phase, epoch) = engine.phase()?;
+                let (objects_left, misplaced) = engine.recovery_left();
                 (phase != PgPhase::Active).then_some(PgReport {
                     pg: s.pg,
                     phase,
                     epoch,
-                    objects_left: engine.recovery_left(),
+                    objects_left,
+                    misplaced,
                 })
             })
             .collect();
         (map.epoch, busy)
+    }
+
+    /// Claims a PG back from a stray removal, if one runs: it stops before its next step.
+    fn claim_stray_now(&self, pg: Pg) -> Option<Arc<StrayRemoval>> {
+        let r = self.strays.lock().expect("strays lock").get(&pg).cloned()?;
+        r.claimed.store(true, Ordering::Release);
+        Some(r)
+    }
+
+    /// [`Self::claim_stray_now`], then waits for the step under way to end, so what is
+    /// read of the copy next does not change under the reader.
+    async fn claim_stray(&self, pg: Pg) {
+        if let Some(r) = self.claim_stray_now(pg) {
+            let _step = r.step.lock().await;
+        }
+    }
+
+    /// Whether this OSD neither serves `pg` nor is named by CRUSH for it, by its map;
+    /// None when the pool is gone (its copies can go without asking anybody).
+    fn serves(&self, map: &ClusterMap, pg: Pg) -> Option<bool> {
+        let pool = map.pools.get(&pg.pool)?;
+        if pg.seed >= pool.pg_num {
+            return None;
+        }
+        let m = map_pg(map, pool, pg_id(pg));
+        Some(m.acting.contains(&self.id) || m.up.contains(&self.id))
+    }
+
+    /// Primary side of `PgStray`: the asker's copy may go once this PG is active and
+    /// every OSD of its acting set, which does not include the asker, is complete.
+    async fn stray_verdict(self: &Arc<Self>, map_epoch: u64, from: OsdId, pg: Pg) -> OsdResponse {
+        self.catch_up(map_epoch).await;
+        let Some(map) = self.map() else {
+            return OsdResponse::Stray { remove: false };
+        };
+        let Some(pool) = map.pools.get(&pg.pool).filter(|p| pg.seed < p.pg_num) else {
+            return OsdResponse::Stray { remove: true };
+        };
+        let m = map_pg(&map, pool, pg_id(pg));
+        if m.primary != Some(self.id) {
+            return OsdResponse::NotPrimary { epoch: map.epoch };
+        }
+        if m.acting.contains(&from) || m.up.contains(&from) {
+            return OsdResponse::Stray { remove: false };
+        }
+        let Some(slot) = self.pgs.lock().expect("pg table lock").get(&pg).cloned() else {
+            return OsdResponse::Stray { remove: false };
+        };
+        self.feed(
+            &slot,
+            Event::Tick {
+                now_ms: self.now_ms(),
+            },
+        );
+        let engine = slot.engine.lock().expect("engine lock");
+        let remove = engine.clean_acting() == Some(m.acting.as_slice());
+        OsdResponse::Stray { remove }
+    }
+
+    /// Looks for copies of PGs this OSD no longer serves, every few seconds, and removes
+    /// each once its primary says the PG is clean without it (or its pool is gone).
+    pub async fn sweep_strays(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(STRAY_SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pgs = match self.store.pgs().await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("listing stored PGs failed: {e}");
+                    continue;
+                }
+            };
+            for (pool, seed) in pgs {
+                let pg = Pg { pool, seed };
+                if let Err(e) = self.clone().remove_if_stray(pg).await {
+                    debug!(%pool, seed, "stray copy kept for now: {e}");
+                }
+            }
+        }
+    }
+
+    async fn remove_if_stray(self: Arc<Self>, pg: Pg) -> Result<(), StoreError> {
+        let Some(map) = self.map() else {
+            return Ok(());
+        };
+        match self.serves(&map, pg) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                let pool = &map.pools[&pg.pool];
+                let primary = map_pg(&map, pool, pg_id(pg)).primary;
+                let Some(primary) = primary else {
+                    return Ok(());
+                };
+                let req = OsdRequest::PgStray {
+                    map_epoch: map.epoch,
+                    from: self.id,
+                    pg,
+                };
+                match self.peer_call(primary, &req).await? {
+                    OsdResponse::Stray { remove: true } => {}
+                    _ => return Ok(()),
+                }
+            }
+            None => {}
+        }
+        let removal = Arc::new(StrayRemoval::default());
+        self.strays
+            .lock()
+            .expect("strays lock")
+            .insert(pg, removal.clone());
+        let res = self.remove_stray(pg, &removal).await;
+        self.strays.lock().expect("strays lock").remove(&pg);
+        res
+    }
+
+    /// Removes a stray copy step by step, until it is gone or claimed back.
+    async fn remove_stray(&self, pg: Pg, removal: &StrayRemoval) -> Result<(), StoreError> {
+        let mut steps = 0u64;
+        loop {
+            let _step = removal.step.lock().await;
+            let still_stray = self
+                .map()
+                .is_some_and(|m| self.serves(&m, pg) != Some(true));
+            if removal.claimed.load(Ordering::Acquire) || !still_stray {
+                debug!(
+                    pool = pg.pool,
+                    seed = pg.seed,
+                    "stray removal stopped: the PG is back"
+                );
+                return Ok(());
+            }
+            if steps == 0 {
+                let incomplete = PgCopyState {
+                    complete: false,
+                    log_from: None,
+                };
+                self.store
+                    .set_pg_state(pg.pool, pg.seed, incomplete)
+                    .await
+                    .map_err(obj_err)?;
+            }
+            steps += 1;
+            if self
+                .store
+                .remove_pg(pg.pool, pg.seed, STRAY_STEP_OBJECTS)
+                .await
+                .map_err(obj_err)?
+            {
+                info!(
+                    pool = pg.pool,
+                    seed = pg.seed,
+                    "removed the stray copy of a PG this OSD no longer serves"
+                );
+                return Ok(());
+            }
+        }
     }
 
     /// Serves the OSD port until the listener fails.
@@ -1445,6 +1651,7 @@ impl<S: ObjectStore> OsdService<S> {
                         });
                         continue;
                     }
+                    self.claim_stray_now(pg);
                     let done = self.replica_op(pg, object, version, mutation);
                     Box::pin(async move {
                         match done.await {
@@ -1461,6 +1668,7 @@ impl<S: ObjectStore> OsdService<S> {
                     len,
                 } => Box::pin(async move { me.fetch(pg, object, offset, len).await }),
                 OsdRequest::PgHead { pg } => Box::pin(async move {
+                    me.claim_stray(pg).await;
                     match me.query_head(pg, me.id).await {
                         Ok((head, state)) => OsdResponse::Head { head, state },
                         Err(e) => OsdResponse::Error(e),
@@ -1475,12 +1683,19 @@ impl<S: ObjectStore> OsdService<S> {
                     if let Some(e) = me.stale_primary(map_epoch, from, pg) {
                         return OsdResponse::Error(e);
                     }
+                    me.claim_stray(pg).await;
                     match me.store.set_pg_state(pg.pool, pg.seed, state).await {
                         Ok(()) => OsdResponse::Marked,
                         Err(e) => OsdResponse::Error(obj_err(e)),
                     }
                 }),
+                OsdRequest::PgStray {
+                    map_epoch,
+                    from,
+                    pg,
+                } => Box::pin(async move { me.stray_verdict(map_epoch, from, pg).await }),
                 OsdRequest::PgList { pg } => Box::pin(async move {
+                    me.claim_stray(pg).await;
                     match me.local_objects(pg).await {
                         Ok(list) => OsdResponse::Objects(list.into_iter().collect()),
                         Err(e) => OsdResponse::Error(e),
@@ -1511,6 +1726,13 @@ impl<S: ObjectStore> OsdService<S> {
 /// An object's bytes as (offset, piece, version) writes small enough for one message; an
 /// empty object is one empty piece (so it is still created). Every piece but the last
 /// carries the lowest version, so a copy cut short never claims the source's version.
+fn pg_id(pg: Pg) -> PgId {
+    PgId {
+        pool: pg.pool,
+        seed: pg.seed,
+    }
+}
+
 fn pieces(data: &Bytes, version: ObjVersion) -> Vec<(u64, Bytes, ObjVersion)> {
     const PIECE: usize = 4 << 20;
     if data.is_empty() {

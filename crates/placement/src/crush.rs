@@ -18,6 +18,8 @@
 //! nothing moves), exactly as in Ceph; marking it out is what redraws. That is what makes
 //! the `noout` flag meaningful during maintenance.
 
+use std::collections::BTreeMap;
+
 use store_types::map::{ClusterMap, CrushWeight, FailureDomain, OsdId, OsdInfo, Pool, PoolId};
 
 use crate::fixed_log::{log2_fixed, LOG2_ONE};
@@ -75,8 +77,19 @@ pub struct PgMapping {
     pub raw: Vec<OsdId>,
     /// `raw` without its down OSDs, order kept. Shorter than `raw` means degraded.
     pub up: Vec<OsdId>,
-    /// The first up OSD, which serves the PG; `None` when no replica is up.
+    /// The OSDs that serve the PG, primary first: the up OSDs of its `pg_temp` entry while
+    /// it has one (the PG is remapped: OSDs that held it keep serving while `up` fills),
+    /// else `up`.
+    pub acting: Vec<OsdId>,
+    /// The first acting OSD, which serves the PG; `None` when no replica is up.
     pub primary: Option<OsdId>,
+}
+
+impl PgMapping {
+    /// Whether the PG is served by other OSDs than CRUSH names (a `pg_temp` entry).
+    pub fn remapped(&self) -> bool {
+        self.acting != self.up
+    }
 }
 
 /// An eligible OSD, as the hot loop needs it.
@@ -113,6 +126,8 @@ pub struct PoolMapper {
     candidates: Vec<Candidate>,
     /// End index (exclusive) in `candidates` of each failure domain.
     domain_ends: Vec<usize>,
+    /// The pool's `pg_temp` entries, down OSDs left out (entries left empty dropped).
+    temp: BTreeMap<u32, Vec<OsdId>>,
 }
 
 impl PoolMapper {
@@ -137,11 +152,26 @@ impl PoolMapper {
                 up: o.up,
             })
             .collect();
+        let is_up = |id: &OsdId| map.osds.get(id).is_some_and(|o| o.up);
+        let temp = map
+            .pg_temp
+            .get(&pool.id)
+            .into_iter()
+            .flatten()
+            .map(|(seed, osds)| {
+                (
+                    *seed,
+                    osds.iter().copied().filter(is_up).collect::<Vec<_>>(),
+                )
+            })
+            .filter(|(_, osds)| !osds.is_empty())
+            .collect();
         PoolMapper {
             pool: pool.id,
             size: pool.size as usize,
             candidates,
             domain_ends,
+            temp,
         }
     }
 
@@ -155,8 +185,14 @@ impl PoolMapper {
         let ranked = self.rank(pg_seed);
         let raw: Vec<OsdId> = ranked.iter().map(|r| r.id).collect();
         let up: Vec<OsdId> = ranked.iter().filter(|r| r.up).map(|r| r.id).collect();
-        let primary = up.first().copied();
-        PgMapping { raw, up, primary }
+        let acting = self.temp.get(&pg_seed).unwrap_or(&up).clone();
+        let primary = acting.first().copied();
+        PgMapping {
+            raw,
+            up,
+            acting,
+            primary,
+        }
     }
 
     /// The best OSD of each failure domain, then the best `size` of those, best first.

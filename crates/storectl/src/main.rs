@@ -162,6 +162,28 @@ enum OsdCmd {
         #[arg(long = "yes-i-really-mean-it")]
         yes: bool,
     },
+    /// Declare a down OSD gone for good with its data, so PGs that wait for it (`down`)
+    /// go active from the copies left. What only it held is lost.
+    Lost {
+        id: u32,
+        #[arg(long = "yes-i-really-mean-it")]
+        yes: bool,
+    },
+    /// What adding OSDs on a host would move (OSDs join by starting
+    /// `stored osd --data DIR --host HOST`); needs --dry-run.
+    Add {
+        /// The CRUSH host of the new OSDs (new or existing).
+        #[arg(long)]
+        host: String,
+        /// How many OSDs.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// CRUSH weight of each (1.0 = one TiB by convention).
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Set a cluster flag (noout, norebalance, nodown, noup, norecover, nobackfill).
     Set { flag: Flag },
     /// Unset a cluster flag.
@@ -411,6 +433,39 @@ async fn osd(cli: &Cli, o: &OsdCmd) -> anyhow::Result<()> {
             osdops::verdict(Format::Plain, "safe-to-destroy", &[*id], &reasons)
                 .map_err(|e| anyhow::anyhow!("refusing to purge: {e}"))?;
             command(cli, MapCommand::OsdPurge { id: *id }).await?
+        }
+        OsdCmd::Lost { id, yes } => {
+            if !yes {
+                bail!(
+                    "declaring osd.{id} lost gives up whatever only it holds: pass --yes-i-really-mean-it"
+                );
+            }
+            command(cli, MapCommand::OsdLost { id: *id }).await?
+        }
+        OsdCmd::Add {
+            host,
+            count,
+            weight,
+            dry_run,
+        } => {
+            if !dry_run {
+                bail!(
+                    "OSDs join by starting `stored osd --data DIR --host {host}` on the new storage; `storectl osd add --dry-run` says what they would move"
+                );
+            }
+            if !weight.is_finite() || *weight <= 0.0 || *weight > 65535.0 {
+                bail!("weight {weight}: use more than 0, up to 65535 (1.0 = one TiB)");
+            }
+            let mons = connect(cli)?;
+            let map = mons.get_map().await.map_err(err)?;
+            let status = mons.status().await.map_err(err)?;
+            let after = osdops::simulate_add(
+                &map,
+                host,
+                *count,
+                store_types::map::weight_from_f64(*weight),
+            )?;
+            osdops::print_movement(cli.format, &map, &status, &after);
         }
         OsdCmd::Set { flag } => command(cli, MapCommand::SetFlag(*flag)).await?,
         OsdCmd::Unset { flag } => command(cli, MapCommand::UnsetFlag(*flag)).await?,

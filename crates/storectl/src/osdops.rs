@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use anyhow::bail;
 use serde_json::json;
 use store_placement::pool_mappings;
-use store_types::map::{ClusterMap, OsdId};
+use store_types::map::{ClusterMap, CrushWeight, HostBucket, OsdId, OsdInfo};
 use store_types::msg::{MapCommand, StatusReport};
 
 use crate::output::{human_bytes, print_json};
@@ -83,14 +83,67 @@ pub fn simulate(map: &ClusterMap, cmd: &MapCommand) -> anyhow::Result<ClusterMap
     Ok(after)
 }
 
+/// The map as it would be with `count` new OSDs of `weight` on `host` (new or existing).
+pub fn simulate_add(
+    map: &ClusterMap,
+    host: &str,
+    count: u32,
+    weight: CrushWeight,
+) -> anyhow::Result<ClusterMap> {
+    if host.is_empty() || count == 0 {
+        bail!("name a host and at least one OSD to add");
+    }
+    let mut after = map.clone();
+    for _ in 0..count {
+        let id = after
+            .next_osd_id
+            .max(after.osds.keys().max().map_or(0, |m| m + 1));
+        after.next_osd_id = id + 1;
+        after.osds.insert(
+            id,
+            OsdInfo {
+                id,
+                uuid: format!("dry-run-{id}"),
+                addr: String::new(),
+                host: host.to_string(),
+                weight,
+                up: true,
+                is_in: true,
+                up_from: after.epoch,
+                down_stamp_ms: None,
+            },
+        );
+        let next_bucket = after.crush.next_bucket_id;
+        let bucket = after
+            .crush
+            .hosts
+            .entry(host.to_string())
+            .or_insert_with(|| HostBucket {
+                id: next_bucket,
+                name: host.to_string(),
+                osds: Vec::new(),
+            });
+        bucket.osds.push(id);
+        if bucket.id == next_bucket {
+            after.crush.next_bucket_id -= 1;
+        }
+    }
+    Ok(after)
+}
+
 pub fn print_dry_run(
     format: Format,
     map: &ClusterMap,
     status: &StatusReport,
     cmd: &MapCommand,
 ) -> anyhow::Result<()> {
-    let after = simulate(map, cmd)?;
-    let m = movement(map, &after);
+    print_movement(format, map, status, &simulate(map, cmd)?);
+    Ok(())
+}
+
+/// Prints what going from `map` to `after` would move.
+pub fn print_movement(format: Format, map: &ClusterMap, status: &StatusReport, after: &ClusterMap) {
+    let m = movement(map, after);
     let bytes = m.replicas_moved * bytes_per_replica(map, status);
     match format {
         Format::Json => print_json(&json!({
@@ -108,7 +161,6 @@ pub fn print_dry_run(
             human_bytes(bytes)
         ),
     }
-    Ok(())
 }
 
 /// PGs that would have fewer than min_size OSDs up if `ids` stopped.
@@ -123,11 +175,11 @@ pub fn ok_to_stop(map: &ClusterMap, ids: &[OsdId]) -> anyhow::Result<Vec<String>
     let mut bad = Vec::new();
     for pool in after.pools.values() {
         for (seed, m) in pool_mappings(&after, pool).iter().enumerate() {
-            if m.up.len() < pool.min_size as usize {
+            if m.acting.len() < pool.min_size as usize {
                 bad.push(format!(
                     "{}.{seed:x} would have {} of min_size {} OSDs up",
                     pool.id,
-                    m.up.len(),
+                    m.acting.len(),
                     pool.min_size
                 ));
             }
@@ -158,7 +210,7 @@ pub fn safe_to_destroy(
             .map(|p| {
                 pool_mappings(map, p)
                     .iter()
-                    .filter(|m| m.raw.contains(id))
+                    .filter(|m| m.raw.contains(id) || m.acting.contains(id))
                     .count()
             })
             .sum();
@@ -222,7 +274,7 @@ pub fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use store_types::map::{HostBucket, OsdInfo, Pool, WEIGHT_ONE};
+    use store_types::map::{Pool, WEIGHT_ONE};
 
     fn cluster(hosts: u32) -> ClusterMap {
         let mut m = ClusterMap::new("f");
@@ -286,6 +338,23 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn adding_a_host_moves_only_copies_onto_it() {
+        let m = cluster(6);
+        let after = simulate_add(&m, "h9", 2, WEIGHT_ONE).unwrap();
+        assert_eq!(after.osds.len(), 8);
+        assert_eq!(after.crush.hosts["h9"].osds, vec![6, 7]);
+        let mv = movement(&m, &after);
+        let onto_new = pool_mappings(&after, &after.pools[&1])
+            .iter()
+            .filter(|p| p.raw.iter().any(|o| *o >= 6))
+            .count() as u64;
+        // Host failure domain: one copy per PG at most lands on the new host.
+        assert_eq!(mv.replicas_moved, onto_new);
+        assert!(mv.pgs_remapped > 0 && mv.pgs_remapped < 64, "{mv:?}");
+        assert!(simulate_add(&m, "", 1, WEIGHT_ONE).is_err());
     }
 
     #[test]

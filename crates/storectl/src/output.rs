@@ -74,11 +74,14 @@ pub fn status_json(s: &StatusReport) -> Value {
             "pgs_by_state": s.pgs_by_state.iter().map(|(k, v)| json!({"state_name": k, "count": v})).collect::<Vec<_>>(),
             "num_pgs": s.num_pgs,
             "num_pools": s.num_pools,
-            "degraded_objects": s.recovery_objects_left,
+            "degraded_objects": s.degraded_objects,
             "degraded_total": s.object_copies,
-            "degraded_ratio": s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
+            "degraded_ratio": s.degraded_objects as f64 / s.object_copies.max(1) as f64,
+            "recovering_objects": s.recovery_objects_left,
             "recovering_objects_per_sec": s.recovery_objects_per_sec,
+            "recovering_bytes_per_sec": s.recovery_bytes_per_sec,
             "misplaced_objects": s.misplaced_objects,
+            "misplaced_total": s.object_copies,
             "misplaced_ratio": s.misplaced_objects as f64 / s.object_copies.max(1) as f64,
             "pgs_remapped": s.pgs_remapped,
             "bytes_used": s.used_bytes,
@@ -141,30 +144,41 @@ pub fn status(format: Format, s: &StatusReport) {
         println!("{label}{n} {state}");
         first = false;
     }
-    if s.recovery_objects_left > 0 || s.recovery_objects_per_sec.is_some_and(|r| r > 0) {
-        println!();
-        println!("  io:");
-        let eta = match s.recovery_objects_per_sec {
-            Some(r) if r > 0 => format!(
-                ", {r} objects/s, about {} s left",
-                s.recovery_objects_left.div_ceil(r)
-            ),
-            _ => String::new(),
-        };
+    let pct = |n: u64| 100.0 * n as f64 / s.object_copies.max(1) as f64;
+    if s.degraded_objects > 0 {
         println!(
-            "    recovery: {} objects to recover ({:.1}% of {} object copies){eta}",
-            s.recovery_objects_left,
-            100.0 * s.recovery_objects_left as f64 / s.object_copies.max(1) as f64,
-            s.object_copies
+            "             {}/{} object copies degraded ({:.2}%)",
+            s.degraded_objects,
+            s.object_copies,
+            pct(s.degraded_objects)
         );
     }
-    if s.pgs_remapped > 0 {
+    if s.misplaced_objects > 0 {
         println!(
-            "    misplaced: ~{} objects ({:.1}% of {} object copies), {} pgs remapped (held by norebalance)",
+            "             {}/{} object copies misplaced ({:.2}%)",
             s.misplaced_objects,
-            100.0 * s.misplaced_objects as f64 / s.object_copies.max(1) as f64,
             s.object_copies,
-            s.pgs_remapped
+            pct(s.misplaced_objects)
+        );
+    }
+    let rate = s.recovery_objects_per_sec.filter(|r| *r > 0);
+    if s.recovery_objects_left > 0 || rate.is_some() {
+        println!();
+        println!("  io:");
+        let speed = match (rate, s.recovery_bytes_per_sec) {
+            (Some(r), Some(b)) => format!("{}/s, {r} objects/s, ", human_bytes(b)),
+            (Some(r), None) => format!("{r} objects/s, "),
+            _ => String::new(),
+        };
+        let eta = match rate {
+            Some(r) => format!(", about {} s left", s.recovery_objects_left.div_ceil(r)),
+            None => String::new(),
+        };
+        println!(
+            "    recovery: {speed}{} object copies to recover ({:.1}% of {}){eta}",
+            s.recovery_objects_left,
+            pct(s.recovery_objects_left),
+            s.object_copies
         );
     }
     println!(
@@ -392,6 +406,8 @@ pub fn sample_status(pgs: u64) -> StatusReport {
         recovery_objects_left: 0,
         object_copies: 0,
         recovery_objects_per_sec: None,
+        recovery_bytes_per_sec: None,
+        degraded_objects: 0,
         pgs_remapped: 0,
         misplaced_objects: 0,
         num_image_locks: 0,

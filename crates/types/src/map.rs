@@ -283,6 +283,29 @@ pub struct ClusterMap {
     /// out still recovers elsewhere (as Ceph's norebalance, which holds back only the
     /// backfill of PGs that are not degraded).
     pub rebalance_hold: Option<BTreeMap<OsdId, HeldPlacement>>,
+    /// Ceph's `pg_temp`: pool → PG seed → the PG's acting set (primary first) while it
+    /// differs from the CRUSH set. Set by the monitors when placement moves a PG onto
+    /// OSDs that do not hold it yet: the OSDs that served it keep serving, with the new
+    /// ones added and backfilled (the PG is *remapped*, its missing copies *misplaced*,
+    /// not degraded). Cleared by the PG's primary once every OSD of it holds a complete
+    /// copy; the OSDs CRUSH no longer names then drop their stray copies.
+    pub pg_temp: BTreeMap<PoolId, BTreeMap<u32, Vec<OsdId>>>,
+    /// pool → PG seed → the PG's last interval that went active (Ceph's past intervals,
+    /// kept per PG): a primary records its acting set here before it serves a write in a
+    /// new interval, so every acknowledged write is on each OSD named here. Peering takes
+    /// the authoritative copy from one of them; with none of them present the PG is
+    /// `down` (`storectl osd lost` gives one up for good).
+    pub pg_history: BTreeMap<PoolId, BTreeMap<u32, LastActive>>,
+}
+
+/// A PG's last interval that went active, as [`ClusterMap::pg_history`] keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastActive {
+    /// The map epoch at which that interval started: a record only replaces an older one.
+    pub since_epoch: u64,
+    /// Its acting set. Empty: nothing is known to have been written (a new pool, or every
+    /// OSD of the record declared lost).
+    pub osds: Vec<OsdId>,
 }
 
 /// An OSD's CRUSH standing, as [`ClusterMap::rebalance_hold`] keeps it.
@@ -311,7 +334,19 @@ impl ClusterMap {
             next_osd_id: 0,
             next_pool_id: 1,
             rebalance_hold: None,
+            pg_temp: BTreeMap::new(),
+            pg_history: BTreeMap::new(),
         }
+    }
+
+    /// The PG's `pg_temp` entry, if any.
+    pub fn pg_temp_of(&self, pool: PoolId, seed: u32) -> Option<&[OsdId]> {
+        self.pg_temp.get(&pool)?.get(&seed).map(Vec::as_slice)
+    }
+
+    /// The PG's last active interval, if recorded.
+    pub fn last_active(&self, pool: PoolId, seed: u32) -> Option<&LastActive> {
+        self.pg_history.get(&pool)?.get(&seed)
     }
 
     pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
-use crate::map::{ClusterMap, FailureDomain, Flag, MonId, OsdId, SessionId};
+use crate::map::{ClusterMap, FailureDomain, Flag, MonId, OsdId, PoolId, SessionId};
 
 /// A change to the cluster map. Each one that changes something is one Raft entry and one
 /// epoch. Validation happens when it is applied, so every monitor reaches the same verdict.
@@ -92,6 +92,31 @@ pub enum MapCommand {
     BlocklistRm {
         session: SessionId,
     },
+    /// PG primaries: these PGs went (or go) active with these acting sets; each replaces
+    /// the PG's [`crate::map::LastActive`] when its `since_epoch` is not older.
+    PgActivated {
+        pgs: Vec<PgActivation>,
+    },
+    /// PG primaries: every OSD of these PGs' `pg_temp` sets holds a complete copy; each
+    /// entry is dropped if it still equals the set given (the PG then maps by CRUSH).
+    PgTempDone {
+        pgs: Vec<(PoolId, u32, Vec<OsdId>)>,
+    },
+    /// The operator: this OSD is gone for good with its data (Ceph's `osd lost`). PGs stop
+    /// waiting for it: it is dropped from every PG's last active set. Refused unless the
+    /// OSD is down.
+    OsdLost {
+        id: OsdId,
+    },
+}
+
+/// One PG's activation, as [`MapCommand::PgActivated`] carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgActivation {
+    pub pool: PoolId,
+    pub seed: u32,
+    pub since_epoch: u64,
+    pub osds: Vec<OsdId>,
 }
 
 /// Who wants an image lock.
@@ -150,6 +175,8 @@ pub struct OsdStat {
     pub checksum_errors: u64,
     /// Objects this OSD copied or removed in recovery since it started (a counter).
     pub recovered_objects: u64,
+    /// Bytes of object data this OSD copied in recovery since it started (a counter).
+    pub recovered_bytes: u64,
 }
 
 /// Monitor membership changes (through Raft's joint consensus).
@@ -283,12 +310,15 @@ pub struct StatusReport {
     pub object_copies: u64,
     /// Recovery speed over the last seconds, when known.
     pub recovery_objects_per_sec: Option<u64>,
+    pub recovery_bytes_per_sec: Option<u64>,
     /// Image locks held.
     pub num_image_locks: usize,
     pub num_blocklisted: usize,
-    /// While `norebalance` holds placement: PGs whose CRUSH placement would move, and an
-    /// estimate of the object copies that would move with them (copies spread evenly
-    /// over PGs).
+    /// Of `recovery_objects_left`, the copies missing below the pools' sizes.
+    pub degraded_objects: u64,
+    /// PGs served by other OSDs than CRUSH names (pg_temp), or held by `norebalance`.
     pub pgs_remapped: u64,
+    /// Object copies in the wrong place: missing on the OSDs remapped PGs move to, plus
+    /// an estimate of what `norebalance` holds back (copies spread evenly over PGs).
     pub misplaced_objects: u64,
 }

@@ -45,6 +45,9 @@ pub enum PgPhase {
     BackfillWait,
     /// No OSD of the acting set holds a complete copy: no I/O until one returns.
     Incomplete,
+    /// No OSD of the PG's last active set is here: acknowledged writes may be only on
+    /// OSDs that are down, so no I/O until one returns (or is declared lost).
+    Down,
 }
 
 /// What one OSD's copy of a PG can be trusted for; persisted with the copy and reported in
@@ -76,6 +79,10 @@ pub struct PgReport {
     pub epoch: u64,
     /// While recovering: object copies still to write or remove.
     pub objects_left: u64,
+    /// Of those, copies the PG does not need for its redundancy: the acting set already
+    /// holds `size` complete copies of the object (a remapped PG filling a new OSD).
+    /// The rest are degraded.
+    pub misplaced: u64,
 }
 
 /// A mutation, as the primary orders it and the replicas apply it.
@@ -145,6 +152,9 @@ pub enum OsdRequest {
         pg: Pg,
         state: PgCopyState,
     },
+    /// From an OSD holding a copy of a PG it no longer serves, to the PG's primary: may
+    /// that copy go? Yes once the PG is active+clean without it.
+    PgStray { map_epoch: u64, from: u32, pg: Pg },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +187,10 @@ pub enum OsdResponse {
     },
     /// Answer to `PgMark`.
     Marked,
+    /// Answer to `PgStray`: whether the asker may remove its copy.
+    Stray {
+        remove: bool,
+    },
     Objects(Vec<(String, ObjVersion)>),
     /// The receiver is not this PG's primary at `epoch`: get a newer map and resend.
     NotPrimary {

@@ -18,6 +18,8 @@ fn pg() -> Pg {
 fn map(pg: &mut Pg, epoch: u64, acting: &[OsdId], min_size: u32) -> Vec<Command<u32>> {
     let event = Event::Map {
         epoch,
+        history: acting.to_vec(),
+        size: 3,
         acting: acting.to_vec(),
         min_size,
         incarnation: 0,
@@ -343,8 +345,9 @@ fn run_schedule(seed: u64) {
                     | Command::RecoverObject { .. }
                     | Command::MarkComplete { .. }
                     | Command::WantGrant { .. }
-                    | Command::ReleaseGrant { .. } => {
-                        unreachable!("no recovery: every head is equal")
+                    | Command::ReleaseGrant { .. }
+                    | Command::RecordActive { .. } => {
+                        unreachable!("no recovery: every head is equal, every interval recorded")
                     }
                     Command::Read { op } => {
                         let e = ops.get_mut(&op).expect("known op");
@@ -418,6 +421,8 @@ fn run_schedule(seed: u64) {
                 }
                 let c = p.handle(Event::Map {
                     epoch,
+                    history: acting.clone(),
+                    size: 3,
                     acting: acting.clone(),
                     min_size,
                     incarnation: 0,
@@ -443,6 +448,8 @@ fn run_schedule(seed: u64) {
         epoch += 1;
         let c = p.handle(Event::Map {
             epoch,
+            history: a.clone(),
+            size: 3,
             acting: a,
             min_size,
             incarnation: 0,
@@ -493,6 +500,8 @@ fn a_restarted_replica_is_a_new_interval() {
     let mut p = pg();
     let c = p.handle(Event::Map {
         epoch: 1,
+        history: vec![0, 1].clone(),
+        size: 3,
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 7,
@@ -508,6 +517,8 @@ fn a_restarted_replica_is_a_new_interval() {
     // osd.1 restarts: same acting set, new incarnation: the write is sent again.
     let c = p.handle(Event::Map {
         epoch: 2,
+        history: vec![0, 1].clone(),
+        size: 3,
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 8,
@@ -519,6 +530,8 @@ fn a_restarted_replica_is_a_new_interval() {
     assert!(p
         .handle(Event::Map {
             epoch: 3,
+            history: vec![0, 1].clone(),
+            size: 3,
             acting: vec![0, 1],
             min_size: 2,
             incarnation: 8,
@@ -672,6 +685,8 @@ fn recoveries(cmds: &[Command<u32>]) -> Vec<(String, bool)> {
 fn map_event(epoch: u64, acting: &[OsdId], pause: RecoveryPause) -> Event<u32> {
     Event::Map {
         epoch,
+        history: acting.to_vec(),
+        size: 3,
         acting: acting.to_vec(),
         min_size: 2,
         incarnation: 0,
@@ -735,7 +750,7 @@ fn peering_picks_the_newest_complete_copy_and_plans_every_other() {
     );
     assert!(c.contains(&Command::WantGrant { interval: 1 }));
     assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
-    assert_eq!(p.recovery_left(), 3);
+    assert_eq!(p.recovery_left(), (3, 0));
     // Background recovery takes one object per grant; "b" misses on this OSD and osd.2.
     let c = p.handle(Event::Granted { interval: 1 });
     assert_eq!(
@@ -795,7 +810,7 @@ fn peering_picks_the_newest_complete_copy_and_plans_every_other() {
     assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
     p.handle(Event::Completed { to: 2, interval: 1 });
     assert_eq!(p.phase(), Some((PgPhase::Active, 5)));
-    assert_eq!(p.recovery_left(), 0);
+    assert_eq!(p.recovery_left(), (0, 0));
 }
 
 #[test]
@@ -947,6 +962,8 @@ fn peering_that_never_finishes_fails_waiting_operations() {
     let mut p = pg();
     p.handle(Event::Map {
         epoch: 1,
+        history: vec![0, 1].clone(),
+        size: 3,
         acting: vec![0, 1],
         min_size: 2,
         incarnation: 0,
@@ -1007,6 +1024,11 @@ struct RecoverySim {
     next_op: OpId,
     now: u64,
     settling: bool,
+    /// The monitors' model: the acting set of the newest map, and the PG's last active
+    /// set with the epoch its interval started at.
+    acting: Vec<OsdId>,
+    history: Vec<OsdId>,
+    history_since: u64,
 }
 
 impl RecoverySim {
@@ -1034,7 +1056,25 @@ impl RecoverySim {
             next_op: 0,
             now: 0,
             settling: false,
+            acting: Vec::new(),
+            history: vec![0, 1, 2],
+            history_since: 0,
         }
+    }
+
+    fn feed_map(&mut self, acting: Vec<OsdId>, pause: RecoveryPause) {
+        self.epoch += 1;
+        self.acting = acting.clone();
+        let e = Event::Map {
+            epoch: self.epoch,
+            history: self.history.clone(),
+            size: 3,
+            acting,
+            min_size: 2,
+            incarnation: 0,
+            pause,
+        };
+        self.feed(e);
     }
 
     fn rnd(&mut self, n: u64) -> u64 {
@@ -1053,6 +1093,12 @@ impl RecoverySim {
                     assert!(
                         !self.missing.contains_key(object) && !self.recovering.contains(object),
                         "seed {seed}: mutation of {object}, which the round misses"
+                    );
+                    assert!(
+                        same_osds(&self.history, &self.acting),
+                        "seed {seed}: a write in an interval the map does not record as last active ({:?} vs {:?})",
+                        self.history,
+                        self.acting
                     );
                     self.bag.push(c);
                 }
@@ -1095,9 +1141,10 @@ impl RecoverySim {
                     );
                     self.bag.push(c);
                 }
-                Command::Plan { .. } | Command::MarkComplete { .. } | Command::WantGrant { .. } => {
-                    self.bag.push(c)
-                }
+                Command::Plan { .. }
+                | Command::MarkComplete { .. }
+                | Command::WantGrant { .. }
+                | Command::RecordActive { .. } => self.bag.push(c),
                 Command::ReleaseGrant { .. } => {}
             }
         }
@@ -1165,6 +1212,17 @@ impl RecoverySim {
             }
             Command::MarkComplete { to, interval, .. } => Event::Completed { to, interval },
             Command::WantGrant { interval } => Event::Granted { interval },
+            // Lost on the way (repeated on a tick), or committed: a new map records it
+            // (the monitors keep the newest interval's record).
+            Command::RecordActive { .. } if fail => return,
+            Command::RecordActive { since_epoch, osds } => {
+                if since_epoch >= self.history_since {
+                    self.history = osds;
+                    self.history_since = since_epoch;
+                }
+                let acting = self.acting.clone();
+                return self.feed_map(acting, self.p.pause);
+            }
             other => unreachable!("not an external command: {other:?}"),
         };
         self.feed(e);
@@ -1209,14 +1267,8 @@ impl RecoverySim {
                     norecover: self.rnd(4) == 0,
                     nobackfill: self.rnd(4) == 0,
                 };
-                let e = Event::Map {
-                    epoch: self.epoch,
-                    acting,
-                    min_size: 2,
-                    incarnation: 0,
-                    pause,
-                };
-                self.feed(e);
+                self.epoch -= 1;
+                self.feed_map(acting, pause);
             }
             5 => {
                 let now_ms = self.now;
@@ -1239,15 +1291,7 @@ impl RecoverySim {
         // success. Then every operation has an answer.
         self.settling = true;
         for acting in [vec![0, 3], vec![0, 1, 2]] {
-            self.epoch += 1;
-            let e = Event::Map {
-                epoch: self.epoch,
-                acting,
-                min_size: 2,
-                incarnation: 0,
-                pause: RecoveryPause::default(),
-            };
-            self.feed(e);
+            self.feed_map(acting, RecoveryPause::default());
         }
         for _ in 0..20_000 {
             if let Some(&op) = self.running_reads.keys().next() {
@@ -1272,4 +1316,140 @@ impl RecoverySim {
             "seed {seed}"
         );
     }
+}
+
+fn map_with_history(epoch: u64, acting: &[OsdId], history: &[OsdId]) -> Event<u32> {
+    Event::Map {
+        epoch,
+        history: history.to_vec(),
+        size: 3,
+        acting: acting.to_vec(),
+        min_size: 2,
+        incarnation: 0,
+        pause: RecoveryPause::default(),
+    }
+}
+
+#[test]
+fn a_new_acting_set_is_recorded_before_any_write_and_repeated_until_the_map_has_it() {
+    let mut p = pg();
+    // Last active set {0, 1, 2}; osd.2 is gone: interval {0, 1}, equal heads.
+    let c = p.handle(map_with_history(7, &[0, 1], &[0, 1, 2]));
+    assert_eq!(c.len(), 2);
+    assert!(head(&mut p, 0, 1, Some(v(6, 4))).is_empty());
+    let c = head(&mut p, 1, 1, Some(v(6, 4)));
+    let record = Command::RecordActive {
+        since_epoch: 7,
+        osds: vec![0, 1],
+    };
+    assert_eq!(c, vec![record.clone()]);
+    // Not active yet: a write waits, and the record is asked for again on ticks.
+    assert!(mutate(&mut p, 1, "a", 0).is_empty());
+    assert_eq!(p.phase(), Some((PgPhase::Peering, 7)));
+    assert_eq!(p.handle(Event::Tick { now_ms: 5 }), vec![record]);
+    // A map that records it (same interval): active, and the write goes out.
+    let c = p.handle(map_with_history(8, &[0, 1], &[1, 0]));
+    assert_eq!(applies(&c), vec![(0, v(8, 5)), (1, v(8, 5))]);
+    assert_eq!(p.phase(), Some((PgPhase::Active, 8)));
+}
+
+#[test]
+fn only_a_copy_of_the_last_active_set_is_authoritative() {
+    let mut p = pg();
+    // osd.1 and osd.2 held the PG last; osd.0 (this one) and osd.3 have older copies
+    // that look complete, osd.3's even with a newer (never acknowledged) head.
+    p.handle(map_with_history(9, &[0, 1, 3], &[1, 2]));
+    assert!(head(&mut p, 0, 1, Some(v(2, 2))).is_empty());
+    assert!(head(&mut p, 3, 1, Some(v(8, 8))).is_empty());
+    let c = head(&mut p, 1, 1, Some(v(7, 3)));
+    let plan = |to| Command::Plan {
+        from: 1,
+        to,
+        interval: 1,
+        auth_head: Some(v(7, 3)),
+    };
+    assert_eq!(c, vec![plan(0), plan(3)]);
+}
+
+#[test]
+fn without_the_last_active_set_the_pg_is_down_until_one_returns_or_is_lost() {
+    let mut p = pg();
+    // osd.1 and osd.2 held it last and are both gone; osd.0 and osd.3 have complete
+    // but possibly stale copies: nothing is served.
+    p.handle(map_with_history(9, &[0, 3], &[1, 2]));
+    head(&mut p, 0, 1, Some(v(5, 5)));
+    assert!(head(&mut p, 3, 1, Some(v(5, 5))).is_empty());
+    assert_eq!(p.phase(), Some((PgPhase::Down, 9)));
+    assert!(mutate(&mut p, 1, "a", 0).is_empty());
+    let c = p.handle(Event::Tick { now_ms: 2000 });
+    assert_eq!(
+        c,
+        vec![Command::Reject {
+            op: 1,
+            error: PgError::Down {
+                waiting_for: vec![1, 2],
+                waited_ms: 2000
+            }
+        }]
+    );
+    // osd.1 declared lost: the record still names osd.2. osd.2 declared lost too: the
+    // PG peers again and goes active from the copies that are left.
+    let c = p.handle(map_with_history(10, &[0, 3], &[2]));
+    assert_eq!(c.len(), 2, "{c:?}");
+    head(&mut p, 0, 2, Some(v(5, 5)));
+    head(&mut p, 3, 2, Some(v(5, 5)));
+    assert_eq!(p.phase(), Some((PgPhase::Down, 10)));
+    let c = p.handle(map_with_history(11, &[0, 3], &[]));
+    assert_eq!(c.len(), 2, "{c:?}");
+    head(&mut p, 0, 3, Some(v(5, 5)));
+    let c = head(&mut p, 3, 3, Some(v(5, 5)));
+    assert_eq!(
+        c,
+        vec![Command::RecordActive {
+            since_epoch: 11,
+            osds: vec![0, 3]
+        }]
+    );
+    p.handle(map_with_history(12, &[0, 3], &[0, 3]));
+    assert_eq!(p.phase(), Some((PgPhase::Active, 12)));
+}
+
+#[test]
+fn members_of_the_last_active_set_that_are_all_incomplete_make_the_pg_incomplete() {
+    let mut p = pg();
+    p.handle(map_with_history(4, &[0, 1], &[0, 1]));
+    p.handle(Event::Head {
+        from: 0,
+        interval: 1,
+        head: Some(v(3, 3)),
+        complete: false,
+    });
+    p.handle(Event::Head {
+        from: 1,
+        interval: 1,
+        head: Some(v(3, 3)),
+        complete: false,
+    });
+    assert_eq!(p.phase(), Some((PgPhase::Incomplete, 4)));
+}
+
+#[test]
+fn copies_missing_beyond_the_pool_size_are_misplaced_not_degraded() {
+    let mut p = pg();
+    // A remapped PG: the three old OSDs plus osd.3, which CRUSH moved it to.
+    p.handle(map_with_history(5, &[0, 1, 2, 3], &[0, 1, 2, 3]));
+    for o in [0, 1, 2] {
+        head(&mut p, o, 1, Some(v(4, 4)));
+    }
+    let c = head(&mut p, 3, 1, None);
+    assert_eq!(c.len(), 1, "{c:?}");
+    planned(
+        &mut p,
+        3,
+        1,
+        &[("a", None, Some(v(4, 1))), ("b", None, Some(v(4, 2)))],
+    );
+    // Three complete copies of each object exist: both missing copies are misplaced.
+    assert_eq!(p.recovery_left(), (2, 2));
+    assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
 }
