@@ -123,6 +123,13 @@ fn osds_killed_and_added_under_writes_lose_nothing() {
         writes.load(Ordering::Relaxed),
         t1.elapsed()
     );
+    // The added OSD may still be filling (misplaced copies do not warn): wait for every
+    // PG to be active+clean where CRUSH puts it, then compare.
+    c.wait_clean(Duration::from_secs(60));
+    eprintln!(
+        "FIGURE chaos: all PGs active+clean {:?} after the last restart",
+        t1.elapsed()
+    );
     let model = model.lock().expect("model").clone();
     assert_eq!(model.len() as u64, OBJECTS);
     check_replicas(&rt, &c.map(), "vm-pool", &model);

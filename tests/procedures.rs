@@ -119,8 +119,15 @@ fn rolling_restart_add_a_node_and_remove_a_node() {
         s["pgmap"]["misplaced_objects"]
     );
     c.ctl_ok(&["osd", "unset", "norebalance"]);
-    let t = wait_health_ok(&c, 4, "HEALTH_OK with the new node");
-    eprintln!("FIGURE new OSD filled and HEALTH_OK {t:?} after norebalance was unset");
+    let t0 = Instant::now();
+    wait_health_ok(&c, 4, "HEALTH_OK with the new node");
+    // Misplaced copies are not a health warning (the old OSDs still hold them): wait for
+    // every PG to be active+clean where CRUSH puts it.
+    c.wait_clean(Duration::from_secs(90));
+    eprintln!(
+        "FIGURE new OSD filled, all PGs active+clean {:?} after norebalance was unset",
+        t0.elapsed()
+    );
     let map = c.map();
     assert!(share_of(&c, o3) > 0, "the new OSD holds no PG");
     check_replicas(&rt, &map, "vm-pool", &model);

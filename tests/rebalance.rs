@@ -30,6 +30,8 @@ fn a_new_osd_is_filled_while_the_old_ones_serve_and_strays_are_removed() {
     let mut c = TestCluster::start(ClusterOpts {
         mons: 1,
         osds: 3,
+        // One PG backfills at a time per primary, slowly enough to be seen.
+        osd_conf: "osd_max_backfills = 1\nosd_recovery_sleep = 0.05",
         ..Default::default()
     });
     c.create_pool("vm-pool", 32);
@@ -96,11 +98,25 @@ fn a_new_osd_is_filled_while_the_old_ones_serve_and_strays_are_removed() {
 
     let t0 = Instant::now();
     c.ctl_ok(&["osd", "unset", "nobackfill"]);
+    let count = |s: &serde_json::Value, what: &str| -> u64 {
+        s["pgmap"]["pgs_by_state"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["state_name"].as_str().is_some_and(|n| n.contains(what)))
+            .filter_map(|p| p["count"].as_u64())
+            .sum()
+    };
+    let mut both_seen = false;
     wait_for(
         Duration::from_secs(90),
         "every PG active+clean, no pg_temp",
         || {
             let s = c.try_status()?;
+            // osd_max_backfills = 1: one backfilling PG per primary at most, the rest wait.
+            let (running, waiting) = (count(&s, "backfilling"), count(&s, "backfill_wait"));
+            assert!(running <= 3, "{running} PGs backfill at once: {s}");
+            both_seen |= running > 0 && waiting > 0;
             let clean = s["pgmap"]["pgs_by_state"]
                 .as_array()?
                 .iter()
@@ -113,6 +129,7 @@ fn a_new_osd_is_filled_while_the_old_ones_serve_and_strays_are_removed() {
         "FIGURE new OSD filled, all PGs active+clean {:?} after nobackfill was unset",
         t0.elapsed()
     );
+    assert!(both_seen, "never saw PGs waiting for a backfill slot");
     let map = c.map();
     let share = store_placement::pool_mappings(&map, map.pool_by_name("vm-pool").expect("pool"))
         .iter()

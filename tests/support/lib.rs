@@ -122,6 +122,18 @@ impl TestCluster {
         });
     }
 
+    /// Waits until every PG is active+clean and served where CRUSH puts it (no pg_temp).
+    pub fn wait_clean(&self, timeout: Duration) {
+        wait_for(timeout, "every PG active+clean, no pg_temp", || {
+            let s = self.try_status()?;
+            let clean = s["pgmap"]["pgs_by_state"]
+                .as_array()?
+                .iter()
+                .all(|p| p["state_name"] == "active+clean");
+            (clean && self.map().pg_temp.is_empty()).then_some(())
+        });
+    }
+
     /// An object client on this cluster, with a 60 s operation deadline.
     pub fn object_client(
         &self,

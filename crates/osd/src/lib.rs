@@ -291,6 +291,9 @@ async fn boot(
     }
 }
 
+/// How long after a map change an OSD reports its PGs (the engines see the map first).
+const MAP_REPORT_DELAY: Duration = Duration::from_millis(30);
+
 /// Heartbeats every monitor (those in the map, plus mon_host), so whichever leads has
 /// fresh data.
 async fn heartbeat_loop(
@@ -304,8 +307,21 @@ async fn heartbeat_loop(
     let timeout = s.heartbeat_interval.max(Duration::from_millis(200));
     let mut fanout = MonFanout::new(s.mon_addrs.clone(), timeout);
     let mut tick = tokio::time::interval(s.heartbeat_interval);
+    let mut changes = maps.clone();
     loop {
-        tick.tick().await;
+        // Also report soon after a map change: until this OSD reports on the newest
+        // placement, the monitors show its PGs as unknown.
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                tokio::time::sleep(MAP_REPORT_DELAY).await;
+                changes.borrow_and_update();
+                tick.reset();
+            }
+        }
         let (pgs_epoch, busy_pgs) = service.busy_pgs();
         let req = MonRequest::OsdHeartbeat {
             id,

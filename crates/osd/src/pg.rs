@@ -575,6 +575,14 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
+    /// How the current round's missing objects were planned, while any are missing.
+    pub fn recovery_mode(&self) -> Option<RecoveryMode> {
+        match &self.state {
+            State::Active { rec, .. } if !rec.missing.is_empty() => Some(rec.mode),
+            _ => None,
+        }
+    }
+
     /// The acting set while the PG is active and every OSD of it holds a complete copy.
     pub fn clean_acting(&self) -> Option<&[OsdId]> {
         match &self.state {

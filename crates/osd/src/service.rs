@@ -95,6 +95,16 @@ struct PgSlot {
     seq_loaded: std::sync::atomic::AtomicBool,
     /// Background recovery slots granted to this PG, by round (one at most per round).
     grants: Mutex<HashMap<u64, OwnedSemaphorePermit>>,
+    /// This PG's reservation of one of the OSD's backfill slots.
+    backfill: Mutex<Backfill>,
+}
+
+/// A PG's claim on one of `osd_max_backfills` slots: asked for when it has objects to
+/// backfill, held until it has none.
+enum Backfill {
+    None,
+    Waiting,
+    Held(#[allow(dead_code)] OwnedSemaphorePermit),
 }
 
 struct PeerJob {
@@ -176,6 +186,9 @@ impl Failpoint {
 pub struct RecoveryLimits {
     /// Recoveries (pulls and pushes, one per PG and target) running at once on this OSD.
     pub max_active: usize,
+    /// PGs this OSD leads that backfill at once (Ceph's `osd_max_backfills`): the others
+    /// wait (`backfill_wait`) until one is done.
+    pub max_backfills: usize,
     /// Pause after each recovered object.
     pub sleep: Duration,
 }
@@ -184,6 +197,7 @@ impl Default for RecoveryLimits {
     fn default() -> Self {
         RecoveryLimits {
             max_active: 3,
+            max_backfills: 1,
             sleep: Duration::ZERO,
         }
     }
@@ -191,6 +205,7 @@ impl Default for RecoveryLimits {
 
 struct RecoveryThrottle {
     slots: Arc<Semaphore>,
+    backfills: Arc<Semaphore>,
     sleep: Duration,
 }
 
@@ -217,6 +232,7 @@ impl<S: ObjectStore> OsdService<S> {
             recovered_bytes: AtomicU64::new(0),
             throttle: RecoveryThrottle {
                 slots: Arc::new(Semaphore::new(recovery.max_active.max(1))),
+                backfills: Arc::new(Semaphore::new(recovery.max_backfills.max(1))),
                 sleep: recovery.sleep,
             },
             failpoint: Mutex::new(Failpoint::from_env()),
@@ -250,6 +266,7 @@ impl<S: ObjectStore> OsdService<S> {
                     apply_tx,
                     seq_loaded: std::sync::atomic::AtomicBool::new(false),
                     grants: Mutex::new(HashMap::new()),
+                    backfill: Mutex::new(Backfill::None),
                 })
             })
             .clone()
@@ -501,6 +518,8 @@ impl<S: ObjectStore> OsdService<S> {
                     let me = self.clone();
                     let slot = slot.clone();
                     tokio::spawn(async move {
+                        // A backfilling PG first holds one of the OSD's backfill slots.
+                        me.reserve_backfill(&slot).await;
                         // Throttled: at most max_active background recoveries on this OSD.
                         let Ok(permit) = me.throttle.slots.clone().acquire_owned().await else {
                             return;
@@ -1359,8 +1378,39 @@ impl<S: ObjectStore> OsdService<S> {
             for s in &slots {
                 self.feed(s, Event::Tick { now_ms });
             }
+            self.release_backfills(&slots);
             if let Some(map) = self.map() {
                 self.announce_finished_backfills(&map, &slots);
+            }
+        }
+    }
+
+    /// Waits for one of the OSD's backfill slots if the PG's recovery is a backfill and
+    /// it holds none yet.
+    async fn reserve_backfill(&self, slot: &PgSlot) {
+        let backfilling = slot.engine.lock().expect("engine lock").recovery_mode()
+            == Some(RecoveryMode::Backfill);
+        {
+            let mut b = slot.backfill.lock().expect("backfill lock");
+            if !backfilling || !matches!(*b, Backfill::None) {
+                return;
+            }
+            *b = Backfill::Waiting;
+        }
+        if let Ok(permit) = self.throttle.backfills.clone().acquire_owned().await {
+            *slot.backfill.lock().expect("backfill lock") = Backfill::Held(permit);
+        }
+    }
+
+    /// Gives back the backfill slots of PGs that have nothing left to backfill.
+    fn release_backfills(&self, slots: &[Arc<PgSlot>]) {
+        for slot in slots {
+            // Engine first, then the reservation: the order every path takes them in.
+            let done = slot.engine.lock().expect("engine lock").recovery_mode()
+                != Some(RecoveryMode::Backfill);
+            let mut b = slot.backfill.lock().expect("backfill lock");
+            if done && matches!(*b, Backfill::Held(_)) {
+                *b = Backfill::None;
             }
         }
     }
@@ -1446,6 +1496,14 @@ impl<S: ObjectStore> OsdService<S> {
                 let engine = s.engine.lock().expect("engine lock");
                 let (phase, epoch) = engine.phase()?;
                 let (objects_left, misplaced) = engine.recovery_left();
+                let waiting = matches!(
+                    *s.backfill.lock().expect("backfill lock"),
+                    Backfill::Waiting
+                );
+                let phase = match phase {
+                    PgPhase::Backfilling if waiting => PgPhase::BackfillWait,
+                    p => p,
+                };
                 (phase != PgPhase::Active).then_some(PgReport {
                     pg: s.pg,
                     phase,

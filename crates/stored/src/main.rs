@@ -109,12 +109,17 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// `osd_recovery_max_active` (recoveries at once per OSD, 1-64, default 3) and
+/// `osd_recovery_max_active` (recoveries at once per OSD, 1-64, default 3),
+/// `osd_max_backfills` (PGs backfilling at once per primary OSD, 1-64, default 1) and
 /// `osd_recovery_sleep` (seconds between recovered objects, default 0).
 fn recovery_limits(conf: &Config) -> anyhow::Result<store_osd::service::RecoveryLimits> {
     let max_active: usize = conf.get_parsed("osd", "osd_recovery_max_active", 3)?;
     if !(1..=64).contains(&max_active) {
         bail!("osd_recovery_max_active = {max_active}: must be 1 to 64");
+    }
+    let max_backfills: usize = conf.get_parsed("osd", "osd_max_backfills", 1)?;
+    if !(1..=64).contains(&max_backfills) {
+        bail!("osd_max_backfills = {max_backfills}: must be 1 to 64");
     }
     let sleep_s: f64 = conf.get_parsed("osd", "osd_recovery_sleep", 0.0)?;
     if !(sleep_s.is_finite() && (0.0..=10.0).contains(&sleep_s)) {
@@ -122,6 +127,7 @@ fn recovery_limits(conf: &Config) -> anyhow::Result<store_osd::service::Recovery
     }
     Ok(store_osd::service::RecoveryLimits {
         max_active,
+        max_backfills,
         sleep: Duration::from_secs_f64(sleep_s),
     })
 }
