@@ -588,6 +588,12 @@ pub fn status(input: StatusInput) -> StatusReport {
         .filter_map(|id| input.osd_stats.get(id))
         .fold((0, 0), |(t, u), s| (t + s.total_bytes, u + s.used_bytes));
     StatusReport {
+        osd_stats: input
+            .osd_stats
+            .iter()
+            .filter(|(id, _)| map.osds.contains_key(id))
+            .map(|(id, s)| (*id, *s))
+            .collect(),
         fsid: map.fsid.clone(),
         epoch: map.epoch,
         health,

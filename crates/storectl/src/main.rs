@@ -130,6 +130,8 @@ enum PoolCmd {
 enum OsdCmd {
     /// The CRUSH hierarchy with OSD states.
     Tree,
+    /// Each OSD's usage, objects, PGs and what it recovered since it started.
+    Df,
     /// Mark OSDs out: data moves off them.
     Out {
         ids: Vec<u32>,
@@ -375,6 +377,12 @@ async fn osd(cli: &Cli, o: &OsdCmd) -> anyhow::Result<()> {
         OsdCmd::Tree => {
             let map = connect(cli)?.get_map().await.map_err(err)?;
             output::osd_tree(cli.format, &map);
+        }
+        OsdCmd::Df => {
+            let mons = connect(cli)?;
+            let map = mons.get_map().await.map_err(err)?;
+            let status = mons.status().await.map_err(err)?;
+            output::osd_df(cli.format, &map, &status);
         }
         OsdCmd::Out { ids, .. }
         | OsdCmd::In { ids, .. }

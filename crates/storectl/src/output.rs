@@ -323,6 +323,76 @@ fn plain(v: &Value) -> String {
 }
 
 /// `ceph osd tree`: root, hosts, OSDs.
+/// `osd df`: each OSD's weight, usage, objects, PGs it serves and recovery counters.
+pub fn osd_df(format: Format, map: &ClusterMap, status: &StatusReport) {
+    let mut pgs: std::collections::BTreeMap<store_types::map::OsdId, u64> = Default::default();
+    for pool in map.pools.values() {
+        for m in store_placement::pool_mappings(map, pool) {
+            for o in m
+                .acting
+                .iter()
+                .chain(m.up.iter().filter(|o| !m.acting.contains(o)))
+            {
+                *pgs.entry(*o).or_default() += 1;
+            }
+        }
+    }
+    let rows: Vec<Value> = map
+        .osds
+        .values()
+        .map(|o| {
+            let st = status.osd_stats.get(&o.id).copied().unwrap_or_default();
+            json!({
+                "id": o.id, "host": o.host, "crush_weight": weight_to_f64(o.weight),
+                "status": if o.up { "up" } else { "down" }, "in": o.is_in,
+                "kb": st.total_bytes / 1024, "kb_used": st.used_bytes / 1024,
+                "utilization": 100.0 * st.used_bytes as f64 / st.total_bytes.max(1) as f64,
+                "objects": st.objects, "pgs": pgs.get(&o.id).copied().unwrap_or(0),
+                "recovered_objects": st.recovered_objects, "recovered_bytes": st.recovered_bytes,
+            })
+        })
+        .collect();
+    if format == Format::Json {
+        return print_json(&json!({ "nodes": rows }));
+    }
+    let mut t = table(&[
+        "ID",
+        "HOST",
+        "WEIGHT",
+        "STATUS",
+        "SIZE",
+        "USE",
+        "%USE",
+        "OBJECTS",
+        "PGS",
+        "RECOVERED",
+    ]);
+    for (o, r) in map.osds.values().zip(&rows) {
+        let st = status.osd_stats.get(&o.id).copied().unwrap_or_default();
+        t.add_row(vec![
+            o.id.to_string(),
+            o.host.clone(),
+            format!("{:.5}", weight_to_f64(o.weight)),
+            format!(
+                "{}{}",
+                r["status"].as_str().unwrap_or(""),
+                if o.is_in { "" } else { ",out" }
+            ),
+            human_bytes(st.total_bytes),
+            human_bytes(st.used_bytes),
+            format!("{:.2}", r["utilization"].as_f64().unwrap_or(0.0)),
+            st.objects.to_string(),
+            r["pgs"].to_string(),
+            format!(
+                "{} ({} objects)",
+                human_bytes(st.recovered_bytes),
+                st.recovered_objects
+            ),
+        ]);
+    }
+    println!("{t}");
+}
+
 pub fn osd_tree(format: Format, map: &ClusterMap) {
     let root_weight: u64 = map.crush.hosts.values().map(|h| map.host_weight(h)).sum();
     let mut nodes = vec![json!({
@@ -385,6 +455,7 @@ pub fn osd_tree(format: Format, map: &ClusterMap) {
 #[cfg(test)]
 pub fn sample_status(pgs: u64) -> StatusReport {
     StatusReport {
+        osd_stats: Default::default(),
         fsid: String::new(),
         epoch: 1,
         health: Severity::Ok,

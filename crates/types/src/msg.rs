@@ -282,6 +282,8 @@ pub struct MonStatus {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// Each OSD's last reported usage and recovery counters (the answering monitor's view).
+    pub osd_stats: BTreeMap<OsdId, OsdStat>,
     pub fsid: String,
     pub epoch: u64,
     pub health: Severity,
