@@ -245,4 +245,67 @@ mod objstore {
     fn write_4k_file(b: Bencher) {
         bench_writes(b, env(|p| FileDevice::open(p).expect("file device")));
     }
+
+    fn dev_env() -> (tempfile::TempDir, PathBuf) {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target"));
+        std::fs::create_dir_all(&base).expect("bench dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("micro-dev-")
+            .tempdir_in(base)
+            .expect("tmp");
+        let dev = tmp.path().join("dev.img");
+        create_file_device(&dev, 256 << 20).expect("device");
+        (tmp, dev)
+    }
+
+    /// The device part alone: one 4 KiB durable write (O_DIRECT | O_DSYNC).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn device_write_4k_uring(b: Bencher) {
+        let (_tmp, path) = dev_env();
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dev = UringDevice::open(&path).expect("device");
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            let buf = store_objstore::aligned::AlignedBuf::zeroed(1);
+            rt.block_on(dev.write(1 + i % 60_000, buf)).expect("write");
+        });
+    }
+
+    /// The metadata part alone: one small synced RocksDB write (the block map commit).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn rocksdb_synced_put(b: Bencher) {
+        let (tmp, _) = dev_env();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            db.put_opt(i.to_be_bytes(), [7u8; 40], &wo).expect("put");
+        });
+    }
+
+    /// The same with the WAL files recycled (no file growth, so fdatasync has no
+    /// metadata to commit once the files have been written through once).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn rocksdb_synced_put_recycled_wal(b: Bencher) {
+        let (tmp, _) = dev_env();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.set_recycle_log_file_num(4);
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            db.put_opt(i.to_be_bytes(), [7u8; 40], &wo).expect("put");
+        });
+    }
 }
