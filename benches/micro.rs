@@ -104,7 +104,10 @@ mod frames {
             from: 1,
             pg: Pg { pool: 1, seed: 77 },
             object: "rbd_data.0123456789abcdef.0000000000000042".into(),
-            version: ObjVersion { epoch: 42, seq: 123_456 },
+            version: ObjVersion {
+                epoch: 42,
+                seq: 123_456,
+            },
             mutation: Mutation::Write {
                 offset: 4096 * 17,
                 data: Bytes::from(vec![0xa5u8; 4096]),
@@ -290,6 +293,37 @@ mod objstore {
         });
     }
 
+    /// A synced RocksDB write carrying 4 KiB (a deferred write's record).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn rocksdb_synced_put_4k(b: Bencher) {
+        let (tmp, _) = dev_env();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            db.put_opt(i.to_be_bytes(), [7u8; 4096], &wo).expect("put");
+        });
+    }
+
+    /// The device part of a deferred write: 4 KiB written without a flush.
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn device_write_lazy_4k_uring(b: Bencher) {
+        let (_tmp, path) = dev_env();
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let dev = UringDevice::open(&path).expect("device");
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            let buf = store_objstore::aligned::AlignedBuf::zeroed(1);
+            rt.block_on(dev.write_lazy(1 + i % 60_000, buf))
+                .expect("write");
+        });
+    }
+
     /// The same with the WAL files recycled (no file growth, so fdatasync has no
     /// metadata to commit once the files have been written through once).
     #[divan::bench(sample_count = 20, sample_size = 50)]
@@ -299,13 +333,15 @@ mod objstore {
         opts.create_if_missing(true);
         opts.set_recycle_log_file_num(4);
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Small memtables, so WAL files become obsolete, and are recycled, within the run.
+        opts.set_write_buffer_size(1 << 20);
         let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         let mut i = 0u64;
         b.bench_local(|| {
             i += 1;
-            db.put_opt(i.to_be_bytes(), [7u8; 40], &wo).expect("put");
+            db.put_opt(i.to_be_bytes(), [7u8; 4096], &wo).expect("put");
         });
     }
 }

@@ -4,7 +4,9 @@
 //! RocksDB column families:
 //! - `meta`: the identity record (must match the superblock);
 //! - `objects`: object key → `ObjMeta` (size, version);
-//! - `blocks`: object key + logical block (u32 BE) → `BlockRef` (device block, crc32c).
+//! - `blocks`: object key + logical block (u32 BE) → `BlockRef` (device block, crc32c);
+//! - `deferred`: sequence (u64 BE) → `DeferredWrite`: the data of a small write, committed
+//!   with its block map so that one synced commit makes it durable (see [`DEFERRED_MAX_BLOCKS`]).
 //!
 //! Object keys are `pool u32 BE | pg u32 BE | name length u16 BE | name`, so one PG's
 //! objects, and one object's blocks, are contiguous key ranges.
@@ -34,6 +36,17 @@ const CF_META: &str = "meta";
 const CF_OBJECTS: &str = "objects";
 const CF_BLOCKS: &str = "blocks";
 const CF_PGLOG: &str = "pglog";
+const CF_DEFERRED: &str = "deferred";
+/// Writes of at most this many blocks are *deferred*, as BlueStore defers small writes:
+/// their data goes into the same synced metadata commit as their block map (one flush),
+/// while it is also written to its new (copy-on-write) blocks without a flush. A record
+/// stays until a later device flush has made its blocks durable; at mount, the records
+/// still there are written again (only where the block map still names that block with
+/// that checksum). Larger writes are written durably first, then committed (two flushes,
+/// in a row).
+pub const DEFERRED_MAX_BLOCKS: usize = 16;
+/// Applied deferred writes that trigger a device flush and the removal of their records.
+const DEFERRED_CLEAN_EVERY: usize = 64;
 /// Trim a PG log only once it is this far over its bound, to batch the work.
 const PG_LOG_TRIM_SLACK: u64 = 256;
 const RECORD_V: u16 = 1;
@@ -51,6 +64,18 @@ pub struct Identity {
     pub device_blocks: u64,
 }
 
+/// A small write's data, durable in the metadata log until its blocks are flushed.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeferredWrite {
+    okey: Vec<u8>,
+    /// The first logical block written.
+    lblock: u32,
+    /// The device block of each logical block, in order.
+    device_blocks: Vec<u64>,
+    /// Whole blocks.
+    data: Vec<u8>,
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct ObjMeta {
     size: u64,
@@ -64,15 +89,93 @@ struct BlockRef {
 }
 
 pub struct BlockStore<D: BlockDevice> {
-    dev: D,
+    dev: Arc<D>,
     db: Arc<DB>,
-    alloc: Mutex<Allocator>,
+    alloc: Arc<Mutex<Allocator>>,
     locks: Vec<RwLock<()>>,
     objects: AtomicU64,
     checksum_errors: AtomicU64,
     /// Entries in each PG's log, counted on first use.
     log_len: Mutex<HashMap<(u32, u32), u64>>,
     log_max: u64,
+    /// The next deferred write's sequence number.
+    deferred_seq: AtomicU64,
+    /// Deferred writes committed and not yet on their blocks, and those written but not
+    /// flushed.
+    deferred: Arc<Mutex<Deferred>>,
+    /// To the task that writes deferred data to its blocks (bounded: writers wait).
+    apply_tx: tokio::sync::mpsc::Sender<ApplyJob>,
+}
+
+/// Deferred writes between their commit and their records' removal.
+#[derive(Default)]
+struct Deferred {
+    /// Device block → its committed contents, until written to the device: reads take
+    /// them from here.
+    pending: HashMap<u64, Bytes>,
+    /// Blocks freed while their deferred write was pending: freed once it is written
+    /// (so a late write never lands on a block that was reused).
+    free_when_written: std::collections::HashSet<u64>,
+    /// Records whose blocks are written (not yet flushed).
+    applied: Vec<u64>,
+}
+
+/// One deferred write to put on the device.
+struct ApplyJob {
+    seq: u64,
+    blocks: Vec<(u64, Bytes)>,
+}
+
+/// Deferred writes being written to the device at once.
+const APPLY_IN_FLIGHT: usize = 32;
+
+/// Writes deferred data to its blocks (unflushed), then lets reads go to the device and
+/// frees what waited for it. Runs until the store is dropped.
+async fn apply_loop<D: BlockDevice>(
+    dev: Arc<D>,
+    state: Arc<Mutex<Deferred>>,
+    alloc: Arc<Mutex<Allocator>>,
+    mut rx: tokio::sync::mpsc::Receiver<ApplyJob>,
+) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            job = rx.recv(), if running.len() < APPLY_IN_FLIGHT => {
+                let Some(job) = job else { break };
+                let dev = dev.clone();
+                running.push(async move {
+                    let mut ok = true;
+                    for (block, data) in &job.blocks {
+                        let mut buf = AlignedBuf::zeroed(1);
+                        buf.copy_from_slice(data);
+                        if let Err(e) = dev.write_lazy(*block, buf).await {
+                            tracing::error!(block, "writing deferred data failed (the record is kept and written again at the next start): {e}");
+                            ok = false;
+                        }
+                    }
+                    (job, ok)
+                });
+            }
+            Some((job, ok)) = running.next(), if !running.is_empty() => {
+                let Ok(mut st) = state.lock() else { return };
+                for (block, _) in &job.blocks {
+                    if ok {
+                        st.pending.remove(block);
+                    }
+                    if st.free_when_written.remove(block) {
+                        if let Ok(mut a) = alloc.lock() {
+                            a.free_extent(Extent { start: *block, len: 1 });
+                        }
+                    }
+                }
+                if ok {
+                    st.applied.push(job.seq);
+                }
+            }
+        }
+    }
+    while running.next().await.is_some() {}
 }
 
 fn meta_err(e: impl std::fmt::Display) -> ObjError {
@@ -134,11 +237,30 @@ fn parse_superblock(buf: &[u8]) -> Result<Identity, String> {
 fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
-    opts.create_missing_column_families(create);
     opts.set_keep_log_file_num(4);
-    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS, CF_PGLOG]
+    // A store from before a column family existed gets it (empty) at its next open.
+    opts.create_missing_column_families(true);
+    // Every commit is a synced WAL append. Recycled WAL files are overwritten in place, so
+    // once warm an fdatasync has no file size to journal (one device flush, not two).
+    // Point-in-time recovery is what recycling needs; synced writes are all recovered.
+    opts.set_recycle_log_file_num(4);
+    opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+    opts.set_max_background_jobs(2);
+    // Point lookups (object metadata, block map) skip SST files through bloom filters;
+    // one block cache serves every column family.
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let cf_opts = || {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_block_cache(&cache);
+        let mut o = Options::default();
+        o.set_block_based_table_factory(&table);
+        o.set_write_buffer_size(16 << 20);
+        o
+    };
+    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS, CF_PGLOG, CF_DEFERRED]
         .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
     DB::open_cf_descriptors(&opts, dir, cfs)
         .map_err(|e| ObjError::Refused(format!("metadata store {}: {e}", dir.display())))
 }
@@ -190,7 +312,7 @@ impl<D: BlockDevice> BlockStore<D> {
         db.put_cf_opt(cf, KEY_IDENTITY, encode_record(RECORD_V, &identity), &wo)
             .map_err(meta_err)?;
         dev.write(0, superblock(&identity)).await?;
-        Self::mount(dev, db, &identity)
+        Self::mount(dev, db, &identity).await
     }
 
     /// Opens an existing store, checking that device and metadata belong together and to
@@ -232,11 +354,12 @@ impl<D: BlockDevice> BlockStore<D> {
                 in_db.device_blocks
             )));
         }
-        Self::mount(dev, db, &in_db)
+        Self::mount(dev, db, &in_db).await
     }
 
-    /// Rebuilds the allocator from the block map and counts objects.
-    fn mount(dev: D, db: DB, identity: &Identity) -> Result<Self, ObjError> {
+    /// Rebuilds the allocator from the block map, counts objects and writes the deferred
+    /// writes that may not have reached the device.
+    async fn mount(dev: D, db: DB, identity: &Identity) -> Result<Self, ObjError> {
         let mut used = Vec::new();
         let blocks = db
             .cf_handle(CF_BLOCKS)
@@ -256,17 +379,91 @@ impl<D: BlockDevice> BlockStore<D> {
             .cf_handle(CF_OBJECTS)
             .expect("opened with this column family");
         let objects = db.iterator_cf(objects_cf, IteratorMode::Start).count() as u64;
-        let alloc = Allocator::from_used(1, identity.device_blocks, used);
-        Ok(BlockStore {
+        let alloc = Arc::new(Mutex::new(Allocator::from_used(
+            1,
+            identity.device_blocks,
+            used,
+        )));
+        let dev = Arc::new(dev);
+        let deferred = Arc::new(Mutex::new(Deferred::default()));
+        let (apply_tx, apply_rx) = tokio::sync::mpsc::channel(4 * APPLY_IN_FLIGHT);
+        tokio::spawn(apply_loop(
+            dev.clone(),
+            deferred.clone(),
+            alloc.clone(),
+            apply_rx,
+        ));
+        let store = BlockStore {
             dev,
             db: Arc::new(db),
-            alloc: Mutex::new(alloc),
+            alloc,
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             objects: AtomicU64::new(objects),
             checksum_errors: AtomicU64::new(0),
             log_len: Mutex::new(HashMap::new()),
             log_max: PG_LOG_MAX_ENTRIES,
-        })
+            deferred_seq: AtomicU64::new(0),
+            deferred,
+            apply_tx,
+        };
+        store.replay_deferred().await?;
+        Ok(store)
+    }
+
+    /// Writes every deferred write whose blocks the block map still names with the
+    /// record's checksums (a block since freed and reused must not be overwritten), flushes
+    /// the device, then drops the records. Continues sequence numbers after the newest.
+    async fn replay_deferred(&self) -> Result<(), ObjError> {
+        let cf = self
+            .db
+            .cf_handle(CF_DEFERRED)
+            .expect("column family exists");
+        let mut keys = Vec::new();
+        let mut written = 0usize;
+        let records: Vec<(Vec<u8>, Vec<u8>)> = self
+            .db
+            .iterator_cf(cf, IteratorMode::Start)
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(meta_err))
+            .collect::<Result<_, _>>()?;
+        for (k, v) in records {
+            let rec: DeferredWrite = decode_record(RECORD_V, &v).map_err(meta_err)?;
+            let n = rec.device_blocks.len() as u32;
+            if rec.data.len() != n as usize * BLOCK_SIZE {
+                return Err(ObjError::Metadata(format!(
+                    "deferred write {k:?}: {} bytes for {n} blocks",
+                    rec.data.len()
+                )));
+            }
+            let refs = self.block_refs(&rec.okey, rec.lblock, rec.lblock + n)?;
+            for (i, d) in rec.device_blocks.iter().enumerate() {
+                let block = &rec.data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+                let current =
+                    refs[i].is_some_and(|r| r.device_block == *d && r.crc == crc32c::crc32c(block));
+                if current {
+                    let mut buf = AlignedBuf::zeroed(1);
+                    buf.copy_from_slice(block);
+                    self.dev.write_lazy(*d, buf).await?;
+                    written += 1;
+                }
+            }
+            keys.push(k);
+        }
+        if let Some(last) = keys.last() {
+            let seq = u64::from_be_bytes(last[..8].try_into().map_err(meta_err)?);
+            self.deferred_seq.store(seq + 1, Ordering::Relaxed);
+            self.dev.flush().await?;
+            let mut batch = WriteBatch::default();
+            for k in &keys {
+                batch.delete_cf(cf, k);
+            }
+            self.commit(batch).await?;
+            tracing::info!(
+                records = keys.len(),
+                blocks = written,
+                "replayed deferred writes after an unclean stop"
+            );
+        }
+        Ok(())
     }
 
     /// Keeps at most `entries` per PG log (tests use small logs).
@@ -319,6 +516,30 @@ impl<D: BlockDevice> BlockStore<D> {
         refs: &[Option<BlockRef>],
     ) -> Result<Vec<Option<Bytes>>, ObjError> {
         let mut out: Vec<Option<Bytes>> = vec![None; refs.len()];
+        // Blocks whose deferred write has not reached the device yet come from memory.
+        let mut refs = refs.to_vec();
+        {
+            let d = self
+                .deferred
+                .lock()
+                .map_err(|_| meta_err("deferred lock poisoned"))?;
+            if !d.pending.is_empty() {
+                for (i, r) in refs.iter_mut().enumerate() {
+                    let Some(data) = r.and_then(|r| d.pending.get(&r.device_block)) else {
+                        continue;
+                    };
+                    let want = r.map(|r| r.crc).unwrap_or(0);
+                    if crc32c::crc32c(data) != want {
+                        return Err(ObjError::Checksum {
+                            object: id.to_string(),
+                            block: (b0 as usize + i) as u64,
+                        });
+                    }
+                    out[i] = Some(data.clone());
+                    *r = None;
+                }
+            }
+        }
         let mut i = 0;
         while i < refs.len() {
             let Some(first) = refs[i] else {
@@ -363,6 +584,21 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     fn release(&self, extents: impl IntoIterator<Item = Extent>) {
+        let Ok(mut d) = self.deferred.lock() else {
+            return; // poisoned: leak the blocks rather than risk reusing them
+        };
+        let extents: Vec<Extent> = extents
+            .into_iter()
+            .flat_map(|e| (e.start..e.start + e.len).map(|b| Extent { start: b, len: 1 }))
+            .filter(|e| {
+                let pending = d.pending.contains_key(&e.start);
+                if pending {
+                    d.free_when_written.insert(e.start);
+                }
+                !pending
+            })
+            .collect();
+        drop(d);
         if let Ok(mut a) = self.alloc.lock() {
             for e in extents {
                 a.free_extent(e);
@@ -383,7 +619,9 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// Writes new contents for logical blocks `b0..` (copy-on-write) and commits the block
-    /// map, the object metadata and the PG log entry in one batch.
+    /// map, the object metadata and the PG log entry in one batch. Small writes are
+    /// deferred (see [`DEFERRED_MAX_BLOCKS`]): their data rides in the commit, and the
+    /// device write runs alongside it, unflushed. Either way, both are done on return.
     async fn cow_commit(
         &self,
         okey: &[u8],
@@ -394,22 +632,20 @@ impl<D: BlockDevice> BlockStore<D> {
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
         let extents = self.alloc(n)?;
-        let res = self.write_extents(&extents, contents).await;
-        let crcs = match res {
-            Ok(c) => c,
-            Err(e) => {
-                self.release(extents);
-                return Err(e);
-            }
-        };
+        let crcs: Vec<u32> = (0..contents.blocks())
+            .map(|i| crc32c::crc32c(contents.block(i)))
+            .collect();
+        let deferred = contents.blocks() <= DEFERRED_MAX_BLOCKS;
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
-        let mut dev_blocks = extents.iter().flat_map(|e| e.start..e.start + e.len);
-        for (i, crc) in crcs.iter().enumerate() {
-            let device_block = dev_blocks.next().expect("as many blocks as allocated");
+        let device_blocks: Vec<u64> = extents
+            .iter()
+            .flat_map(|e| e.start..e.start + e.len)
+            .collect();
+        for (i, (crc, device_block)) in crcs.iter().zip(&device_blocks).enumerate() {
             let r = BlockRef {
-                device_block,
+                device_block: *device_block,
                 crc: *crc,
             };
             batch.put_cf(
@@ -422,7 +658,59 @@ impl<D: BlockDevice> BlockStore<D> {
         if let Some(op) = change.log {
             self.log_into(&mut batch, change.id, change.meta.version, op)?;
         }
-        if let Err(e) = self.commit(batch).await {
+        let res = if deferred {
+            let seq = self.deferred_seq.fetch_add(1, Ordering::Relaxed);
+            let rec = DeferredWrite {
+                okey: okey.to_vec(),
+                lblock: b0,
+                device_blocks,
+                data: contents.to_vec(),
+            };
+            let cf = self
+                .db
+                .cf_handle(CF_DEFERRED)
+                .expect("column family exists");
+            batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
+            // Readers find the data here from the moment the block map can name these
+            // blocks (this write holds the object's lock until then).
+            let data = Bytes::from(rec.data);
+            let blocks: Vec<(u64, Bytes)> = rec
+                .device_blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (*b, data.slice(i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE)))
+                .collect();
+            self.deferred
+                .lock()
+                .map_err(|_| meta_err("deferred lock poisoned"))?
+                .pending
+                .extend(blocks.iter().cloned());
+            match self.commit(batch).await {
+                Ok(()) => {
+                    self.apply_tx
+                        .send(ApplyJob { seq, blocks })
+                        .await
+                        .map_err(|_| meta_err("the deferred write task has stopped"))?;
+                    Ok(())
+                }
+                Err(e) => {
+                    let mut d = self
+                        .deferred
+                        .lock()
+                        .map_err(|_| meta_err("deferred lock poisoned"))?;
+                    for (b, _) in &blocks {
+                        d.pending.remove(b);
+                    }
+                    Err(e)
+                }
+            }
+        } else {
+            match self.write_extents(&extents, contents, true).await {
+                Ok(()) => self.commit(batch).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = res {
             self.release(extents);
             return Err(e);
         }
@@ -434,30 +722,64 @@ impl<D: BlockDevice> BlockStore<D> {
             len: 1,
         });
         self.release(freed);
+        if deferred {
+            self.clean_deferred().await?;
+        }
         Ok(())
     }
 
+    /// Once enough deferred writes reached their blocks: flush the device, then drop their
+    /// records (unsynced: a record that survives a crash is only written again).
+    async fn clean_deferred(&self) -> Result<(), ObjError> {
+        let seqs = {
+            let mut d = self
+                .deferred
+                .lock()
+                .map_err(|_| meta_err("deferred lock poisoned"))?;
+            if d.applied.len() < DEFERRED_CLEAN_EVERY {
+                return Ok(());
+            }
+            std::mem::take(&mut d.applied)
+        };
+        self.dev.flush().await?;
+        let cf = self
+            .db
+            .cf_handle(CF_DEFERRED)
+            .expect("column family exists");
+        let mut batch = WriteBatch::default();
+        for seq in seqs {
+            batch.delete_cf(cf, seq.to_be_bytes());
+        }
+        self.db.write(batch).map_err(meta_err)
+    }
+
     /// Writes `contents` over the extents in order; returns each block's crc32c.
+    /// Writes `contents` over the extents in order, durably or not.
     async fn write_extents(
         &self,
         extents: &[Extent],
         contents: AlignedBuf,
-    ) -> Result<Vec<u32>, ObjError> {
-        let crcs: Vec<u32> = (0..contents.blocks())
-            .map(|i| crc32c::crc32c(contents.block(i)))
-            .collect();
+        durable: bool,
+    ) -> Result<(), ObjError> {
+        let write = |start, buf| async move {
+            if durable {
+                self.dev.write(start, buf).await
+            } else {
+                self.dev.write_lazy(start, buf).await
+            }
+        };
         if extents.len() == 1 {
-            self.dev.write(extents[0].start, contents).await?;
-            return Ok(crcs);
+            write(extents[0].start, contents).await?;
+            return Ok(());
         }
         let mut at = 0usize;
         for e in extents {
             let mut piece = AlignedBuf::zeroed(e.len as usize);
             piece.copy_from_slice(&contents[at * BLOCK_SIZE..(at + e.len as usize) * BLOCK_SIZE]);
-            self.dev.write(e.start, piece).await?;
+            write(e.start, piece).await?;
             at += e.len as usize;
         }
-        Ok(crcs)
+        Ok(())
     }
 
     fn check_range(id: &ObjectId, offset: u64, len: u64) -> Result<(), ObjError> {

@@ -1,6 +1,8 @@
 //! Data devices: a block device or a preallocated file, read and written in whole blocks
-//! with O_DIRECT. Writes are durable when they complete (O_DSYNC), which the store relies
-//! on to commit metadata only after the data it points to is on disk.
+//! with O_DIRECT. [`BlockDevice::write`] is durable when it completes (`RWF_DSYNC`), which
+//! the store relies on to commit metadata only after the data it points to is on disk;
+//! [`BlockDevice::write_lazy`] is not, until a later [`BlockDevice::flush`] (the store's
+//! deferred writes, whose data is already durable in the metadata log).
 //!
 //! Two backends share one trait: [`uring::UringDevice`] (one io_uring thread per device,
 //! fed over a bounded channel) for production, and [`file::FileDevice`] (pread/pwrite on
@@ -34,6 +36,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         start: u64,
         buf: AlignedBuf,
     ) -> impl Future<Output = io::Result<AlignedBuf>> + Send;
+    /// Writes the buffer at block `start`: readable when this returns Ok, durable only
+    /// after a later [`Self::flush`] returns.
+    fn write_lazy(
+        &self,
+        start: u64,
+        buf: AlignedBuf,
+    ) -> impl Future<Output = io::Result<AlignedBuf>> + Send;
+    /// Makes every write that completed before this call durable (fdatasync).
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// Which backend to use.
@@ -89,7 +100,7 @@ pub fn open_direct(path: &Path) -> io::Result<(File, u64)> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+        .custom_flags(libc::O_DIRECT)
         .open(path)?;
     let bytes = {
         use std::io::Seek;
@@ -147,6 +158,20 @@ impl BlockDevice for AnyDevice {
         match self {
             AnyDevice::Uring(d) => d.write(start, buf).await,
             AnyDevice::File(d) => d.write(start, buf).await,
+        }
+    }
+
+    async fn write_lazy(&self, start: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        match self {
+            AnyDevice::Uring(d) => d.write_lazy(start, buf).await,
+            AnyDevice::File(d) => d.write_lazy(start, buf).await,
+        }
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        match self {
+            AnyDevice::Uring(d) => d.flush().await,
+            AnyDevice::File(d) => d.flush().await,
         }
     }
 }

@@ -26,7 +26,10 @@ const CHANNEL_DEPTH: usize = 256;
 
 enum Kind {
     Read,
+    /// `RWF_DSYNC`: durable on completion.
     Write,
+    WriteLazy,
+    Fsync,
 }
 
 struct Request {
@@ -89,6 +92,17 @@ impl BlockDevice for UringDevice {
         check_range(start, buf.blocks(), self.blocks)?;
         self.submit(Kind::Write, start, buf).await
     }
+
+    async fn write_lazy(&self, start: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        check_range(start, buf.blocks(), self.blocks)?;
+        self.submit(Kind::WriteLazy, start, buf).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.submit(Kind::Fsync, 0, AlignedBuf::zeroed(0))
+            .await
+            .map(|_| ())
+    }
 }
 
 fn push(ring: &mut IoUring, file: &File, id: u64, req: &mut Request) -> io::Result<()> {
@@ -101,6 +115,13 @@ fn push(ring: &mut IoUring, file: &File, id: u64, req: &mut Request) -> io::Resu
             .build(),
         Kind::Write => opcode::Write::new(fd, req.buf.as_ptr(), len)
             .offset(offset)
+            .rw_flags(libc::RWF_DSYNC)
+            .build(),
+        Kind::WriteLazy => opcode::Write::new(fd, req.buf.as_ptr(), len)
+            .offset(offset)
+            .build(),
+        Kind::Fsync => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
             .build(),
     }
     .user_data(id);
