@@ -42,6 +42,26 @@ fn unreachable(addr: &str, what: impl std::fmt::Display) -> StoreError {
     StoreError::new(ErrorCode::Unreachable, format!("{addr}: {what}"))
 }
 
+/// Writes queued frames until the queue closes: every frame already waiting is encoded
+/// behind the first, then one flush sends them, so a burst of small frames costs one write
+/// call rather than one each.
+pub(crate) async fn write_frames<W>(
+    mut writer: FramedWrite<W, FrameCodec>,
+    rx: &mut mpsc::Receiver<Frame>,
+) -> Result<(), store_types::wire::WireError>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(frame) = rx.recv().await {
+        writer.feed(frame).await?;
+        while let Ok(frame) = rx.try_recv() {
+            writer.feed(frame).await?;
+        }
+        writer.flush().await?;
+    }
+    Ok(())
+}
+
 impl RpcConn {
     /// Connects with a bounded wait. Returns the connection and its push stream.
     pub async fn connect(
@@ -71,16 +91,13 @@ impl RpcConn {
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             closed: Arc::default(),
         };
-        let mut writer = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
+        let writer = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
         let on_write_error = conn.clone();
         tokio::spawn(async move {
-            while let Some(frame) = out_rx.recv().await {
-                if let Err(e) = writer.send(frame).await {
-                    // Everything queued behind the failed frame fails now, not at its timeout.
-                    let cause = StoreError::new(e.code(), format!("{}: {e}", on_write_error.addr));
-                    on_write_error.fail_all(cause);
-                    break;
-                }
+            if let Err(e) = write_frames(writer, &mut out_rx).await {
+                // Everything queued behind the failed frame fails now, not at its timeout.
+                let cause = StoreError::new(e.code(), format!("{}: {e}", on_write_error.addr));
+                on_write_error.fail_all(cause);
             }
         });
         let reader = FramedRead::new(rd, FrameCodec::new(max_frame_bytes));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store_placement::{map_pg, object_to_pg, pool_pgs, PgId};
+use store_placement::{map_pg, object_to_pg, pool_pgs, PgId, PgMapping, PoolMapper};
 use store_types::map::{ClusterMap, Pool, WriteGuard};
 use store_types::osdmsg::{
     ClientOpKind, Mutation, ObjStat, ObjVersion, OsdRequest, OsdResponse, Pg, OSD_MAX_FRAME_BYTES,
@@ -26,6 +26,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct ObjectClient {
     maps: watch::Receiver<Option<Arc<ClusterMap>>>,
+    /// Each pool's placement mapper for one map epoch: built once per map, not per op.
+    mappers: std::sync::Mutex<(u64, HashMap<u32, Arc<PoolMapper>>)>,
     conns: Mutex<HashMap<String, RpcConn>>,
     op_timeout: Duration,
     _mons: Arc<MonClient>,
@@ -49,6 +51,7 @@ impl ObjectClient {
             .map_err(|_| StoreError::internal("map subscription ended"))?;
         Ok(Arc::new(ObjectClient {
             maps,
+            mappers: std::sync::Mutex::new((0, HashMap::new())),
             conns: Mutex::new(HashMap::new()),
             op_timeout,
             _mons: mons,
@@ -129,6 +132,22 @@ impl ObjectClient {
         }
     }
 
+    /// Where `pgid` lives by `map`, from the pool's mapper for that epoch.
+    fn mapping(&self, map: &ClusterMap, pool: &Pool, pgid: PgId) -> PgMapping {
+        let mapper = {
+            let mut cache = self.mappers.lock().expect("mapper cache lock");
+            if cache.0 != map.epoch {
+                *cache = (map.epoch, HashMap::new());
+            }
+            cache
+                .1
+                .entry(pool.id)
+                .or_insert_with(|| Arc::new(PoolMapper::new(map, pool)))
+                .clone()
+        };
+        mapper.map_seed(pgid.seed)
+    }
+
     /// Sends one operation to the primary of `pg`, resending across map changes until the
     /// deadline.
     async fn on_pg(
@@ -140,15 +159,20 @@ impl ObjectClient {
         guard: Option<&WriteGuard>,
     ) -> Result<OsdResponse, StoreError> {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
-        let mut last_error = String::from("no attempt made");
+        let mut last_error = String::new();
         loop {
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero() {
                 return Err(StoreError::new(
                     ErrorCode::Timeout,
                     format!(
-                        "{object}: no answer within {} s ({last_error})",
-                        self.op_timeout.as_secs()
+                        "{object}: no answer within {} s ({})",
+                        self.op_timeout.as_secs(),
+                        if last_error.is_empty() {
+                            "no attempt made"
+                        } else {
+                            &last_error
+                        }
                     ),
                 ));
             }
@@ -158,7 +182,7 @@ impl ObjectClient {
                 .get(&pool_id)
                 .ok_or_else(|| StoreError::not_found(format!("pool {pool_id} does not exist")))?;
             let pgid = pg_of(pool);
-            let mapping = map_pg(&map, pool, pgid);
+            let mapping = self.mapping(&map, pool, pgid);
             let Some(addr) = mapping
                 .primary
                 .and_then(|p| map.osds.get(&p))

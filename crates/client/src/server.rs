@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
 use store_types::wire::{self, Frame, FrameCodec, FrameKind};
 use tokio::net::tcp::OwnedReadHalf;
@@ -85,14 +85,10 @@ impl ServerConn {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
         let (rd, wr) = stream.into_split();
-        let mut sink = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
+        let sink = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
         let (tx, mut rx) = mpsc::channel::<Frame>(queue);
         let writer = tokio::spawn(async move {
-            while let Some(f) = rx.recv().await {
-                if sink.send(f).await.is_err() {
-                    break;
-                }
-            }
+            let _ = crate::conn::write_frames(sink, &mut rx).await;
         });
         ServerConn {
             peer,

@@ -450,6 +450,39 @@ impl Reply {
     }
 }
 
+/// Writes every part, in order, with as few write calls as the socket allows.
+async fn write_all_vectored(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    parts: &mut [bytes::Bytes],
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
+            .iter()
+            .take(64)
+            .map(|p| std::io::IoSlice::new(p))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let p = &mut parts[first];
+            let take = n.min(p.len());
+            p.advance(take);
+            n -= take;
+            if p.is_empty() {
+                first += 1;
+            }
+        }
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
 /// The transmission phase: requests are read in order, served concurrently (bounded), and
 /// answered as they complete.
 async fn transmission(
@@ -460,15 +493,22 @@ async fn transmission(
 ) -> std::io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some(r) = rx.recv().await {
-            let (head, data) = r.encode();
-            if wr.write_all(&head).await.is_err() {
-                break;
-            }
-            if let Some(d) = data {
-                if wr.write_all(&d).await.is_err() {
-                    break;
+        // Replies already waiting go out together: header and data of each, in order, in
+        // one vectored write where the socket takes it.
+        let mut parts: Vec<bytes::Bytes> = Vec::new();
+        'replies: while let Some(r) = rx.recv().await {
+            parts.clear();
+            let mut next = Some(r);
+            while let Some(r) = next.take() {
+                let (head, data) = r.encode();
+                parts.push(head.freeze());
+                parts.extend(data);
+                if parts.len() < 64 {
+                    next = rx.try_recv().ok();
                 }
+            }
+            if write_all_vectored(&mut wr, &mut parts).await.is_err() {
+                break 'replies;
             }
         }
         let _ = wr.shutdown().await;

@@ -72,7 +72,15 @@ struct ApplyJob {
     object: String,
     version: ObjVersion,
     mutation: Mutation,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    done: Applied,
+}
+
+/// Who learns that an apply is done.
+enum Applied {
+    /// This OSD is the PG's primary: the engine gets Durable (or Refused) directly.
+    Engine(Arc<PgSlot>),
+    /// A replica operation: its connection handler answers the primary.
+    Reply(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// What a client waits for.
@@ -289,7 +297,27 @@ impl<S: ObjectStore> OsdService<S> {
                 }
                 Mutation::Delete => self.store.delete(&id, job.version).await.map(|_| ()),
             };
-            let _ = job.done.send(res.map_err(obj_err));
+            let res = res.map_err(obj_err);
+            match job.done {
+                Applied::Reply(tx) => {
+                    let _ = tx.send(res);
+                }
+                Applied::Engine(slot) => {
+                    let (version, from) = (job.version, self.id);
+                    let ev = match res {
+                        Ok(()) => Event::Durable { version, from },
+                        Err(error) => {
+                            warn!(pg = ?slot.pg, ?version, "local apply refused: {error}");
+                            Event::Refused {
+                                version,
+                                from,
+                                error,
+                            }
+                        }
+                    };
+                    self.feed(&slot, ev);
+                }
+            }
         }
     }
 
@@ -372,6 +400,7 @@ impl<S: ObjectStore> OsdService<S> {
         cmds: Vec<Command<Mutation>>,
         events: &mut VecDeque<Event<Mutation>>,
     ) {
+        let mut encoded = None;
         for c in cmds {
             match c {
                 Command::Apply {
@@ -380,7 +409,7 @@ impl<S: ObjectStore> OsdService<S> {
                     object,
                     payload,
                 } => {
-                    if !self.apply_on(slot, to, version, object, payload) {
+                    if !self.apply_on(slot, to, version, object, payload, &mut encoded) {
                         events.push_back(Event::Failed { version, from: to });
                     }
                 }
@@ -547,6 +576,8 @@ impl<S: ObjectStore> OsdService<S> {
     }
 
     /// Queues a mutation for OSD `to`; false if it cannot even be queued.
+    /// `encoded`: the replica request of the last version encoded, reused for the next
+    /// replica of the same mutation (the engine emits one Apply per OSD, in a row).
     fn apply_on(
         self: &Arc<Self>,
         slot: &Arc<PgSlot>,
@@ -554,51 +585,39 @@ impl<S: ObjectStore> OsdService<S> {
         version: ObjVersion,
         object: String,
         mutation: Mutation,
+        encoded: &mut Option<(ObjVersion, Bytes)>,
     ) -> bool {
         if to == self.id {
-            let (done, rx) = oneshot::channel();
             let job = ApplyJob {
                 object,
                 version,
                 mutation,
-                done,
+                done: Applied::Engine(slot.clone()),
             };
-            if slot.apply_tx.send(job).is_err() {
-                return false;
-            }
-            let me = self.clone();
-            let slot = slot.clone();
-            tokio::spawn(async move {
-                let ev = match rx.await {
-                    Ok(Ok(())) => Event::Durable { version, from: to },
-                    Ok(Err(error)) => {
-                        warn!(pg = ?slot.pg, ?version, "local apply refused: {error}");
-                        Event::Refused {
-                            version,
-                            from: to,
-                            error,
-                        }
-                    }
-                    Err(_) => Event::Failed { version, from: to },
-                };
-                me.feed(&slot, ev);
-            });
-            return true;
+            return slot.apply_tx.send(job).is_ok();
         }
-        let map_epoch = self.map().map(|m| m.epoch).unwrap_or(0);
-        let req = OsdRequest::Replica {
-            map_epoch,
-            from: self.id,
-            pg: slot.pg,
-            object,
-            version,
-            mutation,
-        };
-        let payload = match wire::encode_payload(&req) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!("cannot encode replica op: {e}");
-                return false;
+        let payload = match encoded {
+            Some((v, p)) if *v == version => p.clone(),
+            _ => {
+                let map_epoch = self.map().map(|m| m.epoch).unwrap_or(0);
+                let req = OsdRequest::Replica {
+                    map_epoch,
+                    from: self.id,
+                    pg: slot.pg,
+                    object,
+                    version,
+                    mutation,
+                };
+                match wire::encode_payload(&req) {
+                    Ok(p) => {
+                        *encoded = Some((version, p.clone()));
+                        p
+                    }
+                    Err(e) => {
+                        warn!("cannot encode replica op: {e}");
+                        return false;
+                    }
+                }
             }
         };
         let job = PeerJob {
@@ -624,19 +643,31 @@ impl<S: ObjectStore> OsdService<S> {
     /// Puts one peer's replica operations on the wire in order; results come back as
     /// Durable/Failed events.
     async fn peer_loop(self: Arc<Self>, to: OsdId, mut rx: mpsc::UnboundedReceiver<PeerJob>) {
+        use futures::stream::{FuturesUnordered, StreamExt};
         let mut conn: Option<(String, RpcConn)> = None;
-        while let Some(job) = rx.recv().await {
+        // Replies awaited, in one task: fewer than the connection's in-flight bound, so
+        // sending never waits for a reply this loop has not read yet.
+        let mut replies = FuturesUnordered::new();
+        loop {
+            let job = tokio::select! {
+                job = rx.recv(), if replies.len() < store_client::conn::MAX_IN_FLIGHT / 2 => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                Some((job, res)) = replies.next(), if !replies.is_empty() => {
+                    self.replica_answered(to, job, res);
+                    continue;
+                }
+            };
+            let failed = |job: &PeerJob| Event::Failed {
+                version: job.version,
+                from: to,
+            };
             let addr = self
                 .map()
                 .and_then(|m| m.osds.get(&to).map(|o| o.addr.clone()));
             let Some(addr) = addr else {
-                self.feed(
-                    &job.slot,
-                    Event::Failed {
-                        version: job.version,
-                        from: to,
-                    },
-                );
+                self.feed(&job.slot, failed(&job));
                 continue;
             };
             if conn
@@ -654,63 +685,54 @@ impl<S: ObjectStore> OsdService<S> {
                 };
             }
             let Some((_, c)) = conn.as_ref() else {
-                self.feed(
-                    &job.slot,
-                    Event::Failed {
-                        version: job.version,
-                        from: to,
-                    },
-                );
+                self.feed(&job.slot, failed(&job));
                 continue;
             };
-            let pending = match c.send_raw(job.payload.clone()).await {
-                Ok(p) => p,
+            match c.send_raw(job.payload.clone()).await {
+                Ok(pending) => replies.push(async move {
+                    let res = pending.wait_decoded::<OsdResponse>(REPLICA_TIMEOUT).await;
+                    (job, res)
+                }),
                 Err(e) => {
                     debug!(peer = to, "replica send failed: {e}");
                     conn = None;
-                    self.feed(
-                        &job.slot,
-                        Event::Failed {
-                            version: job.version,
-                            from: to,
-                        },
-                    );
-                    continue;
+                    self.feed(&job.slot, failed(&job));
                 }
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let ev = match pending.wait_decoded::<OsdResponse>(REPLICA_TIMEOUT).await {
-                    Ok(OsdResponse::Committed { .. }) => Event::Durable {
-                        version: job.version,
-                        from: to,
-                    },
-                    Ok(OsdResponse::Error(error)) => {
-                        warn!(peer = to, version = ?job.version, "replica refused: {error}");
-                        Event::Refused {
-                            version: job.version,
-                            from: to,
-                            error,
-                        }
-                    }
-                    Ok(other) => {
-                        warn!(peer = to, version = ?job.version, "unexpected replica reply: {other:?}");
-                        Event::Failed {
-                            version: job.version,
-                            from: to,
-                        }
-                    }
-                    Err(e) => {
-                        debug!(peer = to, "replica op failed: {e}");
-                        Event::Failed {
-                            version: job.version,
-                            from: to,
-                        }
-                    }
-                };
-                me.feed(&job.slot, ev);
-            });
+            }
         }
+        while let Some((job, res)) = replies.next().await {
+            self.replica_answered(to, job, res);
+        }
+    }
+
+    /// Feeds a replica's answer to its PG's engine.
+    fn replica_answered(
+        self: &Arc<Self>,
+        to: OsdId,
+        job: PeerJob,
+        res: Result<OsdResponse, StoreError>,
+    ) {
+        let version = job.version;
+        let ev = match res {
+            Ok(OsdResponse::Committed { .. }) => Event::Durable { version, from: to },
+            Ok(OsdResponse::Error(error)) => {
+                warn!(peer = to, ?version, "replica refused: {error}");
+                Event::Refused {
+                    version,
+                    from: to,
+                    error,
+                }
+            }
+            Ok(other) => {
+                warn!(peer = to, ?version, "unexpected replica reply: {other:?}");
+                Event::Failed { version, from: to }
+            }
+            Err(e) => {
+                debug!(peer = to, "replica op failed: {e}");
+                Event::Failed { version, from: to }
+            }
+        };
+        self.feed(&job.slot, ev);
     }
 
     /// Damaged copies this OSD has repaired from replicas since it started.
@@ -1356,7 +1378,7 @@ impl<S: ObjectStore> OsdService<S> {
             object,
             version,
             mutation,
-            done,
+            done: Applied::Reply(done),
         });
         rx
     }

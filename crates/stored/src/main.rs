@@ -20,6 +20,10 @@ struct Cli {
     /// Path to store.conf (else $STORE_CONF, ./store.conf, /etc/store/store.conf).
     #[arg(long, global = true)]
     conf: Option<PathBuf>,
+    /// Runtime worker threads (default: one per CPU, or $STORE_WORKER_THREADS). Several
+    /// daemons on a small host contend less with fewer each.
+    #[arg(long, global = true)]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -230,10 +234,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = cli.worker_threads.or_else(|| {
+        std::env::var("STORE_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        if !(1..=256).contains(&n) {
+            eprintln!("stored: --worker-threads {n}: use 1 to 256");
+            return ExitCode::FAILURE;
+        }
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("stored: cannot start the runtime: {e}");
