@@ -92,7 +92,11 @@ def main():
     p.add_argument("--runtime", type=int, default=10)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", required=True)
+    p.add_argument("--jobs", default="", help="only jobs whose name contains this")
+    p.add_argument("--targets", default="store,qemu-nbd,file")
     args = p.parse_args()
+    jobs = [j for j in JOBS if args.jobs in j[0]]
+    targets = [t for t in args.targets.split(",") if t]
     pids = [int(x) for x in args.pids.split(",") if x]
     for pid in pids:
         if not os.path.exists("/proc/%d/stat" % pid):
@@ -100,7 +104,7 @@ def main():
     print("daemons measured: %d processes" % len(pids))
 
     print("prefilling the three targets (%d MiB each)..." % (args.size >> 20), flush=True)
-    for target in ("store", "qemu-nbd", "file"):
+    for target in targets:
         t0 = time.monotonic()
         r = fio(target, args, "prefill", "write", "1M", 8, args.size, 0)
         print("  %-8s %.0f MB/s (%.0f s)" % (target, r["mb_s"], time.monotonic() - t0), flush=True)
@@ -110,8 +114,8 @@ def main():
           % (fsync["mean_us"], fsync["write_mean_us"], fsync["sync_mean_us"]), flush=True)
 
     results = []
-    for name, rw, bs, depth in JOBS:
-        for target in ("store", "qemu-nbd", "file"):
+    for name, rw, bs, depth in jobs:
+        for target in targets:
             for run in range(args.repeat):
                 cpu0 = cpu_seconds(pids) if target == "store" else 0
                 r = fio(target, args, name, rw, bs, depth, args.size, args.runtime)
@@ -127,10 +131,11 @@ def main():
     print()
     print("%-18s %-5s %10s %10s %10s %10s %9s %9s" % (
         "job", "run", "store IOPS", "qemu-nbd", "file", "store/qn", "mean us", "p99 us"))
-    for name, _, _, _ in JOBS:
+    empty = {"iops": 0.0}
+    for name, _, _, _ in jobs:
         for run in range(1, args.repeat + 1):
             by = {r["target"]: r for r in results if r["job"] == name and r["run"] == run}
-            s, q, f = by["store"], by["qemu-nbd"], by["file"]
+            s, q, f = by["store"], by.get("qemu-nbd", empty), by.get("file", empty)
             print("%-18s %-5d %10.0f %10.0f %10.0f %9.2fx %9.0f %9.0f   cpu %4.0f us/io" % (
                 name, run, s["iops"], q["iops"], f["iops"], s["iops"] / max(q["iops"], 1e-9),
                 s["mean_us"], s["p99_us"], s["cpu_us_per_io"]))

@@ -45,6 +45,18 @@ const CF_DEFERRED: &str = "deferred";
 /// that checksum). Larger writes are written durably first, then committed (two flushes,
 /// in a row).
 pub const DEFERRED_MAX_BLOCKS: usize = 16;
+/// [`DEFERRED_MAX_BLOCKS`], or `STORE_DEFERRED_MAX_BLOCKS` from the environment (0: no
+/// deferred writes), for benchmarks comparing the two paths.
+fn deferred_max_blocks() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("STORE_DEFERRED_MAX_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFERRED_MAX_BLOCKS)
+    })
+}
+
 /// Applied deferred writes that trigger a device flush and the removal of their records.
 const DEFERRED_CLEAN_EVERY: usize = 64;
 /// Trim a PG log only once it is this far over its bound, to batch the work.
@@ -73,7 +85,7 @@ struct DeferredWrite {
     /// The device block of each logical block, in order.
     device_blocks: Vec<u64>,
     /// Whole blocks.
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -105,6 +117,64 @@ pub struct BlockStore<D: BlockDevice> {
     deferred: Arc<Mutex<Deferred>>,
     /// To the task that writes deferred data to its blocks (bounded: writers wait).
     apply_tx: tokio::sync::mpsc::Sender<ApplyJob>,
+    /// To the commit thread (None once dropping), and the thread, joined on drop so the
+    /// metadata store is closed when the store is gone.
+    committer: Option<std::sync::mpsc::Sender<Commit>>,
+    commit_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<D: BlockDevice> Drop for BlockStore<D> {
+    fn drop(&mut self) {
+        self.committer.take();
+        if let Some(t) = self.commit_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A batch to commit durably, and who waits for it.
+type Commit = (WriteBatch, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Batches committed per sync at most.
+const COMMIT_GROUP_MAX: usize = 64;
+
+/// The commit thread: takes every batch waiting, writes them in arrival order and syncs the
+/// WAL once, with the last (a synced write makes the WAL durable up to it), then answers
+/// them all: one fsync and one thread wake-up per group instead of per batch. Batches of a
+/// group become visible to readers before the group's sync; the writers that wait on them
+/// hold their objects' locks until answered, and an answer follows the sync.
+fn commit_thread(db: Arc<DB>, rx: std::sync::mpsc::Receiver<Commit>) {
+    let mut lazy = WriteOptions::default();
+    lazy.set_sync(false);
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < COMMIT_GROUP_MAX {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let last = group.len() - 1;
+        let mut failed: Option<String> = None;
+        let mut waiters = Vec::with_capacity(group.len());
+        for (i, (batch, tx)) in group.into_iter().enumerate() {
+            if failed.is_none() {
+                let wo = if i == last { &synced } else { &lazy };
+                if let Err(e) = db.write_opt(batch, wo) {
+                    failed = Some(e.to_string());
+                }
+            }
+            waiters.push(tx);
+        }
+        for tx in waiters {
+            let _ = tx.send(match &failed {
+                None => Ok(()),
+                Some(e) => Err(e.clone()),
+            });
+        }
+    }
 }
 
 /// Deferred writes between their commit and their records' removal.
@@ -393,9 +463,18 @@ impl<D: BlockDevice> BlockStore<D> {
             alloc.clone(),
             apply_rx,
         ));
+        let db = Arc::new(db);
+        let (committer, commits) = std::sync::mpsc::channel();
+        let commit_thread = {
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("store-commit".into())
+                .spawn(move || commit_thread(db, commits))
+                .map_err(|e| ObjError::Refused(format!("cannot start the commit thread: {e}")))?
+        };
         let store = BlockStore {
             dev,
-            db: Arc::new(db),
+            db,
             alloc,
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             objects: AtomicU64::new(objects),
@@ -405,6 +484,8 @@ impl<D: BlockDevice> BlockStore<D> {
             deferred_seq: AtomicU64::new(0),
             deferred,
             apply_tx,
+            committer: Some(committer),
+            commit_thread: Some(commit_thread),
         };
         store.replay_deferred().await?;
         Ok(store)
@@ -606,16 +687,17 @@ impl<D: BlockDevice> BlockStore<D> {
         }
     }
 
+    /// Commits a batch durably, through the commit thread (group commit).
     async fn commit(&self, batch: WriteBatch) -> Result<(), ObjError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut wo = WriteOptions::default();
-            wo.set_sync(true);
-            db.write_opt(batch, &wo)
-        })
-        .await
-        .map_err(meta_err)?
-        .map_err(meta_err)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.committer
+            .as_ref()
+            .ok_or_else(|| meta_err("the store is closing"))?
+            .send((batch, tx))
+            .map_err(|_| meta_err("the commit thread has stopped"))?;
+        rx.await
+            .map_err(|_| meta_err("the commit thread dropped a commit"))?
+            .map_err(meta_err)
     }
 
     /// Writes new contents for logical blocks `b0..` (copy-on-write) and commits the block
@@ -635,7 +717,7 @@ impl<D: BlockDevice> BlockStore<D> {
         let crcs: Vec<u32> = (0..contents.blocks())
             .map(|i| crc32c::crc32c(contents.block(i)))
             .collect();
-        let deferred = contents.blocks() <= DEFERRED_MAX_BLOCKS;
+        let deferred = contents.blocks() <= deferred_max_blocks();
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
@@ -664,7 +746,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 okey: okey.to_vec(),
                 lblock: b0,
                 device_blocks,
-                data: contents.to_vec(),
+                data: Bytes::copy_from_slice(&contents),
             };
             let cf = self
                 .db
@@ -673,7 +755,7 @@ impl<D: BlockDevice> BlockStore<D> {
             batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
             // Readers find the data here from the moment the block map can name these
             // blocks (this write holds the object's lock until then).
-            let data = Bytes::from(rec.data);
+            let data = rec.data.clone();
             let blocks: Vec<(u64, Bytes)> = rec
                 .device_blocks
                 .iter()

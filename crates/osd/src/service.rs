@@ -79,8 +79,13 @@ struct ApplyJob {
 enum Applied {
     /// This OSD is the PG's primary: the engine gets Durable (or Refused) directly.
     Engine(Arc<PgSlot>),
-    /// A replica operation: its connection handler answers the primary.
-    Reply(oneshot::Sender<Result<(), StoreError>>),
+    /// A replica operation: answered to the primary on its connection, straight from
+    /// the apply task (the connection's concurrency slot is held until then).
+    Reply {
+        replier: store_client::server::Replier,
+        tag: u64,
+        _slot: OwnedSemaphorePermit,
+    },
 }
 
 /// What a client waits for.
@@ -299,8 +304,14 @@ impl<S: ObjectStore> OsdService<S> {
             };
             let res = res.map_err(obj_err);
             match job.done {
-                Applied::Reply(tx) => {
-                    let _ = tx.send(res);
+                Applied::Reply { replier, tag, .. } => {
+                    let resp = match res {
+                        Ok(()) => OsdResponse::Committed {
+                            version: job.version,
+                        },
+                        Err(e) => OsdResponse::Error(e),
+                    };
+                    replier.reply(tag, &resp).await;
                 }
                 Applied::Engine(slot) => {
                     let (version, from) = (job.version, self.id);
@@ -1371,16 +1382,15 @@ impl<S: ObjectStore> OsdService<S> {
         object: String,
         version: ObjVersion,
         mutation: Mutation,
-    ) -> oneshot::Receiver<Result<(), StoreError>> {
+        done: Applied,
+    ) {
         let slot = self.slot(pg);
-        let (done, rx) = oneshot::channel();
         let _ = slot.apply_tx.send(ApplyJob {
             object,
             version,
             mutation,
-            done: Applied::Reply(done),
+            done,
         });
-        rx
     }
 
     /// Feeds clock ticks and new maps to every PG engine.
@@ -1540,7 +1550,12 @@ impl<S: ObjectStore> OsdService<S> {
 
     /// Claims a PG back from a stray removal, if one runs: it stops before its next step.
     fn claim_stray_now(&self, pg: Pg) -> Option<Arc<StrayRemoval>> {
-        let r = self.strays.lock().expect("strays lock").get(&pg).cloned()?;
+        let strays = self.strays.lock().expect("strays lock");
+        if strays.is_empty() {
+            return None;
+        }
+        let r = strays.get(&pg).cloned()?;
+        drop(strays);
         r.claimed.store(true, Ordering::Release);
         Some(r)
     }
@@ -1732,14 +1747,14 @@ impl<S: ObjectStore> OsdService<S> {
                         continue;
                     }
                     self.claim_stray_now(pg);
-                    let done = self.replica_op(pg, object, version, mutation);
-                    Box::pin(async move {
-                        match done.await {
-                            Ok(Ok(())) => OsdResponse::Committed { version },
-                            Ok(Err(e)) => OsdResponse::Error(e),
-                            Err(_) => OsdResponse::Error(StoreError::internal("apply dropped")),
-                        }
-                    })
+                    // Answered by the PG's apply task once durable here.
+                    let done = Applied::Reply {
+                        replier: replier.clone(),
+                        tag,
+                        _slot: permit,
+                    };
+                    self.replica_op(pg, object, version, mutation, done);
+                    continue;
                 }
                 OsdRequest::Fetch {
                     pg,
