@@ -47,6 +47,34 @@ impl Replier {
         self.send(FrameKind::Reply, tag, msg).await
     }
 
+    /// Sends a reply from code that cannot wait: queued at once when the connection's
+    /// queue has room, else by a task that waits for room (order with other replies does
+    /// not matter: each carries its tag). `hold` is released once it is queued.
+    pub fn reply_now<T: Serialize, H: Send + 'static>(&self, tag: u64, msg: &T, hold: H) {
+        let payload = match wire::encode_payload(msg) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("cannot encode a reply: {e}");
+                return;
+            }
+        };
+        let frame = Frame {
+            kind: FrameKind::Reply,
+            tag,
+            payload,
+        };
+        match self.tx.try_send(frame) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => drop(hold),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(frame).await;
+                    drop(hold);
+                });
+            }
+        }
+    }
+
     /// Sends an unsolicited message; false once the connection is gone.
     pub async fn push<T: Serialize>(&self, msg: &T) -> bool {
         self.send(FrameKind::Push, 0, msg).await

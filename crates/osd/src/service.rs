@@ -29,7 +29,7 @@ use store_types::osdmsg::{
 use store_types::wire;
 use store_types::{ErrorCode, StoreError};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::announce::Announcer;
@@ -90,12 +90,27 @@ enum Applied {
 
 /// What a client waits for.
 enum Waiter {
-    Mutation(oneshot::Sender<OsdResponse>),
+    Mutation(ReplyTo),
     Read {
-        tx: oneshot::Sender<OsdResponse>,
+        to: ReplyTo,
         object: String,
         op: ClientOpKind,
     },
+}
+
+/// Where a client operation's answer goes: straight onto the client's connection, from
+/// whichever code finishes the operation (no task waits for it). The connection's
+/// concurrency slot is held until then.
+struct ReplyTo {
+    replier: store_client::server::Replier,
+    tag: u64,
+    slot: OwnedSemaphorePermit,
+}
+
+impl ReplyTo {
+    fn send(self, resp: OsdResponse) {
+        self.replier.reply_now(self.tag, &resp, self.slot)
+    }
 }
 
 struct PgSlot {
@@ -427,7 +442,7 @@ impl<S: ObjectStore> OsdService<S> {
                 Command::Read { op } => {
                     let waiter = slot.waiters.lock().expect("waiters lock").remove(&op);
                     if let Some(Waiter::Read {
-                        tx,
+                        to,
                         object,
                         op: kind,
                     }) = waiter
@@ -436,16 +451,16 @@ impl<S: ObjectStore> OsdService<S> {
                         let slot = slot.clone();
                         tokio::spawn(async move {
                             let resp = me.local_read(slot.pg, &object, kind).await;
-                            let _ = tx.send(resp);
+                            to.send(resp);
                             me.feed(&slot, Event::ReadDone { op });
                         });
                     }
                 }
                 Command::Acked { op, version } => {
-                    if let Some(Waiter::Mutation(tx)) =
+                    if let Some(Waiter::Mutation(to)) =
                         slot.waiters.lock().expect("waiters lock").remove(&op)
                     {
-                        let _ = tx.send(OsdResponse::Committed { version });
+                        to.send(OsdResponse::Committed { version });
                     }
                 }
                 Command::QueryHead { to, interval } => {
@@ -576,11 +591,11 @@ impl<S: ObjectStore> OsdService<S> {
                 }
                 Command::Reject { op, error } => {
                     let w = slot.waiters.lock().expect("waiters lock").remove(&op);
-                    let tx = match w {
-                        Some(Waiter::Mutation(tx)) | Some(Waiter::Read { tx, .. }) => tx,
+                    let to = match w {
+                        Some(Waiter::Mutation(to)) | Some(Waiter::Read { to, .. }) => to,
                         None => continue,
                     };
-                    let _ = tx.send(pg_err(error));
+                    to.send(pg_err(error));
                 }
             }
         }
@@ -1270,6 +1285,9 @@ impl<S: ObjectStore> OsdService<S> {
         .await;
     }
 
+    /// A client operation, answered through `to`: at once when it is refused, when the
+    /// engine acknowledges it or when its read is done.
+    #[allow(clippy::too_many_arguments)]
     async fn client_op(
         self: &Arc<Self>,
         map_epoch: u64,
@@ -1277,34 +1295,16 @@ impl<S: ObjectStore> OsdService<S> {
         object: String,
         op: ClientOpKind,
         guard: Option<WriteGuard>,
-    ) -> OsdResponse {
+        to: ReplyTo,
+    ) {
         self.catch_up(map_epoch).await;
-        let Some(map) = self.map() else {
-            return OsdResponse::Error(StoreError::new(
-                ErrorCode::Unavailable,
-                "this OSD has no map yet",
-            ));
-        };
-        let Some(pool) = map.pools.get(&pg.pool) else {
-            return OsdResponse::Error(StoreError::not_found(format!(
-                "pool {} does not exist",
-                pg.pool
-            )));
-        };
-        if pg.seed >= pool.pg_num || object.is_empty() && !matches!(op, ClientOpKind::List) {
-            return OsdResponse::Error(StoreError::invalid("bad PG or empty object name"));
-        }
         if let ClientOpKind::List = op {
-            let m = map_pg(&map, pool, pg_id(pg));
-            if m.primary != Some(self.id) {
-                return OsdResponse::NotPrimary { epoch: map.epoch };
-            }
-            return match self.store.list(pg.pool, pg.seed).await {
-                Ok(names) => OsdResponse::Listed(names),
-                Err(e) => OsdResponse::Error(obj_err(e)),
-            };
+            return to.send(self.list_pg(pg).await);
         }
-        let slot = self.slot(pg);
+        let slot = match self.client_slot(pg, &object) {
+            Ok(s) => s,
+            Err(resp) => return to.send(resp),
+        };
         if !slot.seq_loaded.load(Ordering::Acquire) {
             match self.store.pg_log_head(pg.pool, pg.seed).await {
                 Ok(head) => {
@@ -1312,18 +1312,105 @@ impl<S: ObjectStore> OsdService<S> {
                     slot.engine.lock().expect("engine lock").raise_seq(seq);
                     slot.seq_loaded.store(true, Ordering::Release);
                 }
-                Err(e) => return OsdResponse::Error(obj_err(e)),
+                Err(e) => return to.send(OsdResponse::Error(obj_err(e))),
             }
         }
+        self.submit(&slot, object, op, guard.as_ref(), to);
+    }
+
+    /// The fast path of a client operation, inline on its connection: taken when this
+    /// OSD's map is at least the client's and the PG is loaded, so nothing needs waiting
+    /// for; the operation is handed back otherwise.
+    #[allow(clippy::type_complexity)]
+    fn client_op_now(
+        self: &Arc<Self>,
+        map_epoch: u64,
+        pg: Pg,
+        object: String,
+        op: ClientOpKind,
+        guard: Option<WriteGuard>,
+        to: ReplyTo,
+    ) -> Option<(String, ClientOpKind, Option<WriteGuard>, ReplyTo)> {
+        let current = self.map().is_some_and(|m| m.epoch >= map_epoch);
+        if !current || matches!(op, ClientOpKind::List) {
+            return Some((object, op, guard, to));
+        }
+        let slot = match self.client_slot(pg, &object) {
+            Ok(s) => s,
+            Err(resp) => {
+                to.send(resp);
+                return None;
+            }
+        };
+        if !slot.seq_loaded.load(Ordering::Acquire) {
+            return Some((object, op, guard, to));
+        }
+        self.submit(&slot, object, op, guard.as_ref(), to);
+        None
+    }
+
+    /// The PG's slot for a client operation, or the answer refusing it.
+    fn client_slot(self: &Arc<Self>, pg: Pg, object: &str) -> Result<Arc<PgSlot>, OsdResponse> {
+        let Some(map) = self.map() else {
+            return Err(OsdResponse::Error(StoreError::new(
+                ErrorCode::Unavailable,
+                "this OSD has no map yet",
+            )));
+        };
+        let Some(pool) = map.pools.get(&pg.pool) else {
+            return Err(OsdResponse::Error(StoreError::not_found(format!(
+                "pool {} does not exist",
+                pg.pool
+            ))));
+        };
+        if pg.seed >= pool.pg_num || object.is_empty() {
+            return Err(OsdResponse::Error(StoreError::invalid(
+                "bad PG or empty object name",
+            )));
+        }
+        Ok(self.slot(pg))
+    }
+
+    /// Lists a PG's objects, on its primary.
+    async fn list_pg(&self, pg: Pg) -> OsdResponse {
+        let Some(map) = self.map() else {
+            return OsdResponse::Error(StoreError::new(
+                ErrorCode::Unavailable,
+                "this OSD has no map yet",
+            ));
+        };
+        let Some(pool) = map.pools.get(&pg.pool).filter(|p| pg.seed < p.pg_num) else {
+            return OsdResponse::Error(StoreError::not_found(format!(
+                "pool {} has no PG {}",
+                pg.pool, pg.seed
+            )));
+        };
+        if map_pg(&map, pool, pg_id(pg)).primary != Some(self.id) {
+            return OsdResponse::NotPrimary { epoch: map.epoch };
+        }
+        match self.store.list(pg.pool, pg.seed).await {
+            Ok(names) => OsdResponse::Listed(names),
+            Err(e) => OsdResponse::Error(obj_err(e)),
+        }
+    }
+
+    /// Registers a client operation's answer and feeds it to the PG's engine.
+    fn submit(
+        self: &Arc<Self>,
+        slot: &Arc<PgSlot>,
+        object: String,
+        op: ClientOpKind,
+        guard: Option<&WriteGuard>,
+        to: ReplyTo,
+    ) {
         let op_id = self.next_op.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         let now_ms = self.now_ms();
         let event = match op {
             ClientOpKind::Mutate(m) => {
                 slot.waiters
                     .lock()
                     .expect("waiters lock")
-                    .insert(op_id, Waiter::Mutation(tx));
+                    .insert(op_id, Waiter::Mutation(to));
                 Event::Mutate {
                     op: op_id,
                     object,
@@ -1335,7 +1422,7 @@ impl<S: ObjectStore> OsdService<S> {
                 slot.waiters.lock().expect("waiters lock").insert(
                     op_id,
                     Waiter::Read {
-                        tx,
+                        to,
                         object: object.clone(),
                         op: kind,
                     },
@@ -1347,12 +1434,12 @@ impl<S: ObjectStore> OsdService<S> {
                 }
             }
         };
-        if let Err(e) = self.feed_guarded(&slot, event, guard.as_ref()) {
-            slot.waiters.lock().expect("waiters lock").remove(&op_id);
-            return OsdResponse::Error(e);
+        if let Err(e) = self.feed_guarded(slot, event, guard) {
+            let w = slot.waiters.lock().expect("waiters lock").remove(&op_id);
+            if let Some(Waiter::Mutation(to)) | Some(Waiter::Read { to, .. }) = w {
+                to.send(OsdResponse::Error(e));
+            }
         }
-        rx.await
-            .unwrap_or_else(|_| OsdResponse::Error(StoreError::internal("operation dropped")))
     }
 
     /// A replica operation from an OSD that, by this OSD's newer map, is not the PG's
@@ -1802,7 +1889,22 @@ impl<S: ObjectStore> OsdService<S> {
                     object,
                     op,
                     guard,
-                } => Box::pin(async move { me.client_op(map_epoch, pg, object, op, guard).await }),
+                } => {
+                    let to = ReplyTo {
+                        replier: replier.clone(),
+                        tag,
+                        slot: permit,
+                    };
+                    let Some((object, op, guard, to)) =
+                        self.client_op_now(map_epoch, pg, object, op, guard, to)
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        me.client_op(map_epoch, pg, object, op, guard, to).await;
+                    });
+                    continue;
+                }
             };
             let span = tracing::debug_span!("osd_request", tag);
             tokio::spawn(
