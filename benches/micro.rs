@@ -175,19 +175,9 @@ mod objstore {
         store: Arc<dyn Fn(u64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
     }
 
-    /// A store on a 1 GiB device file under the target dir (O_DIRECT needs a real
-    /// filesystem, not tmpfs), holding 256 objects of 4 MiB to overwrite.
+    /// A store on a 1 GiB device file, holding 256 objects of 4 MiB to overwrite.
     fn env<D: BlockDevice + 'static>(open: fn(&std::path::Path) -> D) -> Env {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("target"));
-        std::fs::create_dir_all(&base).expect("bench dir");
-        let tmp = tempfile::Builder::new()
-            .prefix("micro-objstore-")
-            .tempdir_in(base)
-            .expect("tmp");
-        let dev = tmp.path().join("dev.img");
-        create_file_device(&dev, 1 << 30).expect("device");
+        let (tmp, dev) = dev_env(1 << 30);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -249,99 +239,91 @@ mod objstore {
         bench_writes(b, env(|p| FileDevice::open(p).expect("file device")));
     }
 
-    fn dev_env() -> (tempfile::TempDir, PathBuf) {
+    /// A temp dir under the target dir (O_DIRECT needs a real filesystem, not tmpfs)
+    /// holding a device file of `size_bytes`.
+    fn dev_env(size_bytes: u64) -> (tempfile::TempDir, PathBuf) {
         let base = std::env::var_os("CARGO_TARGET_TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("target"));
         std::fs::create_dir_all(&base).expect("bench dir");
         let tmp = tempfile::Builder::new()
-            .prefix("micro-dev-")
+            .prefix("micro-")
             .tempdir_in(base)
             .expect("tmp");
         let dev = tmp.path().join("dev.img");
-        create_file_device(&dev, 256 << 20).expect("device");
+        create_file_device(&dev, size_bytes).expect("device");
         (tmp, dev)
     }
 
-    /// The device part alone: one 4 KiB durable write (O_DIRECT | O_DSYNC).
-    #[divan::bench(sample_count = 20, sample_size = 50)]
-    fn device_write_4k_uring(b: Bencher) {
-        let (_tmp, path) = dev_env();
+    /// 4 KiB device writes on io_uring, durable on completion or not.
+    fn device_writes(b: Bencher, durable: bool) {
+        let (_tmp, path) = dev_env(256 << 20);
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let dev = UringDevice::open(&path).expect("device");
         let mut i = 0u64;
         b.bench_local(|| {
             i += 1;
             let buf = store_objstore::aligned::AlignedBuf::zeroed(1);
-            rt.block_on(dev.write(1 + i % 60_000, buf)).expect("write");
+            let at = 1 + i % 60_000;
+            let res = if durable {
+                rt.block_on(dev.write(at, buf))
+            } else {
+                rt.block_on(dev.write_lazy(at, buf))
+            };
+            res.expect("write");
+        });
+    }
+
+    /// The device part alone: one 4 KiB durable write (O_DIRECT, RWF_DSYNC).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn device_write_4k_uring(b: Bencher) {
+        device_writes(b, true);
+    }
+
+    /// Synced RocksDB puts of `value_len` bytes (`recycled`: WAL files reused, small
+    /// memtables so that they are within the run).
+    fn synced_puts(b: Bencher, value_len: usize, recycled: bool) {
+        let (tmp, _) = dev_env(256 << 20);
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        if recycled {
+            opts.set_recycle_log_file_num(4);
+            opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+            opts.set_write_buffer_size(1 << 20);
+        }
+        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let value = vec![7u8; value_len];
+        let mut i = 0u64;
+        b.bench_local(|| {
+            i += 1;
+            db.put_opt(i.to_be_bytes(), &value, &wo).expect("put");
         });
     }
 
     /// The metadata part alone: one small synced RocksDB write (the block map commit).
     #[divan::bench(sample_count = 20, sample_size = 50)]
     fn rocksdb_synced_put(b: Bencher) {
-        let (tmp, _) = dev_env();
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        let mut i = 0u64;
-        b.bench_local(|| {
-            i += 1;
-            db.put_opt(i.to_be_bytes(), [7u8; 40], &wo).expect("put");
-        });
+        synced_puts(b, 40, false);
     }
 
     /// A synced RocksDB write carrying 4 KiB (a deferred write's record).
     #[divan::bench(sample_count = 20, sample_size = 50)]
     fn rocksdb_synced_put_4k(b: Bencher) {
-        let (tmp, _) = dev_env();
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        let mut i = 0u64;
-        b.bench_local(|| {
-            i += 1;
-            db.put_opt(i.to_be_bytes(), [7u8; 4096], &wo).expect("put");
-        });
+        synced_puts(b, 4096, false);
+    }
+
+    /// The same with the WAL files recycled (overwritten in place: no file growth for
+    /// fdatasync to journal).
+    #[divan::bench(sample_count = 20, sample_size = 50)]
+    fn rocksdb_synced_put_4k_recycled_wal(b: Bencher) {
+        synced_puts(b, 4096, true);
     }
 
     /// The device part of a deferred write: 4 KiB written without a flush.
     #[divan::bench(sample_count = 20, sample_size = 50)]
     fn device_write_lazy_4k_uring(b: Bencher) {
-        let (_tmp, path) = dev_env();
-        let rt = tokio::runtime::Runtime::new().expect("runtime");
-        let dev = UringDevice::open(&path).expect("device");
-        let mut i = 0u64;
-        b.bench_local(|| {
-            i += 1;
-            let buf = store_objstore::aligned::AlignedBuf::zeroed(1);
-            rt.block_on(dev.write_lazy(1 + i % 60_000, buf))
-                .expect("write");
-        });
-    }
-
-    /// The same with the WAL files recycled (no file growth, so fdatasync has no
-    /// metadata to commit once the files have been written through once).
-    #[divan::bench(sample_count = 20, sample_size = 50)]
-    fn rocksdb_synced_put_recycled_wal(b: Bencher) {
-        let (tmp, _) = dev_env();
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.set_recycle_log_file_num(4);
-        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
-        // Small memtables, so WAL files become obsolete, and are recycled, within the run.
-        opts.set_write_buffer_size(1 << 20);
-        let db = rocksdb::DB::open(&opts, tmp.path().join("db")).expect("db");
-        let mut wo = rocksdb::WriteOptions::default();
-        wo.set_sync(true);
-        let mut i = 0u64;
-        b.bench_local(|| {
-            i += 1;
-            db.put_opt(i.to_be_bytes(), [7u8; 4096], &wo).expect("put");
-        });
+        device_writes(b, false);
     }
 }

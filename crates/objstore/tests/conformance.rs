@@ -505,6 +505,20 @@ async fn stray_pgs_are_listed_and_removed_in_steps<D: Open>() {
     assert_eq!(back, pattern(9, 100));
 }
 
+/// Zeroes every block of the device but the superblock, as if every write not flushed
+/// (or the whole device's data) were lost.
+fn lose_device_data(e: &Env, size_bytes: u64) {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&e.dev)
+        .unwrap();
+    f.seek(std::io::SeekFrom::Start(BLOCK_SIZE as u64)).unwrap();
+    f.write_all(&vec![0u8; size_bytes as usize - BLOCK_SIZE])
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
 /// Small writes are deferred: their data is in the synced metadata commit. If the device
 /// loses every unflushed block (zeroed here, as after a power cut), the next open writes
 /// them again, except where a block was freed and reused since (no stale data written over
@@ -533,17 +547,7 @@ async fn deferred_writes_survive_lost_device_writes<D: Open>() {
     }
     drop(s);
     // Everything but the superblock lost from the device.
-    {
-        use std::io::{Seek, Write};
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&e.dev)
-            .unwrap();
-        f.seek(std::io::SeekFrom::Start(BLOCK_SIZE as u64)).unwrap();
-        f.write_all(&vec![0u8; (16 * MIB) as usize - BLOCK_SIZE])
-            .unwrap();
-        f.sync_all().unwrap();
-    }
+    lose_device_data(&e, 16 * MIB);
     let s = reopen::<D>(&e).await;
     for (name, want) in &model {
         let got = s.read(&id(name), 0, want.len()).await.unwrap();
@@ -552,17 +556,7 @@ async fn deferred_writes_survive_lost_device_writes<D: Open>() {
     // Replayed records are gone: another reopen over a zeroed device finds nothing to
     // write and every read fails its checksum rather than returning zeros.
     drop(s);
-    {
-        use std::io::{Seek, Write};
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&e.dev)
-            .unwrap();
-        f.seek(std::io::SeekFrom::Start(BLOCK_SIZE as u64)).unwrap();
-        f.write_all(&vec![0u8; (16 * MIB) as usize - BLOCK_SIZE])
-            .unwrap();
-        f.sync_all().unwrap();
-    }
+    lose_device_data(&e, 16 * MIB);
     let s = reopen::<D>(&e).await;
     let err = s.read(&id("o0"), 0, 100).await.unwrap_err();
     assert!(matches!(err, ObjError::Checksum { .. }), "{err:?}");

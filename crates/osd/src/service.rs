@@ -98,6 +98,15 @@ enum Waiter {
     },
 }
 
+/// A client operation as it arrived.
+struct ClientReq {
+    map_epoch: u64,
+    pg: Pg,
+    object: String,
+    op: ClientOpKind,
+    guard: Option<WriteGuard>,
+}
+
 /// Where a client operation's answer goes: straight onto the client's connection, from
 /// whichever code finishes the operation (no task waits for it). The connection's
 /// concurrency slot is held until then.
@@ -1287,16 +1296,14 @@ impl<S: ObjectStore> OsdService<S> {
 
     /// A client operation, answered through `to`: at once when it is refused, when the
     /// engine acknowledges it or when its read is done.
-    #[allow(clippy::too_many_arguments)]
-    async fn client_op(
-        self: &Arc<Self>,
-        map_epoch: u64,
-        pg: Pg,
-        object: String,
-        op: ClientOpKind,
-        guard: Option<WriteGuard>,
-        to: ReplyTo,
-    ) {
+    async fn client_op(self: &Arc<Self>, req: ClientReq, to: ReplyTo) {
+        let ClientReq {
+            map_epoch,
+            pg,
+            object,
+            op,
+            guard,
+        } = req;
         self.catch_up(map_epoch).await;
         if let ClientOpKind::List = op {
             return to.send(self.list_pg(pg).await);
@@ -1321,21 +1328,16 @@ impl<S: ObjectStore> OsdService<S> {
     /// The fast path of a client operation, inline on its connection: taken when this
     /// OSD's map is at least the client's and the PG is loaded, so nothing needs waiting
     /// for; the operation is handed back otherwise.
-    #[allow(clippy::type_complexity)]
     fn client_op_now(
         self: &Arc<Self>,
-        map_epoch: u64,
-        pg: Pg,
-        object: String,
-        op: ClientOpKind,
-        guard: Option<WriteGuard>,
+        req: ClientReq,
         to: ReplyTo,
-    ) -> Option<(String, ClientOpKind, Option<WriteGuard>, ReplyTo)> {
-        let current = self.map().is_some_and(|m| m.epoch >= map_epoch);
-        if !current || matches!(op, ClientOpKind::List) {
-            return Some((object, op, guard, to));
+    ) -> Option<(ClientReq, ReplyTo)> {
+        let current = self.map().is_some_and(|m| m.epoch >= req.map_epoch);
+        if !current || matches!(req.op, ClientOpKind::List) {
+            return Some((req, to));
         }
-        let slot = match self.client_slot(pg, &object) {
+        let slot = match self.client_slot(req.pg, &req.object) {
             Ok(s) => s,
             Err(resp) => {
                 to.send(resp);
@@ -1343,9 +1345,9 @@ impl<S: ObjectStore> OsdService<S> {
             }
         };
         if !slot.seq_loaded.load(Ordering::Acquire) {
-            return Some((object, op, guard, to));
+            return Some((req, to));
         }
-        self.submit(&slot, object, op, guard.as_ref(), to);
+        self.submit(&slot, req.object, req.op, req.guard.as_ref(), to);
         None
     }
 
@@ -1895,14 +1897,17 @@ impl<S: ObjectStore> OsdService<S> {
                         tag,
                         slot: permit,
                     };
-                    let Some((object, op, guard, to)) =
-                        self.client_op_now(map_epoch, pg, object, op, guard, to)
-                    else {
+                    let req = ClientReq {
+                        map_epoch,
+                        pg,
+                        object,
+                        op,
+                        guard,
+                    };
+                    let Some((req, to)) = self.client_op_now(req, to) else {
                         continue;
                     };
-                    tokio::spawn(async move {
-                        me.client_op(map_epoch, pg, object, op, guard, to).await;
-                    });
+                    tokio::spawn(async move { me.client_op(req, to).await });
                     continue;
                 }
             };
