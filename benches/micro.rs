@@ -259,6 +259,7 @@ mod objstore {
     fn device_writes(b: Bencher, durable: bool) {
         let (_tmp, path) = dev_env(256 << 20);
         let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let _in_runtime = rt.enter();
         let dev = UringDevice::open(&path).expect("device");
         let mut i = 0u64;
         b.bench_local(|| {

@@ -1,18 +1,23 @@
-//! io_uring backend: one ring thread per device, fed over a bounded channel.
+//! io_uring backend: requests are submitted by the task that makes them, and completions
+//! come back through an eventfd the runtime polls, so an I/O costs no thread hop of ours
+//! (an earlier design had one ring thread per device, fed over a channel: two extra
+//! context switches per I/O).
 //!
-//! The thread owns the ring and every buffer in flight, so no buffer can be freed or moved
-//! while the kernel uses it. Requests queue in the channel (bounded: callers wait when it is
-//! full) and up to [`QUEUE_DEPTH`] run at once.
+//! Every buffer in flight is owned by the in-flight table until its completion is reaped,
+//! so no buffer can be freed or moved while the kernel uses it. At most [`QUEUE_DEPTH`]
+//! operations are in flight; callers wait for a slot beyond that.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, types, IoUring};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use super::{check_range, open_direct, BlockDevice};
@@ -21,8 +26,6 @@ use crate::BLOCK_SIZE;
 
 /// Operations in flight in the ring at once.
 pub const QUEUE_DEPTH: usize = 64;
-/// Requests waiting for the ring thread.
-const CHANNEL_DEPTH: usize = 256;
 
 enum Kind {
     Read,
@@ -32,48 +35,178 @@ enum Kind {
     Fsync,
 }
 
-struct Request {
-    kind: Kind,
+/// An operation in flight: what the kernel reads or writes stays here until completion.
+struct InFlight {
     start: u64,
     buf: AlignedBuf,
     reply: oneshot::Sender<io::Result<AlignedBuf>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+struct Shared {
+    ring: Mutex<IoUring>,
+    file: File,
+    inflight: Mutex<HashMap<u64, InFlight>>,
+    next_id: AtomicU64,
+    slots: Arc<Semaphore>,
 }
 
 pub struct UringDevice {
-    tx: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
     blocks: u64,
+    /// Stops the completion task when the device is dropped.
+    _stop: oneshot::Sender<()>,
 }
 
 impl UringDevice {
+    /// Opens the device; must run inside a tokio runtime (its completions are polled by a
+    /// task of that runtime).
     pub fn open(path: &Path) -> io::Result<UringDevice> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other(
+                "the io_uring device must be opened inside a tokio runtime",
+            ));
+        }
         let (file, blocks) = open_direct(path)?;
         let ring = IoUring::new(QUEUE_DEPTH as u32)?;
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let name = format!(
-            "uring-{}",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || ring_thread(ring, Arc::new(file), rx))?;
-        Ok(UringDevice { tx, blocks })
+        // SAFETY: eventfd returns a new descriptor (or -1, checked) that nothing else owns.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh, valid descriptor owned from here on.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        // SAFETY: the AsyncFd owns `efd`, which stays open and the same descriptor for its
+        // whole life; a runtime is current (checked above).
+        let events = unsafe { AsyncFd::register(efd) }.map_err(io::Error::from)?;
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(ring),
+            file,
+            inflight: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            slots: Arc::new(Semaphore::new(QUEUE_DEPTH)),
+        });
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(reap_loop(shared.clone(), events, stopped));
+        Ok(UringDevice {
+            shared,
+            blocks,
+            _stop: stop,
+        })
     }
 
-    async fn submit(&self, kind: Kind, start: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+    async fn submit(&self, kind: Kind, start: u64, mut buf: AlignedBuf) -> io::Result<AlignedBuf> {
+        let slot = self
+            .shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("io_uring device closed"))?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request {
-                kind,
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let fd = types::Fd(self.shared.file.as_raw_fd());
+        let offset = start * BLOCK_SIZE as u64;
+        let len = buf.len() as u32;
+        let sqe = match kind {
+            Kind::Read => opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .offset(offset)
+                .build(),
+            Kind::Write => opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(offset)
+                .rw_flags(libc::RWF_DSYNC)
+                .build(),
+            Kind::WriteLazy => opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(offset)
+                .build(),
+            Kind::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+        .user_data(id);
+        // The buffer moves into the table before the kernel sees its address (a move of
+        // the AlignedBuf handle does not move its heap memory).
+        lock(&self.shared.inflight)?.insert(
+            id,
+            InFlight {
                 start,
                 buf,
                 reply,
-            })
-            .await
-            .map_err(|_| io::Error::other("io_uring thread has stopped"))?;
+                _slot: slot,
+            },
+        );
+        let pushed = {
+            let mut ring = lock(&self.shared.ring)?;
+            // SAFETY: the buffer is owned by `inflight` until this id's completion is
+            // reaped, so the kernel never sees freed or moved memory; at most QUEUE_DEPTH
+            // entries are in flight (the semaphore), which the ring holds.
+            let pushed = unsafe { ring.submission().push(&sqe) };
+            pushed
+                .map_err(|_| io::Error::other("submission queue full"))
+                .and_then(|()| ring.submit().map(|_| ()))
+        };
+        if let Err(e) = pushed {
+            lock(&self.shared.inflight)?.remove(&id);
+            return Err(e);
+        }
         rx.await
-            .map_err(|_| io::Error::other("io_uring thread dropped the request"))?
+            .map_err(|_| io::Error::other("io_uring completion dropped"))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> io::Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| io::Error::other("io_uring device lock poisoned"))
+}
+
+/// Reaps completions whenever the eventfd says there are some, until the device is
+/// dropped and nothing is in flight.
+async fn reap_loop(shared: Arc<Shared>, events: AsyncFd<OwnedFd>, mut stop: oneshot::Receiver<()>) {
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            ready = events.readable() => {
+                let Ok(mut guard) = ready else {
+                    warn!("io_uring eventfd failed; completions are no longer reaped");
+                    return;
+                };
+                let mut count = [0u8; 8];
+                // SAFETY: reads 8 bytes into a local buffer from a nonblocking eventfd.
+                let n = unsafe {
+                    libc::read(events.as_raw_fd(), count.as_mut_ptr().cast(), count.len())
+                };
+                if n < 0 {
+                    guard.clear_ready();
+                }
+            }
+            _ = &mut stop, if !stopping => stopping = true,
+        }
+        reap(&shared);
+        if stopping && shared.inflight.lock().map(|i| i.is_empty()).unwrap_or(true) {
+            return;
+        }
+    }
+}
+
+fn reap(shared: &Shared) {
+    let done: Vec<(u64, i32)> = match shared.ring.lock() {
+        Ok(mut ring) => ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect(),
+        Err(_) => return,
+    };
+    if done.is_empty() {
+        return;
+    }
+    let Ok(mut inflight) = shared.inflight.lock() else {
+        return;
+    };
+    for (id, res) in done {
+        if let Some(op) = inflight.remove(&id) {
+            complete(op, res);
+        }
     }
 }
 
@@ -105,97 +238,8 @@ impl BlockDevice for UringDevice {
     }
 }
 
-fn push(ring: &mut IoUring, file: &File, id: u64, req: &mut Request) -> io::Result<()> {
-    let fd = types::Fd(file.as_raw_fd());
-    let offset = req.start * BLOCK_SIZE as u64;
-    let len = req.buf.len() as u32;
-    let sqe = match req.kind {
-        Kind::Read => opcode::Read::new(fd, req.buf.as_mut_ptr(), len)
-            .offset(offset)
-            .build(),
-        Kind::Write => opcode::Write::new(fd, req.buf.as_ptr(), len)
-            .offset(offset)
-            .rw_flags(libc::RWF_DSYNC)
-            .build(),
-        Kind::WriteLazy => opcode::Write::new(fd, req.buf.as_ptr(), len)
-            .offset(offset)
-            .build(),
-        Kind::Fsync => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-    }
-    .user_data(id);
-    // SAFETY: the buffer stays owned by `inflight` (in this thread) until its completion is
-    // reaped, so the kernel never sees freed or moved memory.
-    unsafe { ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))
-}
-
-fn ring_thread(mut ring: IoUring, file: Arc<File>, mut rx: mpsc::Receiver<Request>) {
-    let mut inflight: HashMap<u64, Request> = HashMap::new();
-    let mut next_id = 0u64;
-    loop {
-        // Idle: block for work. Busy: take what is queued without waiting.
-        if inflight.is_empty() {
-            match rx.blocking_recv() {
-                Some(req) => start(&mut ring, &file, &mut inflight, &mut next_id, req),
-                None => return,
-            }
-        }
-        while inflight.len() < QUEUE_DEPTH {
-            match rx.try_recv() {
-                Ok(req) => start(&mut ring, &file, &mut inflight, &mut next_id, req),
-                Err(_) => break,
-            }
-        }
-        if inflight.is_empty() {
-            continue;
-        }
-        if let Err(e) = ring.submit_and_wait(1) {
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            warn!(
-                "io_uring submit failed: {e}; failing {} requests",
-                inflight.len()
-            );
-            for (_, req) in inflight.drain() {
-                let _ = req.reply.send(Err(io::Error::new(e.kind(), e.to_string())));
-            }
-            continue;
-        }
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (id, res) in done {
-            if let Some(req) = inflight.remove(&id) {
-                complete(req, res);
-            }
-        }
-    }
-}
-
-fn start(
-    ring: &mut IoUring,
-    file: &File,
-    inflight: &mut HashMap<u64, Request>,
-    next_id: &mut u64,
-    mut req: Request,
-) {
-    let id = *next_id;
-    *next_id += 1;
-    match push(ring, file, id, &mut req) {
-        Ok(()) => {
-            inflight.insert(id, req);
-        }
-        Err(e) => {
-            let _ = req.reply.send(Err(e));
-        }
-    }
-}
-
-fn complete(req: Request, res: i32) {
-    let want = req.buf.len();
+fn complete(op: InFlight, res: i32) {
+    let want = op.buf.len();
     let out = if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
     } else if res as usize != want {
@@ -205,11 +249,11 @@ fn complete(req: Request, res: i32) {
             io::ErrorKind::UnexpectedEof,
             format!(
                 "short device I/O: {res} of {want} bytes at block {}",
-                req.start
+                op.start
             ),
         ))
     } else {
-        Ok(req.buf)
+        Ok(op.buf)
     };
-    let _ = req.reply.send(out);
+    let _ = op.reply.send(out);
 }
