@@ -560,15 +560,26 @@ impl<D: BlockDevice> BlockStore<D> {
 
     fn get_meta(&self, okey: &[u8]) -> Result<Option<ObjMeta>, ObjError> {
         let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
-        match self.db.get_cf(cf, okey).map_err(meta_err)? {
+        match self.db.get_pinned_cf(cf, okey).map_err(meta_err)? {
             None => Ok(None),
             Some(b) => decode_record(RECORD_V, &b).map(Some).map_err(meta_err),
         }
     }
 
-    /// Block map entries for logical blocks `b0..b1` of an object.
+    /// Block map entries for logical blocks `b0..b1` of an object: point lookups for a few
+    /// blocks (bloom filters answer most misses), one range scan for more.
     fn block_refs(&self, okey: &[u8], b0: u32, b1: u32) -> Result<Vec<Option<BlockRef>>, ObjError> {
+        const POINT_LOOKUPS_UP_TO: u32 = 4;
         let cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
+        if b1 - b0 <= POINT_LOOKUPS_UP_TO {
+            return (b0..b1)
+                .map(|b| match self.db.get_pinned_cf(cf, block_key(okey, b)) {
+                    Ok(Some(v)) => decode_record(RECORD_V, &v).map(Some).map_err(meta_err),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(meta_err(e)),
+                })
+                .collect();
+        }
         let mut out = vec![None; (b1 - b0) as usize];
         let start = block_key(okey, b0);
         for kv in self
