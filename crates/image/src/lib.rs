@@ -360,22 +360,29 @@ impl Image {
     /// Reads `len` bytes at `offset`; never-written ranges are zeros.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, StoreError> {
         let extents = self.extents(offset, len)?;
-        let reads = extents.iter().map(|e| async move {
-            match self
-                .client
-                .read(
-                    self.pool,
-                    &self.data_object(e.object_no),
-                    e.offset_in_object,
-                    e.len as u32,
-                )
-                .await
-            {
-                Ok(b) => Ok(b),
-                Err(err) if err.code == ErrorCode::NotFound => Ok(Bytes::new()),
-                Err(err) => Err(err),
+        let read_one = |e: &Extent| {
+            let name = self.data_object(e.object_no);
+            let (at, n) = (e.offset_in_object, e.len as u32);
+            async move {
+                match self.client.read(self.pool, &name, at, n).await {
+                    Ok(b) => Ok(b),
+                    Err(err) if err.code == ErrorCode::NotFound => Ok(Bytes::new()),
+                    Err(err) => Err(err),
+                }
             }
-        });
+        };
+        if let [e] = extents.as_slice() {
+            // Within one object (most reads): the OSD's bytes as they are, padded with
+            // zeros only past the object's end.
+            let part = read_one(e).await?;
+            if part.len() as u64 == len {
+                return Ok(part);
+            }
+            let mut out = BytesMut::zeroed(len as usize);
+            out[..part.len()].copy_from_slice(&part);
+            return Ok(out.freeze());
+        }
+        let reads = extents.iter().map(read_one);
         let parts = try_join_all(reads).await?;
         let mut out = BytesMut::zeroed(len as usize);
         for (e, part) in extents.iter().zip(parts) {
