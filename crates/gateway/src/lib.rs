@@ -535,9 +535,15 @@ async fn transmission(
                 );
                 break;
             }
-            let mut buf = vec![0u8; req.len as usize];
-            rd.read_exact(&mut buf).await?;
-            payload = Some(Bytes::from(buf));
+            // Read straight into spare capacity: no zeroing of what the socket fills.
+            let mut buf = bytes::BytesMut::with_capacity(req.len as usize);
+            while buf.len() < req.len as usize {
+                let mut limited = (&mut rd).take((req.len as usize - buf.len()) as u64);
+                if limited.read_buf(&mut buf).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            payload = Some(buf.freeze());
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;

@@ -1,6 +1,6 @@
 //! Block-aligned heap buffers for O_DIRECT I/O.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
 use crate::BLOCK_SIZE;
@@ -24,6 +24,27 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size and a valid power-of-two alignment.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    /// A buffer of `blocks` blocks holding `data` at byte `at`, zeros elsewhere; only the
+    /// bytes `data` does not cover are zeroed (a large write is not written twice).
+    pub fn with_data(blocks: usize, at: usize, data: &[u8]) -> AlignedBuf {
+        let len = blocks * BLOCK_SIZE;
+        assert!(at + data.len() <= len, "data beyond the buffer");
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size and a valid power-of-two alignment.
+        let raw = unsafe { alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        // SAFETY: every byte of 0..len is written below before the buffer is read: the
+        // head and the tail are zeroed, the middle copied from `data`; the regions are in
+        // bounds (asserted) and do not overlap `data`, which is another allocation.
+        unsafe {
+            std::ptr::write_bytes(raw, 0, at);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), raw.add(at), data.len());
+            let end = at + data.len();
+            std::ptr::write_bytes(raw.add(end), 0, len - end);
+        }
         AlignedBuf { ptr, len }
     }
 

@@ -1062,8 +1062,11 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         }
         let (b0, b1) = block_span(offset, data.len() as u64);
         let old = self.block_refs(&okey, b0, b1)?;
-        let mut contents = AlignedBuf::zeroed((b1 - b0) as usize);
-        // Partial edge blocks keep their other bytes: read, verify, merge.
+        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
+        let stop = start + data.len();
+        let mut contents = AlignedBuf::with_data((b1 - b0) as usize, start, &data);
+        // Partial edge blocks keep their other bytes: read, verify, merge what the new
+        // data does not cover.
         let head_partial = !offset.is_multiple_of(BLOCK_SIZE as u64);
         let tail_partial = !end.is_multiple_of(BLOCK_SIZE as u64);
         let last = (b1 - b0 - 1) as usize;
@@ -1071,12 +1074,18 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             if partial && old[i].is_some() {
                 let got = self.read_blocks(id, b0 + i as u32, &old[i..=i]).await?;
                 if let Some(b) = &got[0] {
-                    contents.block_mut(i).copy_from_slice(b);
+                    let base = i * BLOCK_SIZE;
+                    for r in [
+                        base..start.max(base),
+                        stop.min(base + BLOCK_SIZE)..base + BLOCK_SIZE,
+                    ] {
+                        if r.start < r.end {
+                            contents[r.clone()].copy_from_slice(&b[r.start - base..r.end - base]);
+                        }
+                    }
                 }
             }
         }
-        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
-        contents[start..start + data.len()].copy_from_slice(&data);
         let change = Change {
             id,
             meta: new_meta,
