@@ -92,10 +92,10 @@ def main():
     p.add_argument("--runtime", type=int, default=10)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", required=True)
-    p.add_argument("--jobs", default="", help="only jobs whose name contains this")
+    p.add_argument("--jobs", default="", help="only jobs whose name contains one of these (comma-separated)")
     p.add_argument("--targets", default="store,qemu-nbd,file")
     args = p.parse_args()
-    jobs = [j for j in JOBS if args.jobs in j[0]]
+    jobs = [j for j in JOBS if any(s in j[0] for s in args.jobs.split(","))]
     targets = [t for t in args.targets.split(",") if t]
     pids = [int(x) for x in args.pids.split(",") if x]
     for pid in pids:

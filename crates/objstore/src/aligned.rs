@@ -91,6 +91,13 @@ impl std::ops::Deref for AlignedBuf {
     }
 }
 
+/// Lets a buffer back a [`bytes::Bytes`] (`Bytes::from_owner`) without a copy.
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and &mut self guarantees exclusive access.

@@ -88,6 +88,13 @@ struct DeferredWrite {
     data: Bytes,
 }
 
+/// What [`BlockStore::read_blocks`] found: one buffer per logical block (None for holes),
+/// and the whole range as one buffer when a single device read covered every block.
+struct BlockData {
+    blocks: Vec<Option<Bytes>>,
+    whole: Option<Bytes>,
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct ObjMeta {
     size: u64,
@@ -599,14 +606,16 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(out)
     }
 
-    /// Reads mapped blocks (coalescing device-contiguous runs) and verifies every checksum.
-    /// Returns one buffer per logical block (None for holes).
+    /// Reads mapped blocks and verifies every checksum. Device-contiguous runs are read as
+    /// one request each, and the runs of a fragmented range are read concurrently (their
+    /// number is bounded by [`MAX_IO_BYTES`]). The blocks share the buffers they were read
+    /// into: no copy here.
     async fn read_blocks(
         &self,
         id: &ObjectId,
         b0: u32,
         refs: &[Option<BlockRef>],
-    ) -> Result<Vec<Option<Bytes>>, ObjError> {
+    ) -> Result<BlockData, ObjError> {
         let mut out: Vec<Option<Bytes>> = vec![None; refs.len()];
         // Blocks whose deferred write has not reached the device yet come from memory.
         let mut refs = refs.to_vec();
@@ -632,6 +641,8 @@ impl<D: BlockDevice> BlockStore<D> {
                 }
             }
         }
+        // (first logical index, blocks, first device block) of each contiguous run.
+        let mut runs = Vec::new();
         let mut i = 0;
         while i < refs.len() {
             let Some(first) = refs[i] else {
@@ -644,11 +655,19 @@ impl<D: BlockDevice> BlockStore<D> {
             {
                 n += 1;
             }
-            let buf = self.dev.read(first.device_block, n).await?;
+            runs.push((i, n, first.device_block));
+            i += n;
+        }
+        let bufs = futures::future::try_join_all(
+            runs.iter()
+                .map(|&(_, n, device_block)| self.dev.read(device_block, n)),
+        )
+        .await?;
+        let mut whole = None;
+        for (&(i, n, _), buf) in runs.iter().zip(bufs) {
             for j in 0..n {
                 let want = refs[i + j].map(|r| r.crc).unwrap_or(0);
-                let block = buf.block(j);
-                if crc32c::crc32c(block) != want {
+                if crc32c::crc32c(buf.block(j)) != want {
                     self.checksum_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(object = %id, block = b0 as usize + i + j, "checksum mismatch on read");
                     return Err(ObjError::Checksum {
@@ -656,11 +675,16 @@ impl<D: BlockDevice> BlockStore<D> {
                         block: (b0 as usize + i + j) as u64,
                     });
                 }
-                out[i + j] = Some(Bytes::copy_from_slice(block));
             }
-            i += n;
+            let buf = Bytes::from_owner(buf);
+            for j in 0..n {
+                out[i + j] = Some(buf.slice(j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE));
+            }
+            if n == refs.len() {
+                whole = Some(buf);
+            }
         }
-        Ok(out)
+        Ok(BlockData { blocks: out, whole })
     }
 
     fn alloc(&self, n: u64) -> Result<Vec<Extent>, ObjError> {
@@ -1073,7 +1097,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         for (i, partial) in [(0usize, head_partial), (last, tail_partial)] {
             if partial && old[i].is_some() {
                 let got = self.read_blocks(id, b0 + i as u32, &old[i..=i]).await?;
-                if let Some(b) = &got[0] {
+                if let Some(b) = &got.blocks[0] {
                     let base = i * BLOCK_SIZE;
                     for r in [
                         base..start.max(base),
@@ -1115,14 +1139,18 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         let len = (len.min(MAX_IO_BYTES) as u64).min(meta.size - offset);
         let (b0, b1) = block_span(offset, len);
         let refs = self.block_refs(&okey, b0, b1)?;
-        let blocks = self.read_blocks(id, b0, &refs).await?;
+        let got = self.read_blocks(id, b0, &refs).await?;
+        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
+        // One device read covered the range: hand out its buffer as it is.
+        if let Some(whole) = got.whole {
+            return Ok(whole.slice(start..start + len as usize));
+        }
         let mut out = BytesMut::zeroed(((b1 - b0) as usize) * BLOCK_SIZE);
-        for (i, b) in blocks.iter().enumerate() {
+        for (i, b) in got.blocks.iter().enumerate() {
             if let Some(b) = b {
                 out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(b);
             }
         }
-        let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
         Ok(out.freeze().slice(start..start + len as usize))
     }
 
@@ -1179,7 +1207,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         for (b, r, from, to) in edges {
             let got = self.read_blocks(id, b, &[Some(r)]).await?;
             let mut contents = AlignedBuf::zeroed(1);
-            if let Some(data) = &got[0] {
+            if let Some(data) = &got.blocks[0] {
                 contents.copy_from_slice(data);
             }
             contents[from as usize..to as usize].fill(0);

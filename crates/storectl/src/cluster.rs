@@ -78,21 +78,28 @@ fn stored_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("stored"))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+/// `n` distinct free ports on 127.0.0.1. Every listener stays open until all are chosen:
+/// a port released at once may be handed out again by the next bind (seen: a gateway given
+/// its monitor's port).
+fn free_ports(n: u32) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
 }
 
 fn write_conf(dir: &Path, mons: u32, gateways: u32) -> anyhow::Result<()> {
     let names: Vec<String> = (0..mons as usize).map(default_mon_name).collect();
-    let mut addrs = Vec::new();
-    for _ in 0..mons {
-        addrs.push(format!("127.0.0.1:{}", free_port()?));
-    }
-    let mut nbd = Vec::new();
-    for _ in 0..gateways {
-        nbd.push(format!("127.0.0.1:{}", free_port()?));
-    }
+    let mut ports = free_ports(mons + gateways)?.into_iter();
+    let addrs: Vec<String> = ports
+        .by_ref()
+        .take(mons as usize)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let nbd: Vec<String> = ports.map(|p| format!("127.0.0.1:{p}")).collect();
     let conf = format!(
         "# Local cluster written by `storectl cluster up`.\n\
          [global]\n\
@@ -330,6 +337,21 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
     };
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    // A daemon that exited at once (a gateway that could not listen, say) is not part of a
+    // healthy cluster, even if the monitors never needed it.
+    let dead: Vec<&str> = started
+        .iter()
+        .filter(|(_, pid)| !pid_alive(*pid as i32))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !dead.is_empty() {
+        bail!(
+            "{} exited after starting; see {}/log/{}.log",
+            dead.join(", "),
+            dir.display(),
+            dead[0]
+        );
     }
     let conf_str = conf_path.display().to_string();
     match format {
