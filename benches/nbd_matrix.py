@@ -131,14 +131,17 @@ def main():
     print()
     print("%-18s %-5s %10s %10s %10s %10s %9s %9s" % (
         "job", "run", "store IOPS", "qemu-nbd", "file", "store/qn", "mean us", "p99 us"))
-    empty = {"iops": 0.0}
+    def iops(r):
+        return "%10.0f" % r["iops"] if r else "%10s" % "-"
+
     for name, _, _, _ in jobs:
         for run in range(1, args.repeat + 1):
             by = {r["target"]: r for r in results if r["job"] == name and r["run"] == run}
-            s, q, f = by["store"], by.get("qemu-nbd", empty), by.get("file", empty)
-            print("%-18s %-5d %10.0f %10.0f %10.0f %9.2fx %9.0f %9.0f   cpu %4.0f us/io" % (
-                name, run, s["iops"], q["iops"], f["iops"], s["iops"] / max(q["iops"], 1e-9),
-                s["mean_us"], s["p99_us"], s["cpu_us_per_io"]))
+            s, q, f = by.get("store"), by.get("qemu-nbd"), by.get("file")
+            ratio = "%9.2fx" % (s["iops"] / q["iops"]) if s and q and q["iops"] else "%10s" % "-"
+            ours = ("%9.0f %9.0f   cpu %4.0f us/io" % (s["mean_us"], s["p99_us"], s["cpu_us_per_io"])
+                    if s else "")
+            print("%-18s %-5d %s %s %s %s %s" % (name, run, iops(s), iops(q), iops(f), ratio, ours))
     with open(args.json, "w") as out:
         json.dump({"fsync": fsync, "results": results, "runtime_s": args.runtime,
                    "size_bytes": args.size}, out, indent=1)

@@ -10,13 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
-use store_types::wire::{self, Frame, FrameCodec, FrameKind};
+use store_types::wire::{self, Frame, FrameBatch, FrameCodec, FrameKind};
 use store_types::{ErrorCode, StoreError};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tracing::debug;
 
 /// Requests in flight per connection; more wait for a slot.
@@ -42,24 +42,39 @@ fn unreachable(addr: &str, what: impl std::fmt::Display) -> StoreError {
     StoreError::new(ErrorCode::Unreachable, format!("{addr}: {what}"))
 }
 
-/// Writes queued frames until the queue closes: every frame already waiting is encoded
-/// behind the first, then one flush sends them, so a burst of small frames costs one write
-/// call rather than one each.
+/// Writes queued frames until the queue closes: every frame already waiting is batched
+/// behind the first and the batch goes out in vectored writes, so a burst of small frames
+/// costs one write call rather than one each, and large payloads are sent from their own
+/// buffers, not copied.
 pub(crate) async fn write_frames<W>(
-    mut writer: FramedWrite<W, FrameCodec>,
+    mut writer: W,
+    codec: FrameCodec,
     rx: &mut mpsc::Receiver<Frame>,
 ) -> Result<(), store_types::wire::WireError>
 where
     W: tokio::io::AsyncWrite + Unpin,
 {
-    while let Some(frame) = rx.recv().await {
-        writer.feed(frame).await?;
-        while let Ok(frame) = rx.try_recv() {
-            writer.feed(frame).await?;
+    use tokio::io::AsyncWriteExt;
+    let mut batch = FrameBatch::default();
+    let mut held: Option<Frame> = None;
+    loop {
+        let first = match held.take() {
+            Some(f) => f,
+            None => match rx.recv().await {
+                Some(f) => f,
+                None => return Ok(()),
+            },
+        };
+        held = batch.push(&codec, first)?;
+        while held.is_none() {
+            match rx.try_recv() {
+                Ok(frame) => held = batch.push(&codec, frame)?,
+                Err(_) => break,
+            }
         }
+        writer.write_all_buf(&mut batch).await?;
         writer.flush().await?;
     }
-    Ok(())
 }
 
 impl RpcConn {
@@ -91,10 +106,10 @@ impl RpcConn {
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             closed: Arc::default(),
         };
-        let writer = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
+        let codec = FrameCodec::new(max_frame_bytes);
         let on_write_error = conn.clone();
         tokio::spawn(async move {
-            if let Err(e) = write_frames(writer, &mut out_rx).await {
+            if let Err(e) = write_frames(wr, codec, &mut out_rx).await {
                 // Everything queued behind the failed frame fails now, not at its timeout.
                 let cause = StoreError::new(e.code(), format!("{}: {e}", on_write_error.addr));
                 on_write_error.fail_all(cause);
@@ -173,7 +188,7 @@ impl RpcConn {
         let payload = wire::encode_payload(req)
             .map_err(|e| StoreError::internal(format!("encoding request: {e}")))?;
         let bytes = self.call_raw(payload, timeout).await?;
-        wire::decode_payload(&bytes).map_err(|e| {
+        wire::decode_payload_shared(&bytes).map_err(|e| {
             StoreError::new(e.code(), format!("{}: undecodable reply: {e}", self.addr))
         })
     }
@@ -267,7 +282,7 @@ impl PendingReply {
     ) -> Result<Resp, StoreError> {
         let addr = self.conn.addr.clone();
         let bytes = self.wait(timeout).await?;
-        wire::decode_payload(&bytes)
+        wire::decode_payload_shared(&bytes)
             .map_err(|e| StoreError::new(e.code(), format!("{addr}: undecodable reply: {e}")))
     }
 }

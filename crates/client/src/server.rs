@@ -12,7 +12,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tracing::{warn, Instrument};
 
 /// Accepts connections until the listener fails; each runs `handle` in its own task.
@@ -113,10 +113,10 @@ impl ServerConn {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
         let (rd, wr) = stream.into_split();
-        let sink = FramedWrite::new(wr, FrameCodec::new(max_frame_bytes));
+        let codec = FrameCodec::new(max_frame_bytes);
         let (tx, mut rx) = mpsc::channel::<Frame>(queue);
         let writer = tokio::spawn(async move {
-            let _ = crate::conn::write_frames(sink, &mut rx).await;
+            let _ = crate::conn::write_frames(wr, codec, &mut rx).await;
         });
         ServerConn {
             peer,
@@ -144,7 +144,7 @@ impl ServerConn {
                 return None;
             }
         };
-        match wire::decode_payload(&frame.payload) {
+        match wire::decode_payload_shared(&frame.payload) {
             Ok(req) => Some((frame.tag, req)),
             Err(e) => {
                 warn!(peer = %self.peer, "closing connection: undecodable request: {e}");

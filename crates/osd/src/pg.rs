@@ -807,10 +807,10 @@ impl<P: Clone> PgPrimary<P> {
             self.set_epoch(epoch);
             match &mut self.state {
                 State::Active { rec, .. } => rec.pause = pause,
-                State::Peering { p, acting, .. } if p.recording => {
-                    if same_osds(&self.history, acting) {
-                        self.activate(out);
-                    }
+                State::Peering { p, acting, .. }
+                    if p.recording && same_osds(&self.history, acting) =>
+                {
+                    self.activate(out)
                 }
                 // The last active set changed (an OSD declared lost): look again.
                 State::Down { acting, .. } | State::Incomplete { acting, .. }

@@ -88,8 +88,15 @@ pub struct PgReport {
 /// A mutation, as the primary orders it and the replicas apply it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {
-    Write { offset: u64, data: Bytes },
-    Zero { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        #[serde(with = "crate::wire::shared_bytes")]
+        data: Bytes,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
     Delete,
 }
 
@@ -169,7 +176,7 @@ pub enum OsdResponse {
     Committed {
         version: ObjVersion,
     },
-    Data(Bytes),
+    Data(#[serde(with = "crate::wire::shared_bytes")] Bytes),
     Stat(Option<ObjStat>),
     /// Answer to `Allocated`: (offset, length) ranges; None if the object does not exist.
     Extents(Option<Vec<(u64, u64)>>),
@@ -178,6 +185,7 @@ pub enum OsdResponse {
     Fetched {
         size: u64,
         version: ObjVersion,
+        #[serde(with = "crate::wire::shared_bytes")]
         data: Bytes,
     },
     /// Answer to `PgHead`: the newest version in the copy's log, and its state.

@@ -147,10 +147,9 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl Encoder<Frame> for FrameCodec {
-    type Error = WireError;
-
-    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+impl FrameCodec {
+    /// Appends the header of `frame` to `dst` (the payload is the caller's to send).
+    fn encode_header(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         let len = frame.payload.len();
         if len > self.max_frame_bytes {
             return Err(WireError::TooLarge {
@@ -158,7 +157,6 @@ impl Encoder<Frame> for FrameCodec {
                 max: self.max_frame_bytes,
             });
         }
-        dst.reserve(HEADER_LEN + len);
         let start = dst.len();
         dst.put_u32_le(FRAME_MAGIC);
         dst.put_u16_le(WIRE_VERSION);
@@ -167,8 +165,99 @@ impl Encoder<Frame> for FrameCodec {
         dst.put_u32_le(len as u32);
         let crc = crc32c::crc32c_append(crc32c::crc32c(&dst[start..start + 20]), &frame.payload);
         dst.put_u32_le(crc);
+        Ok(())
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = WireError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+        dst.reserve(HEADER_LEN + frame.payload.len());
+        self.encode_header(&frame, dst)?;
         dst.extend_from_slice(&frame.payload);
         Ok(())
+    }
+}
+
+/// Payloads from this size on are sent from their own buffers (a vectored write) rather
+/// than copied behind their header.
+const SEND_IN_PLACE_BYTES: usize = 16 << 10;
+/// Chunks one [`FrameBatch`] holds at most (the iovec count of one write is bounded too).
+const BATCH_MAX_CHUNKS: usize = 64;
+
+/// Encoded frames waiting for one socket write: headers and small payloads copied into one
+/// buffer, large payloads kept as the `Bytes` they are (no copy). A [`Buf`] whose
+/// `chunks_vectored` lets `write_all_buf` send it all with vectored writes.
+#[derive(Default)]
+pub struct FrameBatch {
+    /// Sealed chunks, in order; `open` follows them.
+    chunks: std::collections::VecDeque<Bytes>,
+    open: BytesMut,
+}
+
+impl FrameBatch {
+    /// Adds a frame, or gives it back once the batch is full (an empty batch takes any).
+    pub fn push(&mut self, codec: &FrameCodec, frame: Frame) -> Result<Option<Frame>, WireError> {
+        if self.chunks.len() + 2 > BATCH_MAX_CHUNKS {
+            return Ok(Some(frame));
+        }
+        self.open.reserve(HEADER_LEN);
+        codec.encode_header(&frame, &mut self.open)?;
+        if frame.payload.len() < SEND_IN_PLACE_BYTES {
+            self.open.extend_from_slice(&frame.payload);
+        } else {
+            self.chunks.push_back(self.open.split().freeze());
+            self.chunks.push_back(frame.payload);
+        }
+        Ok(None)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.has_remaining()
+    }
+}
+
+impl Buf for FrameBatch {
+    fn remaining(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum::<usize>() + self.open.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.chunks.iter().find(|c| !c.is_empty()) {
+            Some(c) => c,
+            None => &self.open,
+        }
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while let Some(front) = self.chunks.front_mut() {
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.chunks.pop_front();
+        }
+        self.open.advance(cnt);
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for c in self
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.open[..]))
+            .filter(|c| !c.is_empty())
+        {
+            if n == dst.len() {
+                break;
+            }
+            dst[n] = std::io::IoSlice::new(c);
+            n += 1;
+        }
+        n
     }
 }
 
@@ -184,6 +273,87 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireErro
         return Err(WireError::Payload(postcard::Error::DeserializeBadEncoding));
     }
     Ok(msg)
+}
+
+thread_local! {
+    /// The payload [`decode_payload_shared`] is decoding: byte fields marked
+    /// `#[serde(with = "shared_bytes")]` become slices of it instead of copies.
+    static SHARED_SOURCE: std::cell::RefCell<Option<Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Like [`decode_payload`], but the data fields of the message (see [`shared_bytes`]) share
+/// the payload's memory: a 1 MiB write is not copied out of the frame it came in.
+pub fn decode_payload_shared<T: DeserializeOwned>(payload: &Bytes) -> Result<T, WireError> {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            SHARED_SOURCE.with(|s| s.borrow_mut().take());
+        }
+    }
+    SHARED_SOURCE.with(|s| *s.borrow_mut() = Some(payload.clone()));
+    let _clear = Clear;
+    decode_payload(payload)
+}
+
+/// Serde for a `Bytes` field that, decoded by [`decode_payload_shared`], slices the frame's
+/// payload. The encoding is exactly `Bytes`'s own (a postcard byte string).
+pub mod shared_bytes {
+    use bytes::Bytes;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        d.deserialize_bytes(SharedVisitor)
+    }
+
+    struct SharedVisitor;
+
+    impl<'de> Visitor<'de> for SharedVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+
+        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            // Small fields are copied: a slice would pin the connection's whole read buffer
+            // for as long as the data lives (a deferred write: until it is on the device),
+            // making the reader allocate a new one for every frame.
+            if v.len() < super::SEND_IN_PLACE_BYTES {
+                return Ok(Bytes::copy_from_slice(v));
+            }
+            Ok(super::SHARED_SOURCE.with(|s| match &*s.borrow() {
+                Some(src) if within(src, v) => src.slice_ref(v),
+                _ => Bytes::copy_from_slice(v),
+            }))
+        }
+
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                v.push(b);
+            }
+            Ok(Bytes::from(v))
+        }
+    }
+
+    /// Whether `part` lies inside `whole`'s memory (`Bytes::slice_ref` panics otherwise).
+    fn within(whole: &Bytes, part: &[u8]) -> bool {
+        let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
+        !part.is_empty() && p >= w && p + part.len() <= w + whole.len()
+    }
 }
 
 /// Errors of versioned on-disk records.
@@ -237,6 +407,81 @@ mod tests {
         let mut buf = BytesMut::new();
         FrameCodec::default().encode(f, &mut buf).unwrap();
         buf
+    }
+
+    #[test]
+    fn a_batch_is_the_frames_encoded_one_after_another() {
+        let codec = FrameCodec::default();
+        let frames: Vec<Frame> = [&b"a"[..], &[7u8; 100_000][..], b"", &[9u8; 20_000], b"tail"]
+            .iter()
+            .map(|p| frame(p))
+            .collect();
+        let mut want = BytesMut::new();
+        for f in &frames {
+            want.extend_from_slice(&encoded(f.clone()));
+        }
+        let mut batch = FrameBatch::default();
+        for f in frames {
+            assert!(batch.push(&codec, f).unwrap().is_none());
+        }
+        assert_eq!(batch.remaining(), want.len());
+        // Drained in uneven steps, through chunk() and chunks_vectored() both.
+        let mut got = Vec::new();
+        let mut step = 1;
+        while batch.has_remaining() {
+            let mut slices = [std::io::IoSlice::new(&[]); 3];
+            let n = batch.chunks_vectored(&mut slices);
+            assert!(n >= 1);
+            assert_eq!(&slices[0][..], batch.chunk());
+            let take = step.min(batch.chunk().len());
+            got.extend_from_slice(&batch.chunk()[..take]);
+            batch.advance(take);
+            step = step * 3 + 1;
+        }
+        assert_eq!(got, want);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_full_batch_gives_the_frame_back() {
+        let codec = FrameCodec::default();
+        let mut batch = FrameBatch::default();
+        let mut pushed = 0;
+        while batch
+            .push(&codec, frame(&[1u8; SEND_IN_PLACE_BYTES]))
+            .unwrap()
+            .is_none()
+        {
+            pushed += 1;
+        }
+        assert_eq!(pushed, BATCH_MAX_CHUNKS / 2);
+    }
+
+    #[test]
+    fn shared_decoding_slices_the_payload_and_encodes_like_bytes() {
+        #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Msg {
+            n: u32,
+            #[serde(with = "shared_bytes")]
+            data: Bytes,
+        }
+        let msg = Msg {
+            n: 3,
+            data: Bytes::from(vec![5u8; 65536]),
+        };
+        let payload = encode_payload(&msg).unwrap();
+        // The same bytes as a plain `Bytes` field would give.
+        assert_eq!(
+            payload,
+            encode_payload(&(3u32, Bytes::from(vec![5u8; 65536]))).unwrap()
+        );
+        let shared: Msg = decode_payload_shared(&payload).unwrap();
+        assert_eq!(shared, msg);
+        let at = shared.data.as_ptr() as usize - payload.as_ptr() as usize;
+        assert!(at < payload.len(), "the data is a slice of the payload");
+        let copied: Msg = decode_payload(&payload).unwrap();
+        assert_eq!(copied, msg);
+        assert!(!std::ptr::eq(copied.data.as_ptr(), shared.data.as_ptr()));
     }
 
     #[test]
