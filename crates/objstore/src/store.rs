@@ -333,6 +333,10 @@ fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
         let mut o = Options::default();
         o.set_block_based_table_factory(&table);
         o.set_write_buffer_size(16 << 20);
+        // Memtables get a bloom filter too: a point lookup skips the memtables that do
+        // not hold its key instead of searching each skiplist.
+        o.set_memtable_prefix_bloom_ratio(0.1);
+        o.set_memtable_whole_key_filtering(true);
         o
     };
     let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS, CF_PGLOG, CF_DEFERRED]
@@ -1009,7 +1013,7 @@ impl<D: BlockDevice> BlockStore<D> {
             op,
         };
         let key = log_key(id.pool, id.pg, version);
-        let existed = self.db.get_cf(cf, &key).map_err(meta_err)?.is_some();
+        let existed = self.db.get_pinned_cf(cf, &key).map_err(meta_err)?.is_some();
         batch.put_cf(cf, &key, encode_record(RECORD_V, &entry));
         let mut lens = self
             .log_len
