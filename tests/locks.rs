@@ -12,9 +12,15 @@ use store_integration::{run_tool, tool_ok, wait_for, ClusterOpts, TestCluster};
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/nbd_locks.py");
 
 fn cluster() -> TestCluster {
+    cluster_with("")
+}
+
+/// One monitor (with these `[mon]` settings), three OSDs, a pool and an image.
+fn cluster_with(mon_conf: &'static str) -> TestCluster {
     let c = TestCluster::start(ClusterOpts {
         mons: 1,
         osds: 3,
+        mon_conf,
         ..Default::default()
     });
     c.create_pool("vm-pool", 16);
@@ -194,6 +200,60 @@ fn a_hung_gateway_is_fenced_when_another_takes_its_lock() {
         listed.as_array().map(|a| a.len()),
         Some(1),
         "{listed} {health}"
+    );
+    c.check_logs();
+}
+
+#[test]
+fn a_hung_gateway_stays_fenced_after_its_blocklist_entry_expired() {
+    let mut c = cluster_with("mon_blocklist_default_expire = 1");
+    let a = c.start_gateway("nbd-a");
+    let b = c.start_gateway("nbd-b");
+    let mut writer = FencedWriter::start(&uri(&a));
+    // An entry that never expires, and one of a session that holds no lock.
+    c.ctl_ok(&["client", "blocklist", "add", "client.77", "--expire-s", "0"]);
+    c.ctl_ok(&["client", "blocklist", "add", "client.78"]);
+    let pid = c.pid("nbd-a").expect("pid") as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    tool_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xdd 0 4096", &uri(&b)],
+    );
+    // A's entry (it lost its lock) and client.78's expire; client.77's stays.
+    let t0 = Instant::now();
+    let left = wait_for(
+        Duration::from_secs(15),
+        "blocklist entries to expire",
+        || {
+            let listed = c.ctl_json(&["client", "blocklist", "ls"]);
+            let ids: Vec<String> = listed
+                .as_array()?
+                .iter()
+                .filter_map(|e| e["id"].as_str().map(String::from))
+                .collect();
+            (ids.len() == 1).then_some(ids)
+        },
+    );
+    eprintln!("blocklist entries expired after {:?}", t0.elapsed());
+    assert_eq!(left, vec!["client.0000000000000077".to_string()]);
+    // Woken after its entry is gone, the old holder still may not write: it was fenced.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let verdict = writer.write_again();
+    if !verdict.starts_with("refused") {
+        for n in ["nbd-a", "mon.a"] {
+            eprintln!(
+                "==== {n}\n{}",
+                std::fs::read_to_string(c.log_path(n)).unwrap_or_default()
+            );
+        }
+    }
+    assert!(
+        verdict.starts_with("refused"),
+        "write of a holder fenced before its entry expired: {verdict}"
+    );
+    tool_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0xdd 0 4096", &uri(&b)],
     );
     c.check_logs();
 }

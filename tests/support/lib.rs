@@ -76,6 +76,8 @@ pub struct ClusterOpts {
     pub device_size: &'static str,
     /// More `[osd]` settings, one `key = value` per line.
     pub osd_conf: &'static str,
+    /// More `[mon]` settings, one `key = value` per line.
+    pub mon_conf: &'static str,
 }
 
 impl Default for ClusterOpts {
@@ -89,6 +91,7 @@ impl Default for ClusterOpts {
             op_timeout_secs: 30.0,
             device_size: "256M",
             osd_conf: "",
+            mon_conf: "",
         }
     }
 }
@@ -192,12 +195,13 @@ impl TestCluster {
             })
             .collect();
         let conf = format!(
-            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\nclient_session_grace = 3\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n{}\n",
+            "[global]\nfsid = {}\nmon_initial_members = {}\nmon_host = {}\n\n[mon]\nmon_data = $cluster_dir/mon.$id\nosd_heartbeat_grace = {}\nmon_osd_down_out_interval = {}\nclient_session_grace = 3\n{}\n\n[osd]\nosd_heartbeat_interval = {}\nosd_op_timeout = {}\n{}\n",
             fake_uuid(),
             mons.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             mons.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(", "),
             opts.grace_secs,
             opts.down_out_secs,
+            opts.mon_conf,
             opts.heartbeat_secs,
             opts.op_timeout_secs,
             opts.osd_conf,

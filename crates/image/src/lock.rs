@@ -74,8 +74,13 @@ pub enum Event {
         granted: bool,
     },
     AcquireFailed(StoreError),
+    /// The release applied (now, or before if it was resent), and this session's map has it.
     ReleaseAnswered,
+    /// The release could not be sent or answered: send it again.
     ReleaseFailed,
+    /// The monitors refused the release: the lock was taken from this session without it,
+    /// i.e. the session was fenced.
+    ReleaseRefused(StoreError),
     /// The retry pause passed.
     Retry,
     WriteDone,
@@ -107,6 +112,12 @@ pub struct LockMachine {
     in_flight: usize,
     acquire_sent: bool,
     release_sent: bool,
+    /// A release was sent for the generation being released (perhaps applied, even if its
+    /// answer was lost): from then on only an answer ends Releasing.
+    release_tried: bool,
+    /// The generation this session last released: a map that still shows it as the
+    /// holder at that generation is older than the release, not a hand-back.
+    released_generation: u64,
     retry_armed: bool,
     last_error: Option<StoreError>,
 }
@@ -124,6 +135,8 @@ impl LockMachine {
             in_flight: 0,
             acquire_sent: false,
             release_sent: false,
+            release_tried: false,
+            released_generation: 0,
             retry_armed: false,
             last_error: None,
         }
@@ -159,6 +172,7 @@ impl LockMachine {
         if let LockState::Releasing { generation } = self.state {
             if self.in_flight == 0 && !self.release_sent {
                 self.release_sent = true;
+                self.release_tried = true;
                 cmds.push(Command::Release { generation });
             }
         }
@@ -221,7 +235,17 @@ impl LockMachine {
                 self.last_error = Some(e);
             }
             Event::ReleaseAnswered => {
-                // The map says where the lock went; until then keep waiting.
+                if let LockState::Releasing { generation } = self.state {
+                    self.release_sent = false;
+                    self.released_generation = generation;
+                    self.set(LockState::Unlocked, &mut cmds);
+                }
+            }
+            Event::ReleaseRefused(e) => {
+                self.release_sent = false;
+                let reason = e.message.clone();
+                self.set(LockState::Fenced { reason }, &mut cmds);
+                self.last_error = Some(e);
             }
             Event::ReleaseFailed => {
                 self.release_sent = false;
@@ -255,7 +279,7 @@ impl LockMachine {
         }
         match self.state.clone() {
             LockState::Unlocked => {
-                if v.holder_is_me {
+                if v.holder_is_me && v.generation > self.released_generation {
                     // Handed to us (we asked before): take it.
                     self.set(
                         LockState::Locked {
@@ -266,7 +290,7 @@ impl LockMachine {
                 }
             }
             LockState::Acquiring => {
-                if v.holder_is_me {
+                if v.holder_is_me && v.generation > self.released_generation {
                     self.set(
                         LockState::Locked {
                             generation: v.generation,
@@ -278,18 +302,44 @@ impl LockMachine {
                 }
             }
             LockState::Locked { generation } => {
-                if !v.holder_is_me || v.generation != generation {
+                if !v.holder_is_me {
+                    // A holder gives the lock up only by releasing it (Releasing): one taken
+                    // from it was broken, so it was fenced, whether or not the blocklist
+                    // entry is still there (entries expire). Writes it still has queued
+                    // must never land.
+                    self.set(
+                        LockState::Fenced {
+                            reason: format!(
+                                "the lock (generation {generation}) was taken from this session \
+                                 without a release: it was fenced"
+                            ),
+                        },
+                        cmds,
+                    );
+                } else if v.generation != generation {
                     self.set(LockState::Unlocked, cmds);
                 } else if v.requested_by_other {
                     self.release_sent = false;
+                    self.release_tried = false;
                     self.set(LockState::Releasing { generation }, cmds);
                     self.release_if_idle(cmds);
                 }
             }
             LockState::Releasing { generation } => {
-                if !v.holder_is_me || v.generation != generation {
-                    self.release_sent = false;
-                    self.set(LockState::Unlocked, cmds);
+                if self.release_tried {
+                    // Only the answer to the release says whether it applied (Unlocked) or
+                    // the lock had been taken from us first (Fenced).
+                } else if !v.holder_is_me || v.generation != generation {
+                    // Taken while our writes drained, before we released: broken.
+                    self.set(
+                        LockState::Fenced {
+                            reason: format!(
+                                "the lock (generation {generation}) was taken from this session \
+                                 before it released it: it was fenced"
+                            ),
+                        },
+                        cmds,
+                    );
                 } else if !v.requested_by_other {
                     // The waiter gave up: keep the lock.
                     self.set(LockState::Locked { generation }, cmds);
@@ -415,6 +465,10 @@ impl LockHandle {
                 info!(image = %self.id.image, "{}", out.message);
                 self.wait_for_epoch(out.epoch).await;
                 self.feed(Event::ReleaseAnswered);
+            }
+            Err(e) if e.code == ErrorCode::LockLost => {
+                warn!(image = %self.id.image, "this session is fenced: {e}");
+                self.feed(Event::ReleaseRefused(e));
             }
             Err(e) => {
                 warn!(image = %self.id.image, "lock release failed, retrying: {e}");

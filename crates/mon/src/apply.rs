@@ -77,10 +77,16 @@ pub fn apply_command(map: &mut ClusterMap, cmd: &MapCommand) -> Result<CommandOu
         MapCommand::LockDrop { lock_key, session } => {
             (locks::drop_lock(map, lock_key, *session)?, None)
         }
-        MapCommand::BlocklistAdd { session, reason } => {
-            (locks::add_blocklist(map, *session, reason)?, None)
-        }
+        MapCommand::BlocklistAdd {
+            session,
+            reason,
+            expire_s,
+        } => (
+            locks::add_blocklist(map, *session, reason, *expire_s)?,
+            None,
+        ),
         MapCommand::BlocklistRm { session } => (locks::rm_blocklist(map, *session)?, None),
+        MapCommand::BlocklistExpire { sessions } => (locks::expire_blocklist(map, sessions), None),
         MapCommand::PgActivated { pgs: list } => (pgs::activated(map, list), None),
         MapCommand::PgTempDone { pgs: list } => (pgs::temp_done(map, list), None),
         MapCommand::OsdLost { id } => (pgs::osd_lost(map, *id)?, None),

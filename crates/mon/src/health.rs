@@ -932,6 +932,7 @@ mod tests {
             &MapCommand::BlocklistAdd {
                 session: 1,
                 reason: "t".into(),
+                expire_s: None,
             },
         )
         .unwrap();

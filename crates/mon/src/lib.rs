@@ -48,6 +48,8 @@ pub struct MonitorSettings {
     pub policy: FailurePolicy,
     /// A client session silent for this long is gone: a lock claim may break its lock.
     pub session_grace_ms: u64,
+    /// Blocklist entries without their own expiry are lifted after this long (0: never).
+    pub blocklist_expire_ms: u64,
     pub timing: RaftTiming,
 }
 
@@ -114,6 +116,8 @@ impl MonitorSettings {
             mon_addrs: mons.iter().map(|m| m.addr.clone()).collect(),
             policy,
             session_grace_ms: secs_ms(conf, &entity, "client_session_grace", 20.0)?,
+            // Ceph's mon_osd_blocklist_default_expire: an hour.
+            blocklist_expire_ms: secs_ms(conf, &entity, "mon_blocklist_default_expire", 3600.0)?,
             timing: RaftTiming::default(),
         })
     }
@@ -200,6 +204,7 @@ pub async fn run(settings: MonitorSettings) -> Result<(), StoreError> {
         settings.fsid.clone(),
         FailureDetector::new(settings.policy),
         sessions::SessionTable::new(settings.session_grace_ms, server::now_ms()),
+        settings.blocklist_expire_ms,
     );
     info!(
         name = %settings.name, id, addr = %settings.addr, epoch = map_rx.borrow().epoch,

@@ -7,10 +7,16 @@
 //!   and the holder, seeing it in the map, finishes its writes and releases;
 //! - a release hands the lock straight to the waiting session, saving a round;
 //! - a break (proposed by the leader only after it found the holder gone) blocklists the
-//!   holder and grants in one entry, so no map ever lets both write.
+//!   holder and grants in one entry, so no map ever lets both write;
+//! - blocklist entries expire (by default after an hour, as in Ceph), except while their
+//!   session still holds a lock: a fenced session stays fenced for good (its gateway drops
+//!   it), and a lock it lost carries a generation its writes no longer match, so lifting an
+//!   old entry only keeps the map small.
+
+use std::collections::HashMap;
 
 use store_types::map::{
-    session_name, BlocklistEntry, ClusterMap, ImageLock, SessionId, WriteGuard,
+    session_name, BlocklistEntry, ClusterMap, ImageLock, SessionId, WriteGuard, RECENT_RELEASES,
 };
 use store_types::msg::LockClaim;
 use store_types::{ErrorCode, StoreError};
@@ -63,6 +69,7 @@ fn grant(map: &mut ClusterMap, claim: &LockClaim) -> u64 {
             requested_desc: String::new(),
             requested_instance: 0,
             granted_epoch: 0,
+            recent_releases: Vec::new(),
         });
     lock.generation += 1;
     lock.holder = Some(claim.session);
@@ -128,15 +135,33 @@ pub fn release(map: &mut ClusterMap, key: &str, session: SessionId, generation: 
         return Err(StoreError::not_found(format!("no lock {key}")));
     };
     if lock.holder != Some(session) || lock.generation != generation {
-        // Already moved on (a break, or a release resent): nothing to do.
-        return Ok((
+        if lock.recent_releases.contains(&(session, generation)) {
+            // A release resent after it applied: done already.
+            return Ok((
+                format!(
+                    "{} released {} at generation {generation} already",
+                    session_name(session),
+                    lock.image
+                ),
+                None,
+            ));
+        }
+        // Taken from it without its release: the lock was broken and the session fenced.
+        return Err(StoreError::new(
+            ErrorCode::LockLost,
             format!(
-                "{} does not hold {} at generation {generation}",
-                session_name(session),
-                lock.image
+                "the lock of {} at generation {generation} was taken from {} without its \
+                 release (it was fenced); open the image again",
+                lock.image,
+                session_name(session)
             ),
-            None,
         ));
+    }
+    {
+        let l = map.image_locks.get_mut(key).expect("present");
+        l.recent_releases.push((session, generation));
+        let extra = l.recent_releases.len().saturating_sub(RECENT_RELEASES);
+        l.recent_releases.drain(..extra);
     }
     match lock
         .requested_by
@@ -191,7 +216,7 @@ pub fn break_lock(
         return acquire(map, claim);
     }
     if !map.blocklist.contains_key(&holder) {
-        add_blocklist(map, holder, reason)?;
+        add_blocklist(map, holder, reason, None)?;
         // One entry, one epoch: the blocklist and the grant land together.
         map.epoch -= 1;
     }
@@ -242,6 +267,7 @@ pub fn add_blocklist(
     map: &mut ClusterMap,
     session: SessionId,
     reason: &str,
+    expire_s: Option<u64>,
 ) -> Result<String, StoreError> {
     if map.blocklist.contains_key(&session) {
         return Ok(format!("{} is already blocklisted", session_name(session)));
@@ -263,6 +289,7 @@ pub fn add_blocklist(
         BlocklistEntry {
             added_epoch: map.epoch,
             reason: reason.to_string(),
+            expire_s,
         },
     );
     Ok(format!("blocklisted {}", session_name(session)))
@@ -280,6 +307,70 @@ pub fn rm_blocklist(map: &mut ClusterMap, session: SessionId) -> Result<String, 
         "{} is no longer blocklisted",
         session_name(session)
     ))
+}
+
+fn holds_a_lock(map: &ClusterMap, session: SessionId) -> bool {
+    map.image_locks.values().any(|l| l.holder == Some(session))
+}
+
+/// Lifts the expired entries the leader names, except those whose session holds a lock.
+pub fn expire_blocklist(map: &mut ClusterMap, sessions: &[SessionId]) -> String {
+    let lift: Vec<SessionId> = sessions
+        .iter()
+        .copied()
+        .filter(|s| map.blocklist.contains_key(s) && !holds_a_lock(map, *s))
+        .collect();
+    if lift.is_empty() {
+        return "no blocklist entry expired".into();
+    }
+    for s in &lift {
+        map.blocklist.remove(s);
+    }
+    map.epoch += 1;
+    let names: Vec<String> = lift.iter().map(|s| session_name(*s)).collect();
+    format!("blocklist entries expired: {}", names.join(", "))
+}
+
+/// The leader's clock for blocklist expiry, sans-IO: the map in, the commands to propose
+/// out. The map holds no timestamps (applying an entry must not depend on a clock), so
+/// the leader times each entry from when it first saw it; a new leader starts over, which
+/// only makes entries last longer.
+#[derive(Debug, Default)]
+pub struct BlocklistExpiry {
+    first_seen_ms: HashMap<SessionId, u64>,
+}
+
+impl BlocklistExpiry {
+    /// `default_expire_ms` applies to entries without their own expiry.
+    pub fn tick(
+        &mut self,
+        map: &ClusterMap,
+        leader: bool,
+        now_ms: u64,
+        default_expire_ms: u64,
+    ) -> Option<store_types::msg::MapCommand> {
+        if !leader {
+            self.first_seen_ms.clear();
+            return None;
+        }
+        self.first_seen_ms
+            .retain(|s, _| map.blocklist.contains_key(s));
+        let mut expired = Vec::new();
+        for (s, entry) in &map.blocklist {
+            let seen = *self.first_seen_ms.entry(*s).or_insert(now_ms);
+            let expire_ms = match entry.expire_s {
+                Some(0) => continue,
+                Some(secs) => secs.saturating_mul(1000),
+                None if default_expire_ms == 0 => continue,
+                None => default_expire_ms,
+            };
+            if now_ms.saturating_sub(seen) >= expire_ms && !holds_a_lock(map, *s) {
+                expired.push(*s);
+            }
+        }
+        (!expired.is_empty())
+            .then_some(store_types::msg::MapCommand::BlocklistExpire { sessions: expired })
+    }
 }
 
 /// For tests and assertions: whether a write guarded so would pass under `map`.
@@ -343,7 +434,33 @@ mod tests {
         acquire(&mut m, &claim(1)).unwrap();
         release(&mut m, "1/abc", 1, 1).unwrap();
         assert_eq!(m.image_locks["1/abc"].holder, None);
+        // A release resent after it applied is answered as done, without a new epoch.
+        let e = m.epoch;
+        release(&mut m, "1/abc", 1, 1).unwrap();
+        assert_eq!(m.epoch, e);
         assert_eq!(acquire(&mut m, &claim(1)).unwrap().1, Some(2));
+    }
+
+    #[test]
+    fn a_release_by_a_session_the_lock_was_taken_from_is_refused() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        break_lock(&mut m, &claim(2), 1, "gone").unwrap();
+        // Even with its blocklist entry gone (expired), it learns it was fenced.
+        m.blocklist.clear();
+        let e = m.epoch;
+        let err = release(&mut m, "1/abc", 1, 1).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LockLost, "{err}");
+        assert_eq!(m.epoch, e);
+        // Only the last few releases are remembered.
+        for g in 2..2 + RECENT_RELEASES as u64 + 3 {
+            release(&mut m, "1/abc", 2, g).unwrap();
+            acquire(&mut m, &claim(2)).unwrap();
+        }
+        assert_eq!(
+            m.image_locks["1/abc"].recent_releases.len(),
+            RECENT_RELEASES
+        );
     }
 
     #[test]
@@ -365,7 +482,7 @@ mod tests {
             ErrorCode::Blocklisted
         );
         // A lock held by a blocklisted session is free to take.
-        add_blocklist(&mut m, 2, "test").unwrap();
+        add_blocklist(&mut m, 2, "test", None).unwrap();
         assert_eq!(acquire(&mut m, &claim(3)).unwrap().1, Some(3));
     }
 
@@ -389,14 +506,53 @@ mod tests {
     #[test]
     fn blocklist_add_and_rm() {
         let mut m = ClusterMap::new("f");
-        add_blocklist(&mut m, 7, "operator").unwrap();
+        add_blocklist(&mut m, 7, "operator", None).unwrap();
         let e = m.epoch;
-        add_blocklist(&mut m, 7, "again").unwrap();
+        add_blocklist(&mut m, 7, "again", None).unwrap();
         assert_eq!(m.epoch, e);
         rm_blocklist(&mut m, 7).unwrap();
         assert_eq!(
             rm_blocklist(&mut m, 7).unwrap_err().code,
             ErrorCode::NotFound
         );
+    }
+
+    #[test]
+    fn blocklist_entries_expire_on_the_leaders_clock_unless_they_hold_a_lock() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        add_blocklist(&mut m, 1, "holds a lock", Some(10)).unwrap();
+        add_blocklist(&mut m, 2, "default expiry", None).unwrap();
+        add_blocklist(&mut m, 3, "never", Some(0)).unwrap();
+        add_blocklist(&mut m, 4, "ten seconds", Some(10)).unwrap();
+        let mut t = BlocklistExpiry::default();
+        // Not leading: nothing, and no clock kept.
+        assert_eq!(t.tick(&m, false, 0, 60_000), None);
+        // Leading from t=1000: each entry is timed from here.
+        assert_eq!(t.tick(&m, true, 1_000, 60_000), None);
+        assert_eq!(t.tick(&m, true, 10_999, 60_000), None);
+        let expire = |sessions: Vec<SessionId>| {
+            Some(store_types::msg::MapCommand::BlocklistExpire { sessions })
+        };
+        assert_eq!(t.tick(&m, true, 11_000, 60_000), expire(vec![4]));
+        assert_eq!(t.tick(&m, true, 61_000, 60_000), expire(vec![2, 4]));
+        // A leader change starts the clock over (entries only last longer).
+        assert_eq!(t.tick(&m, false, 62_000, 60_000), None);
+        assert_eq!(t.tick(&m, true, 63_000, 60_000), None);
+        assert_eq!(t.tick(&m, true, 73_000, 60_000), expire(vec![4]));
+        // Applying: one epoch; entries gone or holding a lock are left alone.
+        let e = m.epoch;
+        let msg = expire_blocklist(&mut m, &[1, 2, 4, 9]);
+        assert!(msg.contains("client."), "{msg}");
+        assert_eq!(m.epoch, e + 1);
+        assert_eq!(m.blocklist.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            expire_blocklist(&mut m, &[1, 4]),
+            "no blocklist entry expired"
+        );
+        assert_eq!(m.epoch, e + 1);
+        // Once its lock is gone, the entry of session 1 expires too; 3 never does.
+        m.image_locks.clear();
+        assert_eq!(t.tick(&m, true, 10_000_000, 60_000), expire(vec![1]));
     }
 }

@@ -50,6 +50,9 @@ pub struct MonitorCore<C: Consensus> {
     pub detector: Mutex<FailureDetector>,
     /// Client sessions (image opens), for lock decisions and `client ls`.
     pub sessions: Mutex<SessionTable>,
+    /// The leader's clock for blocklist entries, and the default expiry (0: never).
+    blocklist_expiry: Mutex<crate::locks::BlocklistExpiry>,
+    blocklist_expire_ms: u64,
     /// Bound on how long a map change may take before the client gets an error.
     pub command_timeout: Duration,
     /// How long a new monitor may take to catch up before `mon add` gives up.
@@ -64,6 +67,7 @@ impl<C: Consensus> MonitorCore<C> {
         fsid: String,
         detector: FailureDetector,
         sessions: SessionTable,
+        blocklist_expire_ms: u64,
     ) -> Arc<Self> {
         Arc::new(MonitorCore {
             consensus,
@@ -71,6 +75,8 @@ impl<C: Consensus> MonitorCore<C> {
             fsid,
             detector: Mutex::new(detector),
             sessions: Mutex::new(sessions),
+            blocklist_expiry: Mutex::default(),
+            blocklist_expire_ms,
             command_timeout: Duration::from_secs(10),
             mon_catch_up: Duration::from_secs(60),
             peers: tokio::sync::Mutex::new(HashMap::new()),
@@ -438,20 +444,24 @@ impl<C: Consensus> MonitorCore<C> {
         res.unwrap_or_else(MonResponse::Error)
     }
 
-    /// The leader's duty loop: failure detection. Runs until the process ends.
+    /// The leader's duty loop: failure detection, blocklist expiry. Runs until the process
+    /// ends.
     pub async fn leader_duties(self: Arc<Self>, tick: Duration) {
         let mut interval = tokio::time::interval(tick);
         loop {
             interval.tick().await;
             let leader = self.consensus.is_leader();
             let map = self.map();
-            let cmds = match self.detector.lock() {
+            let mut cmds = match self.detector.lock() {
                 Ok(mut d) => {
                     d.set_leader(leader, now_ms());
                     d.tick(&map, now_ms())
                 }
                 Err(_) => Vec::new(),
             };
+            if let Ok(mut b) = self.blocklist_expiry.lock() {
+                cmds.extend(b.tick(&map, leader, now_ms(), self.blocklist_expire_ms));
+            }
             for cmd in cmds {
                 match tokio::time::timeout(
                     self.command_timeout,

@@ -190,7 +190,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A blocklisted holder needs no break: the claim is granted as is.
-        locks::add_blocklist(&mut map, 1, "t").unwrap();
+        locks::add_blocklist(&mut map, 1, "t", None).unwrap();
         assert!(matches!(
             t.resolve(&map, c, 2600),
             MapCommand::LockAcquire(_)

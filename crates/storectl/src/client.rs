@@ -30,6 +30,11 @@ pub enum BlocklistCmd {
         id: String,
         #[arg(long, default_value = "added by the operator")]
         reason: String,
+        /// Lift the entry after this many seconds (0: never); default: the monitors'
+        /// `mon_blocklist_default_expire` (an hour). An entry whose session still holds an
+        /// image lock is kept.
+        #[arg(long)]
+        expire_s: Option<u64>,
     },
     /// List blocklisted sessions.
     Ls,
@@ -133,12 +138,17 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ClientCmd) -> anyho
             }
             println!("{t}");
         }
-        ClientCmd::Blocklist(BlocklistCmd::Add { id, reason }) => {
+        ClientCmd::Blocklist(BlocklistCmd::Add {
+            id,
+            reason,
+            expire_s,
+        }) => {
             let session = parse_id(id)?;
             let out = mons
                 .command(MapCommand::BlocklistAdd {
                     session,
                     reason: reason.clone(),
+                    expire_s: *expire_s,
                 })
                 .await
                 .map_err(err)
@@ -159,15 +169,21 @@ pub async fn run(format: Format, mons: Arc<MonClient>, cmd: &ClientCmd) -> anyho
                 .blocklist
                 .iter()
                 .map(|(id, b)| {
-                    json!({"id": session_name(*id), "added_epoch": b.added_epoch, "reason": b.reason})
+                    json!({"id": session_name(*id), "added_epoch": b.added_epoch, "reason": b.reason,
+                           "expire_s": b.expire_s})
                 })
                 .collect();
             match format {
                 Format::Json => print_json(&json!(list)),
                 Format::Plain => {
                     for (id, b) in &map.blocklist {
+                        let expiry = match b.expire_s {
+                            Some(0) => "never expires".to_string(),
+                            Some(s) => format!("expires {s} s after it was added"),
+                            None => "default expiry".to_string(),
+                        };
                         println!(
-                            "{} since epoch {}: {}",
+                            "{} since epoch {} ({expiry}): {}",
                             session_name(*id),
                             b.added_epoch,
                             b.reason

@@ -77,13 +77,26 @@ pub struct ImageLock {
     pub requested_instance: u64,
     /// Epoch of the last grant.
     pub granted_epoch: u64,
+    /// The last few releases (session, generation), newest last, at most
+    /// [`RECENT_RELEASES`]: a release resent after it applied is answered as done, while a
+    /// release by a session the lock was taken from (a break) is refused, so that session
+    /// knows it was fenced even once its blocklist entry has expired.
+    pub recent_releases: Vec<(SessionId, u64)>,
 }
 
-/// Why and since when a session is fenced.
+/// How many releases an [`ImageLock`] remembers.
+pub const RECENT_RELEASES: usize = 8;
+
+/// Why and since when a session is fenced, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlocklistEntry {
     pub added_epoch: u64,
     pub reason: String,
+    /// Seconds after which the leader lifts the entry (measured on its own clock from
+    /// when it first saw the entry, so a leader change only lengthens it); None: the
+    /// monitors' `mon_blocklist_default_expire`; Some(0): never. An entry whose session
+    /// still holds an image lock is never lifted by expiry.
+    pub expire_s: Option<u64>,
 }
 
 /// What a lock-guarded write carries, for OSDs to check against their map.

@@ -88,9 +88,16 @@ pub enum MapCommand {
     BlocklistAdd {
         session: SessionId,
         reason: String,
+        /// See [`crate::map::BlocklistEntry::expire_s`].
+        expire_s: Option<u64>,
     },
     BlocklistRm {
         session: SessionId,
+    },
+    /// The leader: these entries have expired. Entries already gone, or whose session
+    /// holds an image lock, are left as they are.
+    BlocklistExpire {
+        sessions: Vec<SessionId>,
     },
     /// PG primaries: these PGs went (or go) active with these acting sets; each replaces
     /// the PG's [`crate::map::LastActive`] when its `since_epoch` is not older.

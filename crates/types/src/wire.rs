@@ -18,7 +18,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"STOR");
 /// Version of the frame format and of every message carried in it.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 24;
 /// Default bound for control-plane connections (monitors, admin).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;

@@ -15,6 +15,15 @@ fn view(holder_is_me: bool, free: bool, generation: u64, requested: bool) -> Loc
     }
 }
 
+/// A machine that holds the lock at generation 1.
+fn locked() -> LockMachine {
+    let mut m = LockMachine::new();
+    m.begin();
+    m.handle(Event::AcquireAnswered { granted: true });
+    m.handle(Event::Map(view(true, false, 1, false)));
+    m
+}
+
 #[test]
 fn first_write_acquires_then_goes() {
     let mut m = LockMachine::new();
@@ -33,10 +42,7 @@ fn first_write_acquires_then_goes() {
 
 #[test]
 fn a_request_drains_writes_then_releases_and_asks_back() {
-    let mut m = LockMachine::new();
-    m.begin();
-    m.handle(Event::AcquireAnswered { granted: true });
-    m.handle(Event::Map(view(true, false, 1, false)));
+    let mut m = locked();
     assert_eq!(m.begin().0, Begin::Go { generation: 1 });
     // Another session asks: no new writes start, the one in flight finishes first.
     m.handle(Event::Map(view(true, false, 1, true)));
@@ -46,8 +52,14 @@ fn a_request_drains_writes_then_releases_and_asks_back() {
         m.handle(Event::WriteDone),
         vec![Command::Release { generation: 1 }]
     );
-    // Handed over: unlocked; the waiting writer asks back.
+    // The map shows it handed over before the answer comes: only the answer ends
+    // Releasing (it tells a release that applied from a lock taken first).
     m.handle(Event::Map(view(false, false, 2, false)));
+    assert_eq!(m.state(), &LockState::Releasing { generation: 1 });
+    m.handle(Event::ReleaseAnswered);
+    assert_eq!(m.state(), &LockState::Unlocked);
+    // A map older than the release (still ours at generation 1) is not a hand-back.
+    m.handle(Event::Map(view(true, false, 1, false)));
     assert_eq!(m.state(), &LockState::Unlocked);
     assert_eq!(m.begin(), (Begin::Wait, vec![Command::Acquire]));
 }
@@ -70,6 +82,49 @@ fn blocklisting_fences_for_good() {
         "x",
     )));
     assert!(matches!(m.begin().0, Begin::Fail(_)));
+}
+
+#[test]
+fn a_lock_taken_without_a_release_fences_even_once_the_blocklist_entry_is_gone() {
+    // Hung for longer than the blocklist entry lived: the first map seen after waking
+    // shows another holder and no entry. The queued write must fail, not re-acquire.
+    let mut m = locked();
+    assert_eq!(m.begin().0, Begin::Go { generation: 1 });
+    m.handle(Event::Map(view(false, false, 2, false)));
+    assert!(matches!(m.state(), LockState::Fenced { .. }));
+    assert!(matches!(m.begin().0, Begin::Fail(e) if e.code == ErrorCode::Blocklisted));
+    // And stays so, whatever the map says later.
+    m.handle(Event::Map(view(false, true, 2, false)));
+    assert!(matches!(m.begin().0, Begin::Fail(_)));
+}
+
+#[test]
+fn a_release_refused_because_the_lock_was_taken_fences() {
+    // Hung while another session asked: the queued map says "release", the release is
+    // refused (the lock was broken meanwhile), and the next map shows it gone.
+    let mut m = locked();
+    assert!(m
+        .handle(Event::Map(view(true, false, 1, true)))
+        .contains(&Command::Release { generation: 1 }));
+    m.handle(Event::Map(view(false, true, 2, false)));
+    assert_eq!(m.begin().0, Begin::Wait, "no acquire before the answer");
+    m.handle(Event::ReleaseRefused(StoreError::new(
+        ErrorCode::LockLost,
+        "taken",
+    )));
+    assert!(matches!(m.begin().0, Begin::Fail(e) if e.code == ErrorCode::Blocklisted));
+    // A lost answer is retried, and a map in between does not fence: it may have applied.
+    let mut m = locked();
+    m.handle(Event::Map(view(true, false, 1, true)));
+    assert_eq!(m.handle(Event::ReleaseFailed), vec![Command::RetryLater]);
+    m.handle(Event::Map(view(false, false, 2, false)));
+    assert_eq!(m.state(), &LockState::Releasing { generation: 1 });
+    assert_eq!(
+        m.handle(Event::Retry),
+        vec![Command::Release { generation: 1 }]
+    );
+    m.handle(Event::ReleaseAnswered);
+    assert_eq!(m.state(), &LockState::Unlocked);
 }
 
 #[test]

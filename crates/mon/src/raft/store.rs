@@ -38,7 +38,7 @@ const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
 const CF_SM: &str = "sm";
 /// Format version of every record this module writes.
-const RECORD_V: u16 = 2;
+const RECORD_V: u16 = 3;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
