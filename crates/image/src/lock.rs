@@ -226,7 +226,9 @@ impl LockMachine {
             }
             Event::AcquireFailed(e) => {
                 self.acquire_sent = false;
-                if e.code == ErrorCode::Blocklisted {
+                // Blocklisted, or the lock was once taken from this session (its entry
+                // may have expired since): fenced either way.
+                if matches!(e.code, ErrorCode::Blocklisted | ErrorCode::LockLost) {
                     let reason = e.message.clone();
                     self.set(LockState::Fenced { reason }, &mut cmds);
                 } else if self.state == LockState::Acquiring {
@@ -466,7 +468,9 @@ impl LockHandle {
                 self.wait_for_epoch(out.epoch).await;
                 self.feed(Event::ReleaseAnswered);
             }
-            Err(e) if e.code == ErrorCode::LockLost => {
+            // Taken from us, or the lock is gone altogether (the image was removed after
+            // a break): either way this session may never write again.
+            Err(e) if matches!(e.code, ErrorCode::LockLost | ErrorCode::NotFound) => {
                 warn!(image = %self.id.image, "this session is fenced: {e}");
                 self.feed(Event::ReleaseRefused(e));
             }

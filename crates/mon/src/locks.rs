@@ -70,6 +70,7 @@ fn grant(map: &mut ClusterMap, claim: &LockClaim) -> u64 {
             requested_instance: 0,
             granted_epoch: 0,
             recent_releases: Vec::new(),
+            taken_from: Vec::new(),
         });
     lock.generation += 1;
     lock.holder = Some(claim.session);
@@ -83,9 +84,36 @@ fn grant(map: &mut ClusterMap, claim: &LockClaim) -> u64 {
     lock.generation
 }
 
+/// Refuses a claim by a session this lock was taken from: it was fenced, for good.
+fn was_taken_from(map: &ClusterMap, claim: &LockClaim) -> Result<(), StoreError> {
+    match map.image_locks.get(&claim.lock_key) {
+        Some(l) if l.taken_from.contains(&claim.session) => Err(StoreError::new(
+            ErrorCode::LockLost,
+            format!(
+                "the lock of {} was taken from {} (it was fenced); open the image again",
+                l.image,
+                session_name(claim.session)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Remembers that the lock was taken from `holder` without its release.
+fn record_taken(map: &mut ClusterMap, key: &str, holder: SessionId) {
+    if let Some(l) = map.image_locks.get_mut(key) {
+        if !l.taken_from.contains(&holder) {
+            l.taken_from.push(holder);
+            let extra = l.taken_from.len().saturating_sub(RECENT_RELEASES);
+            l.taken_from.drain(..extra);
+        }
+    }
+}
+
 pub fn acquire(map: &mut ClusterMap, claim: &LockClaim) -> LockResult {
     validate_claim(claim)?;
     blocklisted(map, claim.session)?;
+    was_taken_from(map, claim)?;
     let who = session_name(claim.session);
     let current = map.image_locks.get(&claim.lock_key).cloned();
     match current.as_ref().and_then(|l| l.holder) {
@@ -120,6 +148,10 @@ pub fn acquire(map: &mut ClusterMap, claim: &LockClaim) -> LockResult {
                     ErrorCode::NoSpace,
                     format!("the map holds {MAX_LOCKS} image locks already"),
                 ));
+            }
+            // Held by a blocklisted session: taken from it.
+            if let Some(h) = current.as_ref().and_then(|l| l.holder) {
+                record_taken(map, &claim.lock_key, h);
             }
             let g = grant(map, claim);
             Ok((
@@ -210,6 +242,7 @@ pub fn break_lock(
 ) -> LockResult {
     validate_claim(claim)?;
     blocklisted(map, claim.session)?;
+    was_taken_from(map, claim)?;
     let current = map.image_locks.get(&claim.lock_key).and_then(|l| l.holder);
     if current != Some(holder) {
         // The holder changed since the leader looked: claim again.
@@ -220,6 +253,7 @@ pub fn break_lock(
         // One entry, one epoch: the blocklist and the grant land together.
         map.epoch -= 1;
     }
+    record_taken(map, &claim.lock_key, holder);
     let g = grant(map, claim);
     Ok((
         format!(
@@ -284,6 +318,15 @@ pub fn add_blocklist(
         ));
     }
     map.epoch += 1;
+    // A fenced session waiting for a lock must not be handed it later (say once its entry
+    // expired): its claim goes.
+    for l in map.image_locks.values_mut() {
+        if l.requested_by == Some(session) {
+            l.requested_by = None;
+            l.requested_desc.clear();
+            l.requested_instance = 0;
+        }
+    }
     map.blocklist.insert(
         session,
         BlocklistEntry {
@@ -313,12 +356,18 @@ fn holds_a_lock(map: &ClusterMap, session: SessionId) -> bool {
     map.image_locks.values().any(|l| l.holder == Some(session))
 }
 
-/// Lifts the expired entries the leader names, except those whose session holds a lock.
-pub fn expire_blocklist(map: &mut ClusterMap, sessions: &[SessionId]) -> String {
+/// Lifts the expired entries the leader names (session, epoch added), except those added
+/// again since or whose session holds a lock.
+pub fn expire_blocklist(map: &mut ClusterMap, sessions: &[(SessionId, u64)]) -> String {
     let lift: Vec<SessionId> = sessions
         .iter()
-        .copied()
-        .filter(|s| map.blocklist.contains_key(s) && !holds_a_lock(map, *s))
+        .filter(|(s, added)| {
+            map.blocklist
+                .get(s)
+                .is_some_and(|e| e.added_epoch == *added)
+                && !holds_a_lock(map, *s)
+        })
+        .map(|(s, _)| *s)
         .collect();
     if lift.is_empty() {
         return "no blocklist entry expired".into();
@@ -333,11 +382,12 @@ pub fn expire_blocklist(map: &mut ClusterMap, sessions: &[SessionId]) -> String 
 
 /// The leader's clock for blocklist expiry, sans-IO: the map in, the commands to propose
 /// out. The map holds no timestamps (applying an entry must not depend on a clock), so
-/// the leader times each entry from when it first saw it; a new leader starts over, which
-/// only makes entries last longer.
+/// the leader times each entry from when it first saw it (an entry is its session and the
+/// epoch it was added: one removed and added again is timed anew); a new leader starts
+/// over, which only makes entries last longer.
 #[derive(Debug, Default)]
 pub struct BlocklistExpiry {
-    first_seen_ms: HashMap<SessionId, u64>,
+    first_seen_ms: HashMap<(SessionId, u64), u64>,
 }
 
 impl BlocklistExpiry {
@@ -353,11 +403,15 @@ impl BlocklistExpiry {
             self.first_seen_ms.clear();
             return None;
         }
-        self.first_seen_ms
-            .retain(|s, _| map.blocklist.contains_key(s));
+        self.first_seen_ms.retain(|(s, added), _| {
+            map.blocklist
+                .get(s)
+                .is_some_and(|e| e.added_epoch == *added)
+        });
         let mut expired = Vec::new();
         for (s, entry) in &map.blocklist {
-            let seen = *self.first_seen_ms.entry(*s).or_insert(now_ms);
+            let key = (*s, entry.added_epoch);
+            let seen = *self.first_seen_ms.entry(key).or_insert(now_ms);
             let expire_ms = match entry.expire_s {
                 Some(0) => continue,
                 Some(secs) => secs.saturating_mul(1000),
@@ -365,7 +419,7 @@ impl BlocklistExpiry {
                 None => default_expire_ms,
             };
             if now_ms.saturating_sub(seen) >= expire_ms && !holds_a_lock(map, *s) {
-                expired.push(*s);
+                expired.push(key);
             }
         }
         (!expired.is_empty())
@@ -531,28 +585,74 @@ mod tests {
         // Leading from t=1000: each entry is timed from here.
         assert_eq!(t.tick(&m, true, 1_000, 60_000), None);
         assert_eq!(t.tick(&m, true, 10_999, 60_000), None);
-        let expire = |sessions: Vec<SessionId>| {
+        // Entries are (session, epoch added).
+        let added = |m: &ClusterMap, s: SessionId| (s, m.blocklist[&s].added_epoch);
+        let expire = |sessions: Vec<(SessionId, u64)>| {
             Some(store_types::msg::MapCommand::BlocklistExpire { sessions })
         };
-        assert_eq!(t.tick(&m, true, 11_000, 60_000), expire(vec![4]));
-        assert_eq!(t.tick(&m, true, 61_000, 60_000), expire(vec![2, 4]));
+        let (e1, e2, e4) = (added(&m, 1), added(&m, 2), added(&m, 4));
+        assert_eq!(t.tick(&m, true, 11_000, 60_000), expire(vec![e4]));
+        assert_eq!(t.tick(&m, true, 61_000, 60_000), expire(vec![e2, e4]));
         // A leader change starts the clock over (entries only last longer).
         assert_eq!(t.tick(&m, false, 62_000, 60_000), None);
         assert_eq!(t.tick(&m, true, 63_000, 60_000), None);
-        assert_eq!(t.tick(&m, true, 73_000, 60_000), expire(vec![4]));
-        // Applying: one epoch; entries gone or holding a lock are left alone.
+        assert_eq!(t.tick(&m, true, 73_000, 60_000), expire(vec![e4]));
+        // Applying: one epoch; entries gone, added again since, or holding a lock are left.
         let e = m.epoch;
-        let msg = expire_blocklist(&mut m, &[1, 2, 4, 9]);
+        let msg = expire_blocklist(&mut m, &[e1, e2, e4, (9, 1)]);
         assert!(msg.contains("client."), "{msg}");
         assert_eq!(m.epoch, e + 1);
         assert_eq!(m.blocklist.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(
-            expire_blocklist(&mut m, &[1, 4]),
+            expire_blocklist(&mut m, &[e1, e4]),
             "no blocklist entry expired"
         );
         assert_eq!(m.epoch, e + 1);
-        // Once its lock is gone, the entry of session 1 expires too; 3 never does.
+        // Removed and added again: timed anew, and an old expiry does not lift it.
+        rm_blocklist(&mut m, 3).unwrap();
+        add_blocklist(&mut m, 3, "again", Some(10)).unwrap();
+        assert_eq!(
+            expire_blocklist(&mut m, &[(3, 0)]),
+            "no blocklist entry expired"
+        );
+        assert_eq!(t.tick(&m, true, 80_000, 60_000), None);
+        // Once its lock is gone, the entry of session 1 expires too.
         m.image_locks.clear();
-        assert_eq!(t.tick(&m, true, 10_000_000, 60_000), expire(vec![1]));
+        let e3 = added(&m, 3);
+        assert_eq!(t.tick(&m, true, 90_000, 60_000), expire(vec![e1, e3]));
+    }
+
+    #[test]
+    fn a_session_the_lock_was_taken_from_may_not_claim_it_again() {
+        let mut m = ClusterMap::new("f");
+        acquire(&mut m, &claim(1)).unwrap();
+        break_lock(&mut m, &claim(2), 1, "gone").unwrap();
+        // Its entry expired: still no claim, neither by acquire nor by a break.
+        m.blocklist.clear();
+        assert_eq!(
+            acquire(&mut m, &claim(1)).unwrap_err().code,
+            ErrorCode::LockLost
+        );
+        assert_eq!(
+            break_lock(&mut m, &claim(1), 2, "x").unwrap_err().code,
+            ErrorCode::LockLost
+        );
+        // A lock held by a blocklisted session, taken by another, counts as taken too.
+        add_blocklist(&mut m, 2, "operator", None).unwrap();
+        acquire(&mut m, &claim(3)).unwrap();
+        m.blocklist.clear();
+        assert_eq!(
+            acquire(&mut m, &claim(2)).unwrap_err().code,
+            ErrorCode::LockLost
+        );
+        // A blocklisted session that was waiting loses its claim: it is never handed it.
+        acquire(&mut m, &claim(4)).unwrap();
+        assert_eq!(m.image_locks["1/abc"].requested_by, Some(4));
+        add_blocklist(&mut m, 4, "operator", None).unwrap();
+        assert_eq!(m.image_locks["1/abc"].requested_by, None);
+        m.blocklist.clear();
+        let g = m.image_locks["1/abc"].generation;
+        release(&mut m, "1/abc", 3, g).unwrap();
+        assert_eq!(m.image_locks["1/abc"].holder, None);
     }
 }

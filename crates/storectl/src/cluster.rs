@@ -278,6 +278,7 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
     let conf = Config::load(Some(&conf_path))?;
     let list = daemons(&conf, &dir, osds, &osd_size)?;
     let mut started = Vec::new();
+    let spawned_at = Instant::now();
     for d in &list {
         if let Some(pid) = start(&dir, d)? {
             started.push((d.name.clone(), pid));
@@ -339,7 +340,10 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
         b.finish_and_clear();
     }
     // A daemon that exited at once (a gateway that could not listen, say) is not part of a
-    // healthy cluster, even if the monitors never needed it.
+    // healthy cluster, even if the monitors never needed it. Give it time to fail first:
+    // when only a gateway was (re)started, the monitors answer at once.
+    const SETTLE: Duration = Duration::from_millis(500);
+    tokio::time::sleep(SETTLE.saturating_sub(spawned_at.elapsed())).await;
     let dead: Vec<&str> = started
         .iter()
         .filter(|(_, pid)| !pid_alive(*pid as i32))

@@ -82,6 +82,10 @@ pub struct ImageLock {
     /// release by a session the lock was taken from (a break) is refused, so that session
     /// knows it was fenced even once its blocklist entry has expired.
     pub recent_releases: Vec<(SessionId, u64)>,
+    /// The last few sessions the lock was taken from without their release (a break, or a
+    /// grant over a blocklisted holder), at most [`RECENT_RELEASES`]: their claims are
+    /// refused for good, so a fenced session stays fenced once its blocklist entry expired.
+    pub taken_from: Vec<SessionId>,
 }
 
 /// How many releases an [`ImageLock`] remembers.

@@ -94,10 +94,11 @@ pub enum MapCommand {
     BlocklistRm {
         session: SessionId,
     },
-    /// The leader: these entries have expired. Entries already gone, or whose session
-    /// holds an image lock, are left as they are.
+    /// The leader: these entries (session, the epoch it was added) have expired. Entries
+    /// gone or added again since, or whose session holds an image lock, are left as they
+    /// are.
     BlocklistExpire {
-        sessions: Vec<SessionId>,
+        sessions: Vec<(SessionId, u64)>,
     },
     /// PG primaries: these PGs went (or go) active with these acting sets; each replaces
     /// the PG's [`crate::map::LastActive`] when its `since_epoch` is not older.

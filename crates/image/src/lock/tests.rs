@@ -128,6 +128,17 @@ fn a_release_refused_because_the_lock_was_taken_fences() {
 }
 
 #[test]
+fn a_claim_refused_because_the_lock_was_taken_from_us_fences() {
+    let mut m = LockMachine::new();
+    m.begin();
+    m.handle(Event::AcquireFailed(StoreError::new(
+        ErrorCode::LockLost,
+        "taken",
+    )));
+    assert!(matches!(m.begin().0, Begin::Fail(e) if e.code == ErrorCode::Blocklisted));
+}
+
+#[test]
 fn failed_claims_are_retried() {
     let mut m = LockMachine::new();
     m.begin();
