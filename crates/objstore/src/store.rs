@@ -57,6 +57,8 @@ fn deferred_max_blocks() -> usize {
     })
 }
 
+/// Device reads one object read keeps in flight when its blocks are fragmented.
+const READ_RUNS_IN_FLIGHT: usize = 32;
 /// Applied deferred writes that trigger a device flush and the removal of their records.
 const DEFERRED_CLEAN_EVERY: usize = 64;
 /// Trim a PG log only once it is this far over its bound, to batch the work.
@@ -611,8 +613,8 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// Reads mapped blocks and verifies every checksum. Device-contiguous runs are read as
-    /// one request each, and the runs of a fragmented range are read concurrently (their
-    /// number is bounded by [`MAX_IO_BYTES`]). The blocks share the buffers they were read
+    /// one request each, and the runs of a fragmented range are read concurrently (at most
+    /// [`READ_RUNS_IN_FLIGHT`] at once). The blocks share the buffers they were read
     /// into: no copy here.
     async fn read_blocks(
         &self,
@@ -662,11 +664,18 @@ impl<D: BlockDevice> BlockStore<D> {
             runs.push((i, n, first.device_block));
             i += n;
         }
-        let bufs = futures::future::try_join_all(
-            runs.iter()
-                .map(|&(_, n, device_block)| self.dev.read(device_block, n)),
-        )
-        .await?;
+        // In order, at most READ_RUNS_IN_FLIGHT at once (the pread backend spends a
+        // blocking-pool thread on each).
+        let bufs: Vec<AlignedBuf> = {
+            use futures::stream::{StreamExt, TryStreamExt};
+            let dev = &self.dev;
+            let reads: Vec<(u64, usize)> = runs.iter().map(|&(_, n, b)| (b, n)).collect();
+            futures::stream::iter(reads)
+                .map(|(device_block, n)| dev.read(device_block, n))
+                .buffered(READ_RUNS_IN_FLIGHT)
+                .try_collect()
+                .await?
+        };
         let mut whole = None;
         for (&(i, n, _), buf) in runs.iter().zip(bufs) {
             for j in 0..n {
