@@ -226,8 +226,7 @@ async fn apply_loop<D: BlockDevice>(
                 running.push(async move {
                     let mut ok = true;
                     for (block, data) in &job.blocks {
-                        let mut buf = AlignedBuf::zeroed(1);
-                        buf.copy_from_slice(data);
+                        let buf = AlignedBuf::with_data(1, 0, data);
                         if let Err(e) = dev.write_lazy(*block, buf).await {
                             tracing::error!(block, "writing deferred data failed (the record is kept and written again at the next start): {e}");
                             ok = false;
@@ -534,9 +533,9 @@ impl<D: BlockDevice> BlockStore<D> {
                 let current =
                     refs[i].is_some_and(|r| r.device_block == *d && r.crc == crc32c::crc32c(block));
                 if current {
-                    let mut buf = AlignedBuf::zeroed(1);
-                    buf.copy_from_slice(block);
-                    self.dev.write_lazy(*d, buf).await?;
+                    self.dev
+                        .write_lazy(*d, AlignedBuf::with_data(1, 0, block))
+                        .await?;
                     written += 1;
                 }
             }
@@ -794,7 +793,8 @@ impl<D: BlockDevice> BlockStore<D> {
                 okey: okey.to_vec(),
                 lblock: b0,
                 device_blocks,
-                data: Bytes::copy_from_slice(&contents),
+                // The write's buffer itself backs the record and the pending blocks.
+                data: Bytes::from_owner(contents),
             };
             let cf = self
                 .db
