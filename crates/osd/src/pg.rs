@@ -180,6 +180,14 @@ pub enum Event<P> {
         from: OsdId,
         error: StoreError,
     },
+    /// OSD `from` refused `version` because its map, at `epoch`, no longer makes this OSD
+    /// the PG's primary: the mutation fails unacknowledged with `NotPrimary`, so the
+    /// client resends it once it has that map (every operation is idempotent).
+    Superseded {
+        version: Version,
+        from: OsdId,
+        epoch: u64,
+    },
     /// OSD `from` could not apply `version`; it waits for the next interval.
     Failed {
         version: Version,
@@ -712,6 +720,17 @@ impl<P: Clone> PgPrimary<P> {
             } => {
                 if self.in_flight.contains_key(&version) {
                     self.fail_mutation(version, PgError::Refused { osd: from, error }, &mut out);
+                    self.repeer(&mut out);
+                }
+            }
+            Event::Superseded {
+                version,
+                from,
+                epoch,
+            } => {
+                if self.in_flight.contains_key(&version) {
+                    debug_assert_ne!(from, self.whoami, "a primary never supersedes itself");
+                    self.fail_mutation(version, PgError::NotPrimary { epoch }, &mut out);
                     self.repeer(&mut out);
                 }
             }

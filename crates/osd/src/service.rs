@@ -750,6 +750,19 @@ impl<S: ObjectStore> OsdService<S> {
         let version = job.version;
         let ev = match res {
             Ok(OsdResponse::Committed { .. }) => Event::Durable { version, from: to },
+            Ok(OsdResponse::NotPrimary { epoch }) => {
+                debug!(
+                    peer = to,
+                    ?version,
+                    epoch,
+                    "replica has a map in which we are not the primary"
+                );
+                Event::Superseded {
+                    version,
+                    from: to,
+                    epoch,
+                }
+            }
             Ok(OsdResponse::Error(error)) => {
                 warn!(peer = to, ?version, "replica refused: {error}");
                 Event::Refused {
@@ -1829,9 +1842,12 @@ impl<S: ObjectStore> OsdService<S> {
                         continue;
                     }
                     if let Some(e) = self.stale_primary(map_epoch, from, pg) {
+                        // Not an error for the client: its primary resends it there.
+                        debug!("{}", e.message);
+                        let epoch = self.map().map_or(map_epoch, |m| m.epoch);
                         tokio::spawn(async move {
                             let _permit = permit;
-                            replier.reply(tag, &OsdResponse::Error(e)).await;
+                            replier.reply(tag, &OsdResponse::NotPrimary { epoch }).await;
                         });
                         continue;
                     }

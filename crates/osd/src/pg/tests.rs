@@ -637,6 +637,30 @@ fn a_refusal_fails_the_write_at_once() {
     assert_eq!(p.outstanding(), 0);
 }
 
+#[test]
+fn a_replica_with_a_newer_map_sends_the_client_to_the_new_primary() {
+    // The replica's map no longer makes this OSD primary: the client is told NotPrimary
+    // (it waits for that map and resends), not given an error.
+    let mut p = pg();
+    map(&mut p, 1, &[0, 1], 2);
+    mutate(&mut p, 1, "a", 0);
+    durable(&mut p, v(1, 1), 0);
+    let c = p.handle(Event::Superseded {
+        version: v(1, 1),
+        from: 1,
+        epoch: 2,
+    });
+    assert_eq!(
+        c[0],
+        Command::Reject {
+            op: 1,
+            error: PgError::NotPrimary { epoch: 2 }
+        }
+    );
+    assert!(durable(&mut p, v(1, 1), 1).is_empty());
+    assert_eq!(p.outstanding(), 0);
+}
+
 fn head(p: &mut Pg, from: OsdId, interval: u64, h: Option<Version>) -> Vec<Command<u32>> {
     p.handle(Event::Head {
         from,
