@@ -312,6 +312,10 @@ fn parse_superblock(buf: &[u8]) -> Result<Identity, String> {
     decode_record(RECORD_V, &buf[12..12 + len]).map_err(|e| format!("unreadable superblock: {e}"))
 }
 
+/// Bound on the live WAL files: beyond it, the column families holding the oldest one
+/// flush so that it can be recycled.
+const WAL_MAX_TOTAL_BYTES: u64 = 64 << 20;
+
 fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
@@ -322,6 +326,12 @@ fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
     // once warm an fdatasync has no file size to journal (one device flush, not two).
     // Point-in-time recovery is what recycling needs; synced writes are all recovered.
     opts.set_recycle_log_file_num(4);
+    // A WAL file is only recycled once every column family with data in it has flushed.
+    // The deferred-data family switches memtables every few seconds under load while the
+    // small ones would hold theirs for hundreds of MB of WAL: without a bound every switch
+    // starts a brand-new file, and each synced append to it must also write its inode
+    // (an extra device write before every commit's flush).
+    opts.set_max_total_wal_size(WAL_MAX_TOTAL_BYTES);
     opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
     opts.set_max_background_jobs(2);
     // Point lookups (object metadata, block map) skip SST files through bloom filters;
@@ -715,17 +725,20 @@ impl<D: BlockDevice> BlockStore<D> {
         let Ok(mut d) = self.deferred.lock() else {
             return; // poisoned: leak the blocks rather than risk reusing them
         };
-        let extents: Vec<Extent> = extents
-            .into_iter()
-            .flat_map(|e| (e.start..e.start + e.len).map(|b| Extent { start: b, len: 1 }))
-            .filter(|e| {
-                let pending = d.pending.contains_key(&e.start);
-                if pending {
-                    d.free_when_written.insert(e.start);
-                }
-                !pending
-            })
-            .collect();
+        // Blocks still pending a deferred write are freed once it is done; the rest go
+        // back as runs (one allocator update per run, not per block).
+        let mut runs: Vec<Extent> = Vec::new();
+        for b in extents.into_iter().flat_map(|e| e.start..e.start + e.len) {
+            if d.pending.contains_key(&b) {
+                d.free_when_written.insert(b);
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.start + r.len == b => r.len += 1,
+                _ => runs.push(Extent { start: b, len: 1 }),
+            }
+        }
+        let extents = runs;
         drop(d);
         if let Ok(mut a) = self.alloc.lock() {
             for e in extents {
