@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use divan::{black_box, Bencher};
 use store_objstore::device::file::FileDevice;
 use store_objstore::device::uring::UringDevice;
-use store_objstore::device::{create_file_device, BlockDevice};
+use store_objstore::device::{create_file_device, BlockDevice, FileFill};
 use store_objstore::{BlockStore, ObjectId, ObjectStore, Version};
 use store_placement::PoolMapper;
 use store_types::map::{ClusterMap, FailureDomain, HostBucket, OsdInfo, Pool, WEIGHT_ONE};
@@ -251,7 +251,7 @@ mod objstore {
             .tempdir_in(base)
             .expect("tmp");
         let dev = tmp.path().join("dev.img");
-        create_file_device(&dev, size_bytes).expect("device");
+        create_file_device(&dev, size_bytes, FileFill::Reserve).expect("device");
         (tmp, dev)
     }
 

@@ -115,7 +115,7 @@ impl RpcConn {
                 on_write_error.fail_all(cause);
             }
         });
-        let reader = FramedRead::new(rd, FrameCodec::new(max_frame_bytes));
+        let reader = crate::lowat::frame_reader(rd, max_frame_bytes);
         tokio::spawn(conn.clone().read_loop(reader, push_tx));
         Ok((conn, push_rx))
     }
@@ -131,7 +131,7 @@ impl RpcConn {
 
     async fn read_loop(
         self,
-        mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        mut reader: FramedRead<crate::lowat::LowWaterRead, FrameCodec>,
         push_tx: mpsc::Sender<Bytes>,
     ) {
         let cause = loop {

@@ -5,6 +5,7 @@
 //! monitors reach consensus or how OSDs store data.
 
 pub mod conn;
+pub mod lowat;
 pub mod mon;
 pub mod objects;
 pub mod server;

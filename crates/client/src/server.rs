@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
 use store_types::wire::{self, Frame, FrameCodec, FrameKind};
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -99,7 +98,7 @@ impl Replier {
 /// One accepted connection: a request reader and a reply sink.
 pub struct ServerConn {
     pub peer: String,
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    reader: FramedRead<crate::lowat::LowWaterRead, FrameCodec>,
     replier: Replier,
     writer: JoinHandle<()>,
 }
@@ -120,7 +119,7 @@ impl ServerConn {
         });
         ServerConn {
             peer,
-            reader: FramedRead::new(rd, FrameCodec::new(max_frame_bytes)),
+            reader: crate::lowat::frame_reader(rd, max_frame_bytes),
             replier: Replier { tx },
             writer,
         }

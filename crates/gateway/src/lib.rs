@@ -514,6 +514,7 @@ async fn transmission(
         let _ = wr.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut mark = store_client::lowat::RecvLowWater::new(rd.get_ref().as_ref());
     loop {
         let mut head = [0u8; REQUEST_HEADER_BYTES];
         rd.read_exact(&mut head).await?;
@@ -538,11 +539,14 @@ async fn transmission(
             // Read straight into spare capacity: no zeroing of what the socket fills.
             let mut buf = bytes::BytesMut::with_capacity(req.len as usize);
             while buf.len() < req.len as usize {
+                // Sleep through the segments of a large payload (SO_RCVLOWAT).
+                mark.expect(req.len as usize - buf.len())?;
                 let mut limited = (&mut rd).take((req.len as usize - buf.len()) as u64);
                 if limited.read_buf(&mut buf).await? == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
             }
+            mark.expect(0)?;
             payload = Some(buf.freeze());
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use store_objstore::device::file::FileDevice;
 use store_objstore::device::uring::UringDevice;
-use store_objstore::device::{create_file_device, BlockDevice};
+use store_objstore::device::{create_file_device, BlockDevice, FileFill};
 use store_objstore::{
     BlockStore, LogOp, ObjError, ObjectId, ObjectStore, PgCopyState, Version, BLOCK_SIZE,
 };
@@ -33,7 +33,7 @@ fn env(size_bytes: u64) -> Env {
         .tempdir_in(base)
         .expect("tmp");
     let dev = tmp.path().join("dev.img");
-    create_file_device(&dev, size_bytes).expect("device");
+    create_file_device(&dev, size_bytes, FileFill::Reserve).expect("device");
     let db = tmp.path().join("db");
     Env { _tmp: tmp, dev, db }
 }

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use store_objstore::device::create_file_device;
 use store_objstore::device::uring::UringDevice;
+use store_objstore::device::{create_file_device, FileFill};
 use store_objstore::{BlockStore, ObjectId, ObjectStore, Version, BLOCK_SIZE};
 
 const FSID: &str = "crash-fsid";
@@ -235,7 +235,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         .prefix("crash-")
         .tempdir_in(base)
         .expect("tmp");
-    create_file_device(&tmp.path().join("dev.img"), 64 << 20).expect("device");
+    create_file_device(&tmp.path().join("dev.img"), 64 << 20, FileFill::Reserve).expect("device");
     let exe = std::env::current_exe().expect("test binary");
     let mut r = rng(42);
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -46,6 +46,8 @@ pub struct OsdSettings {
     pub device: PathBuf,
     /// Create a file-backed device of this size when `device` does not exist.
     pub device_size_bytes: Option<u64>,
+    /// How a new file-backed device gets its space.
+    pub device_fill: device::FileFill,
     pub backend: Backend,
     pub host: String,
     /// Address to listen on; port 0 picks a free one.
@@ -142,7 +144,7 @@ async fn open_store(s: &OsdSettings, meta: &OsdMeta) -> Result<Store, StoreError
                 s.device.display()
             )));
         };
-        device::create_file_device(&s.device, size)
+        device::create_file_device(&s.device, size, s.device_fill)
             .map_err(|e| refused(format!("creating device {}: {e}", s.device.display())))?;
         info!(device = %s.device.display(), size, "created file-backed device");
     }

@@ -36,6 +36,10 @@ pub enum ClusterCmd {
         /// Size of each OSD's file-backed device (allocated up front), e.g. 1G, 8G.
         #[arg(long = "osd-size", default_value = "1G")]
         osd_size: String,
+        /// Write zeros over each new OSD device file instead of only reserving its space
+        /// (slower to create; first writes then cost what they cost on a block device).
+        #[arg(long = "osd-zero-fill")]
+        osd_zero_fill: bool,
         /// Give up waiting for HEALTH_OK after this many seconds.
         #[arg(long = "timeout-secs", default_value_t = 120)]
         timeout_secs: u64,
@@ -55,6 +59,7 @@ pub async fn run(format: Format, cmd: &ClusterCmd) -> anyhow::Result<()> {
             osds,
             gateways,
             osd_size,
+            osd_zero_fill,
             timeout_secs,
         } => {
             let shape = Shape {
@@ -62,6 +67,7 @@ pub async fn run(format: Format, cmd: &ClusterCmd) -> anyhow::Result<()> {
                 osds: *osds,
                 gateways: *gateways,
                 osd_size: osd_size.clone(),
+                osd_zero_fill: *osd_zero_fill,
             };
             up(format, dir, shape, Duration::from_secs(*timeout_secs)).await
         }
@@ -134,6 +140,8 @@ struct Shape {
     gateways: u32,
     /// Device size for new OSDs (`stored osd --size`).
     osd_size: String,
+    /// `stored osd --zero-fill` for new devices.
+    osd_zero_fill: bool,
 }
 
 /// The conf key listing the NBD gateways (`storectl gateway ls` reads it).
@@ -157,7 +165,8 @@ struct Daemon {
     args: Vec<String>,
 }
 
-fn daemons(conf: &Config, dir: &Path, osds: u32, osd_size: &str) -> anyhow::Result<Vec<Daemon>> {
+fn daemons(conf: &Config, dir: &Path, shape: &Shape) -> anyhow::Result<Vec<Daemon>> {
+    let (osds, osd_size) = (shape.osds, shape.osd_size.as_str());
     let gateways: Vec<Daemon> = gateway_addrs(conf)
         .into_iter()
         .enumerate()
@@ -204,7 +213,10 @@ fn daemons(conf: &Config, dir: &Path, osds: u32, osd_size: &str) -> anyhow::Resu
                 format!("node{}", i + 1),
                 "--size".into(),
                 osd_size.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(shape.osd_zero_fill.then(|| "--zero-fill".to_string()))
+            .collect(),
         });
     }
     out.extend(gateways);
@@ -259,7 +271,7 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
         mons,
         osds,
         gateways,
-        osd_size,
+        ..
     } = shape;
     if mons == 0 || mons > 7 {
         bail!("--mons {mons}: use 1 to 7 monitors (1, 3 or 5 recommended)");
@@ -276,7 +288,7 @@ async fn up(format: Format, dir: &Path, shape: Shape, timeout: Duration) -> anyh
         write_conf(&dir, mons, gateways)?;
     }
     let conf = Config::load(Some(&conf_path))?;
-    let list = daemons(&conf, &dir, osds, &osd_size)?;
+    let list = daemons(&conf, &dir, &shape)?;
     let mut started = Vec::new();
     let spawned_at = Instant::now();
     for d in &list {

@@ -64,6 +64,11 @@ enum Cmd {
         /// Create a file-backed device of this size (e.g. 10G, 512M) if it does not exist.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// With --size: write zeros over the new file instead of only reserving its space,
+        /// so first writes need no filesystem metadata update, as on a block device (slower
+        /// to create; what benchmarks use).
+        #[arg(long = "zero-fill", requires = "size")]
+        zero_fill: bool,
         /// I/O backend: uring (default) or file (pread/pwrite).
         #[arg(long = "io-backend")]
         io_backend: Option<Backend>,
@@ -185,6 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             device,
             size,
+            zero_fill,
             io_backend,
             host,
             addr,
@@ -213,6 +219,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 device: device.unwrap_or_else(|| data.join("block")),
                 data_dir: data,
                 device_size_bytes: size,
+                device_fill: if zero_fill {
+                    store_objstore::device::FileFill::Zeros
+                } else {
+                    store_objstore::device::FileFill::Reserve
+                },
                 backend,
                 host: host.unwrap_or_else(hostname),
                 addr,

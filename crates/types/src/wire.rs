@@ -14,6 +14,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio_util::codec::{Decoder, Encoder};
 
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"STOR");
@@ -86,11 +88,31 @@ impl WireError {
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     max_frame_bytes: usize,
+    /// Where the decoder publishes how many bytes the frame it is assembling still lacks
+    /// (see [`FrameCodec::with_missing_hint`]).
+    missing: Option<Arc<AtomicUsize>>,
 }
 
 impl FrameCodec {
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameCodec { max_frame_bytes }
+        FrameCodec {
+            max_frame_bytes,
+            missing: None,
+        }
+    }
+
+    /// After every decode, `hint` holds the number of bytes the current frame still lacks
+    /// (0 when a frame was complete). A reader can use it to sleep until a large frame has
+    /// arrived rather than wake for every segment of it.
+    pub fn with_missing_hint(mut self, hint: Arc<AtomicUsize>) -> Self {
+        self.missing = Some(hint);
+        self
+    }
+
+    fn publish_missing(&self, bytes: usize) {
+        if let Some(m) = &self.missing {
+            m.store(bytes, Ordering::Relaxed);
+        }
     }
 }
 
@@ -106,6 +128,7 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if src.len() < HEADER_LEN {
+            self.publish_missing(HEADER_LEN - src.len());
             return Ok(None);
         }
         let mut h = &src[..HEADER_LEN];
@@ -134,6 +157,7 @@ impl Decoder for FrameCodec {
         if src.len() < HEADER_LEN + len {
             // Reserve only what the bounded frame needs.
             src.reserve(HEADER_LEN + len - src.len());
+            self.publish_missing(HEADER_LEN + len - src.len());
             return Ok(None);
         }
         let mut crc = crc32c::crc32c(&src[..20]);
@@ -141,6 +165,7 @@ impl Decoder for FrameCodec {
         if crc != want {
             return Err(WireError::Checksum { got: crc, want });
         }
+        self.publish_missing(0);
         src.advance(HEADER_LEN);
         let payload = src.split_to(len).freeze();
         Ok(Some(Frame { kind, tag, payload }))
@@ -493,6 +518,22 @@ mod tests {
         let mut full = buf.clone();
         assert_eq!(codec.decode(&mut full).unwrap().unwrap(), frame(b"hello"));
         assert!(full.is_empty());
+    }
+
+    #[test]
+    fn the_missing_hint_counts_down_to_a_whole_frame() {
+        let hint = Arc::new(AtomicUsize::new(usize::MAX));
+        let mut codec = FrameCodec::default().with_missing_hint(hint.clone());
+        let buf = encoded(frame(&[7u8; 1000]));
+        let mut part = BytesMut::from(&buf[..10]);
+        assert!(codec.decode(&mut part).unwrap().is_none());
+        assert_eq!(hint.load(Ordering::Relaxed), HEADER_LEN - 10);
+        let mut part = BytesMut::from(&buf[..HEADER_LEN + 100]);
+        assert!(codec.decode(&mut part).unwrap().is_none());
+        assert_eq!(hint.load(Ordering::Relaxed), buf.len() - HEADER_LEN - 100);
+        let mut full = buf.clone();
+        assert!(codec.decode(&mut full).unwrap().is_some());
+        assert_eq!(hint.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -54,9 +54,21 @@ pub enum Backend {
     File,
 }
 
+/// How a new file-backed device gets its space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileFill {
+    /// `fallocate`: instant, but the filesystem keeps the space as unwritten extents and
+    /// converts them (a metadata update, synced with the data) on each first write.
+    #[default]
+    Reserve,
+    /// Zeros written over the whole file: slower to create, then every write lands on
+    /// initialized space as it would on a block device (what benchmarks want).
+    Zeros,
+}
+
 /// Creates a file-backed device of `size_bytes` (rounded down to whole blocks) if `path`
 /// does not exist. Space is allocated up front so a full filesystem shows now, not later.
-pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
+pub fn create_file_device(path: &Path, size_bytes: u64, fill: FileFill) -> io::Result<()> {
     let blocks = size_bytes / BLOCK_SIZE as u64;
     if blocks < 16 {
         return Err(io::Error::new(
@@ -81,7 +93,28 @@ pub fn create_file_device(path: &Path, size_bytes: u64) -> io::Result<()> {
         let _ = std::fs::remove_file(path);
         return Err(e);
     }
+    if fill == FileFill::Zeros {
+        if let Err(e) = write_zeros(&f, len) {
+            drop(f);
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    }
     f.sync_all()
+}
+
+/// Overwrites `len` bytes of `f` with zeros, in large sequential writes.
+fn write_zeros(f: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK_BYTES: u64 = 8 << 20;
+    let zeros = vec![0u8; CHUNK_BYTES as usize];
+    let mut at = 0;
+    while at < len {
+        let n = CHUNK_BYTES.min(len - at) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Opens a device (block device or regular file) for O_DIRECT | O_DSYNC I/O and returns it
@@ -186,5 +219,48 @@ impl std::str::FromStr for Backend {
                 "unknown I/O backend '{other}': expected uring or file"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The extent flags `filefrag -v` prints for a file, or None where it cannot tell
+    /// (tool missing, or a filesystem without FIEMAP).
+    fn extent_flags(path: &Path) -> Option<String> {
+        let out = std::process::Command::new("filefrag")
+            .arg("-v")
+            .arg(path)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains("ext:")).then_some(text)
+    }
+
+    #[test]
+    fn zero_fill_leaves_no_unwritten_extents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reserved = dir.path().join("reserved");
+        let zeroed = dir.path().join("zeroed");
+        create_file_device(&reserved, 8 << 20, FileFill::Reserve).expect("reserve");
+        create_file_device(&zeroed, 8 << 20, FileFill::Zeros).expect("zeros");
+        for p in [&reserved, &zeroed] {
+            assert_eq!(std::fs::metadata(p).expect("stat").len(), 8 << 20);
+        }
+        let data = std::fs::read(&zeroed).expect("read");
+        assert!(data.iter().all(|b| *b == 0));
+        let (Some(r), Some(z)) = (extent_flags(&reserved), extent_flags(&zeroed)) else {
+            eprintln!("filefrag cannot show extents here: flags not checked");
+            return;
+        };
+        if r.contains("unwritten") {
+            assert!(
+                !z.contains("unwritten"),
+                "zero-filled file still has unwritten extents:\n{z}"
+            );
+        }
+        // An existing path is never overwritten.
+        assert!(create_file_device(&zeroed, 8 << 20, FileFill::Zeros).is_err());
     }
 }
