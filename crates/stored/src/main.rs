@@ -10,6 +10,12 @@ use store_objstore::device::Backend;
 use store_types::config::Config;
 use store_types::map::weight_from_f64;
 
+/// mimalloc for the daemons' own allocations: the hot paths allocate small buffers across
+/// threads (a frame read on one worker, freed on another), where glibc's arenas spent
+/// ~11% of an OSD's CPU in 4 KiB writes (`_int_malloc`, `malloc_consolidate`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "stored",
