@@ -27,7 +27,8 @@ struct Cli {
     #[arg(long, global = true)]
     conf: Option<PathBuf>,
     /// Runtime worker threads (default: one per CPU, or $STORE_WORKER_THREADS). Several
-    /// daemons on a small host contend less with fewer each.
+    /// daemons on a small host contend less with fewer each (`storectl cluster up` gives
+    /// each daemon its share of the CPUs, at least one).
     #[arg(long, global = true)]
     worker_threads: Option<usize>,
     #[command(subcommand)]
