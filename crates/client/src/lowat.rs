@@ -43,7 +43,7 @@ impl RecvLowWater {
 
     /// The reader is waiting for `missing_bytes` more: wake it only once they are there if
     /// that is a lot, at the first byte otherwise.
-    pub fn expect(&mut self, missing_bytes: usize) -> io::Result<()> {
+    pub fn wake_at(&mut self, missing_bytes: usize) -> io::Result<()> {
         let want = if missing_bytes >= LOW_WATER_FROM_BYTES {
             missing_bytes.min(LOW_WATER_MAX_BYTES)
         } else {
@@ -87,7 +87,10 @@ impl AsyncRead for LowWaterRead {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Err(e) = this.mark.expect(this.missing_bytes.load(Ordering::Relaxed)) {
+        if let Err(e) = this
+            .mark
+            .wake_at(this.missing_bytes.load(Ordering::Relaxed))
+        {
             return Poll::Ready(Err(e));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -540,13 +540,13 @@ async fn transmission(
             let mut buf = bytes::BytesMut::with_capacity(req.len as usize);
             while buf.len() < req.len as usize {
                 // Sleep through the segments of a large payload (SO_RCVLOWAT).
-                mark.expect(req.len as usize - buf.len())?;
+                mark.wake_at(req.len as usize - buf.len())?;
                 let mut limited = (&mut rd).take((req.len as usize - buf.len()) as u64);
                 if limited.read_buf(&mut buf).await? == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
             }
-            mark.expect(0)?;
+            mark.wake_at(0)?;
             payload = Some(buf.freeze());
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {
