@@ -189,8 +189,8 @@ pub fn release(map: &mut ClusterMap, key: &str, session: SessionId, generation: 
             ),
         ));
     }
-    {
-        let l = map.image_locks.get_mut(key).expect("present");
+    // The entry read above is still there: nothing between removes one.
+    if let Some(l) = map.image_locks.get_mut(key) {
         l.recent_releases.push((session, generation));
         let extra = l.recent_releases.len().saturating_sub(RECENT_RELEASES);
         l.recent_releases.drain(..extra);
@@ -220,11 +220,12 @@ pub fn release(map: &mut ClusterMap, key: &str, session: SessionId, generation: 
         }
         None => {
             // A free lock stays as an entry without holder, so its generation never goes back.
-            let l = map.image_locks.get_mut(key).expect("present");
-            l.holder = None;
-            l.requested_by = None;
-            l.requested_desc.clear();
-            l.holder_desc.clear();
+            if let Some(l) = map.image_locks.get_mut(key) {
+                l.holder = None;
+                l.requested_by = None;
+                l.requested_desc.clear();
+                l.holder_desc.clear();
+            }
             map.epoch += 1;
             Ok((
                 format!("{} released {}", session_name(session), lock.image),
