@@ -173,12 +173,14 @@ async fn reap_loop(shared: Arc<Shared>, events: AsyncFd<OwnedFd>, mut stop: ones
                 };
                 let mut count = [0u8; 8];
                 // SAFETY: reads 8 bytes into a local buffer from a nonblocking eventfd.
-                let n = unsafe {
+                unsafe {
                     libc::read(events.as_raw_fd(), count.as_mut_ptr().cast(), count.len())
                 };
-                if n < 0 {
-                    guard.clear_ready();
-                }
+                // A successful read takes the whole counter, so the eventfd is drained
+                // either way: without clearing here, every wake-up costs a second read
+                // that fails with EAGAIN. An event after the read sets readiness anew
+                // (tokio only clears the readiness this guard saw).
+                guard.clear_ready();
             }
             _ = &mut stop, if !stopping => stopping = true,
         }
