@@ -150,7 +150,7 @@ mod frames {
         b.bench_local(|| {
             let mut buf = BytesMut::from(&wire[..]);
             let frame = codec.decode(&mut buf).expect("decode").expect("whole");
-            black_box(decode_payload::<OsdRequest>(&frame.payload).expect("payload"))
+            black_box(decode_payload::<OsdRequest>(&frame.payload.into_bytes()).expect("payload"))
         });
     }
 }

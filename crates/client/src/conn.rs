@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{de::DeserializeOwned, Serialize};
-use store_types::wire::{self, Frame, FrameBatch, FrameCodec, FrameKind};
+use store_types::wire::{self, Frame, FrameBatch, FrameCodec, FrameKind, Payload};
 use store_types::{ErrorCode, StoreError};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -146,11 +146,11 @@ impl RpcConn {
                             .ok()
                             .and_then(|mut p| p.remove(&frame.tag));
                         if let Some(w) = waiter {
-                            let _ = w.send(Ok(frame.payload));
+                            let _ = w.send(Ok(frame.payload.into_bytes()));
                         }
                     }
                     FrameKind::Push => {
-                        if push_tx.send(frame.payload).await.is_err() {
+                        if push_tx.send(frame.payload.into_bytes()).await.is_err() {
                             debug!(addr = %self.addr, "push dropped: nobody listens");
                         }
                     }
@@ -194,13 +194,18 @@ impl RpcConn {
     }
 
     /// Sends raw payload bytes and waits for the reply's payload.
-    pub async fn call_raw(&self, payload: Bytes, timeout: Duration) -> Result<Bytes, StoreError> {
+    pub async fn call_raw(
+        &self,
+        payload: impl Into<Payload>,
+        timeout: Duration,
+    ) -> Result<Bytes, StoreError> {
         self.send_raw(payload).await?.wait(timeout).await
     }
 
     /// Queues a request and returns its pending reply. Requests queued by one task go out
     /// in the order of these calls, so a caller can pipeline ordered requests.
-    pub async fn send_raw(&self, payload: Bytes) -> Result<PendingReply, StoreError> {
+    pub async fn send_raw(&self, payload: impl Into<Payload>) -> Result<PendingReply, StoreError> {
+        let payload = payload.into();
         if let Some(cause) = self.closed.lock().ok().and_then(|c| c.clone()) {
             return Err(cause);
         }

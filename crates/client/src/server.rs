@@ -143,7 +143,7 @@ impl ServerConn {
                 return None;
             }
         };
-        match wire::decode_payload_shared(&frame.payload) {
+        match wire::decode_payload_shared(&frame.payload.into_bytes()) {
             Ok(req) => Some((frame.tag, req)),
             Err(e) => {
                 warn!(peer = %self.peer, "closing connection: undecodable request: {e}");

@@ -146,7 +146,7 @@ enum Backfill {
 
 struct PeerJob {
     slot: Arc<PgSlot>,
-    payload: Bytes,
+    payload: wire::Payload,
     version: ObjVersion,
 }
 
@@ -620,7 +620,7 @@ impl<S: ObjectStore> OsdService<S> {
         version: ObjVersion,
         object: String,
         mutation: Mutation,
-        encoded: &mut Option<(ObjVersion, Bytes)>,
+        encoded: &mut Option<(ObjVersion, wire::Payload)>,
     ) -> bool {
         if to == self.id {
             let job = ApplyJob {

@@ -51,7 +51,61 @@ pub struct Frame {
     pub kind: FrameKind,
     /// Matches a reply to its request; 0 for pushes.
     pub tag: u64,
-    pub payload: Bytes,
+    pub payload: Payload,
+}
+
+/// A frame payload as the buffers it is made of, in order: a received payload is one
+/// buffer; an encoded one ([`encode_payload`]) keeps the large data fields of its message
+/// as the buffers they already were, between the encoded bytes around them, so they reach
+/// the socket without being copied. Never holds an empty part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Payload {
+    parts: Vec<Bytes>,
+}
+
+impl Payload {
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The buffers, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The payload as one buffer: free for a single part, a copy otherwise.
+    pub fn into_bytes(self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut out = BytesMut::with_capacity(self.len());
+                for p in &self.parts {
+                    out.extend_from_slice(p);
+                }
+                out.freeze()
+            }
+        }
+    }
+
+    fn push(&mut self, part: Bytes) {
+        if !part.is_empty() {
+            self.parts.push(part);
+        }
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        let mut p = Payload::default();
+        p.push(b);
+        p
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +221,7 @@ impl Decoder for FrameCodec {
         }
         self.publish_missing(0);
         src.advance(HEADER_LEN);
-        let payload = src.split_to(len).freeze();
+        let payload = src.split_to(len).freeze().into();
         Ok(Some(Frame { kind, tag, payload }))
     }
 }
@@ -188,7 +242,10 @@ impl FrameCodec {
         dst.put_u16_le(frame.kind as u16);
         dst.put_u64_le(frame.tag);
         dst.put_u32_le(len as u32);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&dst[start..start + 20]), &frame.payload);
+        let crc = (frame.payload.parts.iter())
+            .fold(crc32c::crc32c(&dst[start..start + 20]), |crc, part| {
+                crc32c::crc32c_append(crc, part)
+            });
         dst.put_u32_le(crc);
         Ok(())
     }
@@ -200,7 +257,9 @@ impl Encoder<Frame> for FrameCodec {
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         dst.reserve(HEADER_LEN + frame.payload.len());
         self.encode_header(&frame, dst)?;
-        dst.extend_from_slice(&frame.payload);
+        for part in &frame.payload.parts {
+            dst.extend_from_slice(part);
+        }
         Ok(())
     }
 }
@@ -224,16 +283,22 @@ pub struct FrameBatch {
 impl FrameBatch {
     /// Adds a frame, or gives it back once the batch is full (an empty batch takes any).
     pub fn push(&mut self, codec: &FrameCodec, frame: Frame) -> Result<Option<Frame>, WireError> {
-        if self.chunks.len() + 2 > BATCH_MAX_CHUNKS {
+        // Each part may seal the open buffer and add itself: two chunks per part at most.
+        let parts = frame.payload.parts.len();
+        if !self.chunks.is_empty() && self.chunks.len() + 2 * parts > BATCH_MAX_CHUNKS {
             return Ok(Some(frame));
         }
         self.open.reserve(HEADER_LEN);
         codec.encode_header(&frame, &mut self.open)?;
-        if frame.payload.len() < SEND_IN_PLACE_BYTES {
-            self.open.extend_from_slice(&frame.payload);
-        } else {
-            self.chunks.push_back(self.open.split().freeze());
-            self.chunks.push_back(frame.payload);
+        for part in frame.payload.parts {
+            if part.len() < SEND_IN_PLACE_BYTES {
+                self.open.extend_from_slice(&part);
+            } else {
+                if !self.open.is_empty() {
+                    self.chunks.push_back(self.open.split().freeze());
+                }
+                self.chunks.push_back(part);
+            }
         }
         Ok(None)
     }
@@ -286,9 +351,63 @@ impl Buf for FrameBatch {
     }
 }
 
-/// Encodes a message as a frame payload.
-pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Bytes, WireError> {
-    Ok(Bytes::from(postcard::to_stdvec(msg)?))
+/// Encodes a message as a frame payload. Its data fields (see [`shared_bytes`]) of at least
+/// [`SEND_IN_PLACE_BYTES`] are not copied: the payload refers to their buffers. The bytes
+/// are exactly postcard's encoding of the message.
+pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Payload, WireError> {
+    Ok(postcard::serialize_with_flavor(
+        msg,
+        SpliceFlavor::default(),
+    )?)
+}
+
+thread_local! {
+    /// The data field [`shared_bytes::serialize`] is serializing, for [`SpliceFlavor`] to
+    /// refer to instead of copying.
+    static SPLICE_SOURCE: std::cell::RefCell<Option<Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A postcard output that copies encoded bytes into a buffer, except a slice of the data
+/// field being serialized ([`SPLICE_SOURCE`]), which it keeps as a part of its own.
+#[derive(Default)]
+struct SpliceFlavor {
+    payload: Payload,
+    open: BytesMut,
+}
+
+impl postcard::ser_flavors::Flavor for SpliceFlavor {
+    type Output = Payload;
+
+    fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+        self.open.put_u8(b);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        let spliced = (data.len() >= SEND_IN_PLACE_BYTES)
+            .then(|| {
+                SPLICE_SOURCE.with(|s| match &*s.borrow() {
+                    Some(src) if shared_bytes::within(src, data) => Some(src.slice_ref(data)),
+                    _ => None,
+                })
+            })
+            .flatten();
+        match spliced {
+            Some(part) => {
+                let head = self.open.split().freeze();
+                self.payload.push(head);
+                self.payload.push(part);
+            }
+            None => self.open.extend_from_slice(data),
+        }
+        Ok(())
+    }
+
+    fn finalize(mut self) -> postcard::Result<Payload> {
+        let tail = self.open.split().freeze();
+        self.payload.push(tail);
+        Ok(self.payload)
+    }
 }
 
 /// Decodes a frame payload; trailing bytes are an error (they mean a framing bug or tampering).
@@ -327,7 +446,20 @@ pub mod shared_bytes {
     use serde::de::{Error, SeqAccess, Visitor};
     use serde::{Deserializer, Serializer};
 
+    /// Serializes the bytes; [`super::encode_payload`] then refers to `b` rather than
+    /// copying it.
     pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        if b.len() < super::SEND_IN_PLACE_BYTES {
+            return s.serialize_bytes(b);
+        }
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                super::SPLICE_SOURCE.with(|s| s.borrow_mut().take());
+            }
+        }
+        super::SPLICE_SOURCE.with(|s| *s.borrow_mut() = Some(b.clone()));
+        let _clear = Clear;
         s.serialize_bytes(b)
     }
 
@@ -375,7 +507,7 @@ pub mod shared_bytes {
     }
 
     /// Whether `part` lies inside `whole`'s memory (`Bytes::slice_ref` panics otherwise).
-    fn within(whole: &Bytes, part: &[u8]) -> bool {
+    pub(super) fn within(whole: &Bytes, part: &[u8]) -> bool {
         let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
         !part.is_empty() && p >= w && p + part.len() <= w + whole.len()
     }
@@ -424,7 +556,7 @@ mod tests {
         Frame {
             kind: FrameKind::Request,
             tag: 7,
-            payload: Bytes::copy_from_slice(payload),
+            payload: Bytes::copy_from_slice(payload).into(),
         }
     }
 
@@ -468,6 +600,44 @@ mod tests {
     }
 
     #[test]
+    fn a_spliced_payload_goes_out_as_its_bytes_and_decodes() {
+        #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Msg {
+            name: String,
+            #[serde(with = "shared_bytes")]
+            data: Bytes,
+            after: u64,
+        }
+        let msg = Msg {
+            name: "rbd_data.1".into(),
+            data: Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>()),
+            after: 77,
+        };
+        let payload = encode_payload(&msg).unwrap();
+        assert_eq!(payload.parts().len(), 3, "head, the data itself, tail");
+        assert_eq!(payload.len(), payload.clone().into_bytes().len());
+        let f = Frame {
+            kind: FrameKind::Reply,
+            tag: 11,
+            payload,
+        };
+        // Through a batch (vectored) and through the encoder (copied): the same bytes.
+        let mut batch = FrameBatch::default();
+        assert!(batch
+            .push(&FrameCodec::default(), f.clone())
+            .unwrap()
+            .is_none());
+        let sent = batch.copy_to_bytes(batch.remaining());
+        assert_eq!(&sent[..], &encoded(f)[..]);
+        let got = FrameCodec::default()
+            .decode(&mut BytesMut::from(&sent[..]))
+            .unwrap()
+            .unwrap();
+        let back: Msg = decode_payload_shared(&got.payload.into_bytes()).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
     fn a_full_batch_gives_the_frame_back() {
         let codec = FrameCodec::default();
         let mut batch = FrameBatch::default();
@@ -494,11 +664,17 @@ mod tests {
             n: 3,
             data: Bytes::from(vec![5u8; 65536]),
         };
-        let payload = encode_payload(&msg).unwrap();
+        let encoded = encode_payload(&msg).unwrap();
+        // The data is not copied: one part of the payload is the field's own buffer.
+        assert!(encoded
+            .parts()
+            .iter()
+            .any(|p| std::ptr::eq(p.as_ptr(), msg.data.as_ptr()) && p.len() == msg.data.len()));
         // The same bytes as a plain `Bytes` field would give.
+        let payload = encoded.into_bytes();
         assert_eq!(
             payload,
-            encode_payload(&(3u32, Bytes::from(vec![5u8; 65536]))).unwrap()
+            postcard::to_stdvec(&(3u32, Bytes::from(vec![5u8; 65536]))).unwrap()
         );
         let shared: Msg = decode_payload_shared(&payload).unwrap();
         assert_eq!(shared, msg);
@@ -596,7 +772,7 @@ mod tests {
 
     #[test]
     fn payload_rejects_trailing_bytes() {
-        let mut p = encode_payload(&42u32).unwrap().to_vec();
+        let mut p = encode_payload(&42u32).unwrap().into_bytes().to_vec();
         assert_eq!(decode_payload::<u32>(&p).unwrap(), 42);
         p.push(1);
         assert!(decode_payload::<u32>(&p).is_err());
