@@ -12,6 +12,7 @@
 
 pub mod aligned;
 pub mod alloc;
+mod blockmap;
 pub mod device;
 pub mod store;
 

@@ -4,7 +4,10 @@
 //! RocksDB column families:
 //! - `meta`: the identity record (must match the superblock);
 //! - `objects`: object key → `ObjMeta` (size, version);
-//! - `blocks`: object key + logical block (u32 BE) → `BlockRef` (device block, crc32c);
+//! - `blockmap`: object key + chunk (u32 BE) → the device block and crc32c of each mapped
+//!   block of that chunk of 16 logical blocks (see [`crate::blockmap`]);
+//! - `blocks`: the per-block map of stores written before chunks, moved into `blockmap` at
+//!   mount (empty afterwards);
 //! - `deferred`: sequence (u64 BE) → `DeferredWrite`: the data of a small write, committed
 //!   with its block map so that one synced commit makes it durable (see [`DEFERRED_MAX_BLOCKS`]).
 //!
@@ -26,6 +29,7 @@ use tokio::sync::RwLock;
 
 use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
+use crate::blockmap::{self, BlockRef, MapSpan};
 use crate::device::BlockDevice;
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
@@ -34,7 +38,8 @@ use crate::{
 
 const CF_META: &str = "meta";
 const CF_OBJECTS: &str = "objects";
-const CF_BLOCKS: &str = "blocks";
+const CF_BLOCKS: &str = "blockmap";
+const CF_LEGACY_BLOCKS: &str = "blocks";
 const CF_PGLOG: &str = "pglog";
 const CF_DEFERRED: &str = "deferred";
 /// Writes of at most this many blocks are *deferred*, as BlueStore defers small writes:
@@ -101,12 +106,6 @@ struct BlockData {
 struct ObjMeta {
     size: u64,
     version: Version,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct BlockRef {
-    device_block: u64,
-    crc: u32,
 }
 
 pub struct BlockStore<D: BlockDevice> {
@@ -296,12 +295,6 @@ fn pg_prefix(pool: u32, pg: u32) -> Vec<u8> {
     k
 }
 
-fn block_key(okey: &[u8], block: u32) -> Vec<u8> {
-    let mut k = okey.to_vec();
-    k.extend_from_slice(&block.to_be_bytes());
-    k
-}
-
 fn superblock(identity: &Identity) -> AlignedBuf {
     let mut buf = AlignedBuf::zeroed(1);
     let body = encode_record(RECORD_V, identity);
@@ -376,9 +369,16 @@ fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
         o.set_memtable_whole_key_filtering(true);
         o
     };
-    let cfs = [CF_META, CF_OBJECTS, CF_BLOCKS, CF_PGLOG, CF_DEFERRED]
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
+    let cfs = [
+        CF_META,
+        CF_OBJECTS,
+        CF_BLOCKS,
+        CF_LEGACY_BLOCKS,
+        CF_PGLOG,
+        CF_DEFERRED,
+    ]
+    .into_iter()
+    .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
     DB::open_cf_descriptors(&opts, dir, cfs)
         .map_err(|e| ObjError::Refused(format!("metadata store {}: {e}", dir.display())))
 }
@@ -478,21 +478,28 @@ impl<D: BlockDevice> BlockStore<D> {
     /// Rebuilds the allocator from the block map, counts objects and writes the deferred
     /// writes that may not have reached the device.
     async fn mount(dev: D, db: DB, identity: &Identity) -> Result<Self, ObjError> {
-        let mut used = Vec::new();
-        let blocks = db
-            .cf_handle(CF_BLOCKS)
-            .expect("opened with this column family");
-        for kv in db.iterator_cf(blocks, IteratorMode::Start) {
-            let (_, v) = kv.map_err(meta_err)?;
-            let r: BlockRef = decode_record(RECORD_V, &v).map_err(meta_err)?;
-            if r.device_block == 0 || r.device_block >= identity.device_blocks {
-                return Err(ObjError::Refused(format!(
-                    "block map points outside the device (block {})",
-                    r.device_block
-                )));
-            }
-            used.push(r.device_block);
+        let handle = |name| {
+            db.cf_handle(name)
+                .ok_or_else(|| ObjError::Refused(format!("column family {name} is missing")))
+        };
+        let (blocks, legacy) = (handle(CF_BLOCKS)?, handle(CF_LEGACY_BLOCKS)?);
+        let moved = blockmap::migrate_legacy(&db, legacy, blocks)
+            .map_err(|e| ObjError::Refused(format!("moving the block map to chunks: {e}")))?;
+        if moved > 0 {
+            tracing::info!(
+                records = moved,
+                "moved the per-block block map into chunk records"
+            );
         }
+        let mut used = Vec::new();
+        blockmap::for_each_device_block(&db, blocks, |b| {
+            if b == 0 || b >= identity.device_blocks {
+                return Err(format!("block map points outside the device (block {b})"));
+            }
+            used.push(b);
+            Ok(())
+        })
+        .map_err(ObjError::Refused)?;
         let objects_cf = db
             .cf_handle(CF_OBJECTS)
             .expect("opened with this column family");
@@ -615,37 +622,15 @@ impl<D: BlockDevice> BlockStore<D> {
         }
     }
 
-    /// Block map entries for logical blocks `b0..b1` of an object: point lookups for a few
-    /// blocks (bloom filters answer most misses), one range scan for more.
+    /// The block map of logical blocks `b0..b1` (b0 < b1) of an object, to read or edit.
+    fn map_span(&self, okey: &[u8], b0: u32, b1: u32) -> Result<MapSpan, ObjError> {
+        let cf = (self.db.cf_handle(CF_BLOCKS)).ok_or_else(|| meta_err("no block map family"))?;
+        MapSpan::load(&self.db, cf, okey, b0, b1).map_err(meta_err)
+    }
+
+    /// Block map entries for logical blocks `b0..b1` (b0 < b1) of an object.
     fn block_refs(&self, okey: &[u8], b0: u32, b1: u32) -> Result<Vec<Option<BlockRef>>, ObjError> {
-        const POINT_LOOKUPS_UP_TO: u32 = 4;
-        let cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
-        if b1 - b0 <= POINT_LOOKUPS_UP_TO {
-            return (b0..b1)
-                .map(|b| match self.db.get_pinned_cf(cf, block_key(okey, b)) {
-                    Ok(Some(v)) => decode_record(RECORD_V, &v).map(Some).map_err(meta_err),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(meta_err(e)),
-                })
-                .collect();
-        }
-        let mut out = vec![None; (b1 - b0) as usize];
-        let start = block_key(okey, b0);
-        for kv in self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
-        {
-            let (k, v) = kv.map_err(meta_err)?;
-            if k.len() != okey.len() + 4 || !k.starts_with(okey) {
-                break;
-            }
-            let b = u32::from_be_bytes(k[okey.len()..].try_into().map_err(meta_err)?);
-            if b >= b1 {
-                break;
-            }
-            out[(b - b0) as usize] = Some(decode_record(RECORD_V, &v).map_err(meta_err)?);
-        }
-        Ok(out)
+        Ok(self.map_span(okey, b0, b1)?.refs(b0, b1))
     }
 
     /// Reads mapped blocks and verifies every checksum. Device-contiguous runs are read as
@@ -791,15 +776,17 @@ impl<D: BlockDevice> BlockStore<D> {
     /// map, the object metadata and the PG log entry in one batch. Small writes are
     /// deferred (see [`DEFERRED_MAX_BLOCKS`]): their data rides in the commit, and the
     /// device write runs alongside it, unflushed. Either way, both are done on return.
+    /// `map` is the object's block map loaded over (at least) the blocks written.
     async fn cow_commit(
         &self,
         okey: &[u8],
         b0: u32,
         contents: AlignedBuf,
-        old: &[Option<BlockRef>],
+        mut map: MapSpan,
         change: Change<'_>,
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
+        let old = map.refs(b0, b0 + n as u32);
         let extents = self.alloc(n)?;
         let crcs: Vec<u32> = (0..contents.blocks())
             .map(|i| crc32c::crc32c(contents.block(i)))
@@ -817,12 +804,12 @@ impl<D: BlockDevice> BlockStore<D> {
                 device_block: *device_block,
                 crc: *crc,
             };
-            batch.put_cf(
-                blocks_cf,
-                block_key(okey, b0 + i as u32),
-                encode_record(RECORD_V, &r),
-            );
+            if let Err(e) = map.set(b0 + i as u32, Some(r)) {
+                self.release(extents);
+                return Err(meta_err(e));
+            }
         }
+        map.write(&mut batch, blocks_cf, okey);
         batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &change.meta));
         if let Some(op) = change.log {
             self.log_into(&mut batch, change.id, change.meta.version, op)?;
@@ -1159,7 +1146,8 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             return Ok(());
         }
         let (b0, b1) = block_span(offset, data.len() as u64);
-        let old = self.block_refs(&okey, b0, b1)?;
+        let map = self.map_span(&okey, b0, b1)?;
+        let old = map.refs(b0, b1);
         let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
         let stop = start + data.len();
         let mut contents = AlignedBuf::with_data((b1 - b0) as usize, start, &data);
@@ -1193,7 +1181,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
                 len: data.len() as u64,
             }),
         };
-        self.cow_commit(&okey, b0, contents, &old, change).await
+        self.cow_commit(&okey, b0, contents, map, change).await
     }
 
     async fn read(&self, id: &ObjectId, offset: u64, len: usize) -> Result<Bytes, ObjError> {
@@ -1299,14 +1287,19 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
                 created: false,
                 log: None,
             };
-            self.cow_commit(&okey, b, contents, &[Some(r)], change)
-                .await?;
+            // Loaded now: the edge committed before this one changed the map.
+            let map = self.map_span(&okey, b, b + 1)?;
+            self.cow_commit(&okey, b, contents, map, change).await?;
         }
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
-        for (b, _) in &deletes {
-            batch.delete_cf(blocks_cf, block_key(&okey, *b));
+        if !deletes.is_empty() {
+            let mut map = self.map_span(&okey, b0, b1)?;
+            for (b, _) in &deletes {
+                map.set(*b, None).map_err(meta_err)?;
+            }
+            map.write(&mut batch, blocks_cf, &okey);
         }
         batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
         self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })?;
@@ -1385,8 +1378,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(blocks_cf, block_key(&okey, 0), block_key(&okey, u32::MAX));
-        batch.delete_cf(blocks_cf, block_key(&okey, u32::MAX));
+        blockmap::delete_object(&mut batch, blocks_cf, &okey);
         batch.delete_cf(objects_cf, &okey);
         self.log_into(&mut batch, id, version, LogOp::Delete)?;
         self.commit(batch).await?;
@@ -1534,8 +1526,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             let refs = self.block_refs(&okey, 0, b1.max(1))?;
             let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(blocks_cf, block_key(&okey, 0), block_key(&okey, u32::MAX));
-            batch.delete_cf(blocks_cf, block_key(&okey, u32::MAX));
+            blockmap::delete_object(&mut batch, blocks_cf, &okey);
             batch.delete_cf(objects_cf, &okey);
             self.commit(batch).await?;
             self.objects.fetch_sub(1, Ordering::Relaxed);
