@@ -29,7 +29,7 @@ use tokio::sync::RwLock;
 
 use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
-use crate::blockmap::{self, BlockRef, MapSpan};
+use crate::blockmap::{self, BlockRef, ChunkCache, MapSpan};
 use crate::device::BlockDevice;
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
@@ -73,6 +73,9 @@ const KEY_IDENTITY: &[u8] = b"identity";
 const SUPERBLOCK_MAGIC: [u8; 8] = *b"STOREDEV";
 /// Object locks are striped: bounded memory, and distinct objects rarely share a stripe.
 const LOCK_STRIPES: usize = 1024;
+/// Block map chunks kept in memory: 64 Ki chunks of 16 blocks map 4 GiB of data, in
+/// roughly 20 MiB.
+const MAP_CACHE_CHUNKS: usize = 64 << 10;
 
 /// Who a device and its metadata belong to. Written to the superblock and to RocksDB at
 /// creation; both must match at every open.
@@ -131,6 +134,8 @@ pub struct BlockStore<D: BlockDevice> {
     commit_thread: Option<std::thread::JoinHandle<()>>,
     /// Device flushes shared by the writes waiting for one (see [`BlockStore::flush_device`]).
     flushes: FlushGroup,
+    /// Recently used block map chunks.
+    map_cache: ChunkCache,
 }
 
 /// Group flush of the device: a flush makes durable every write that completed before it
@@ -542,6 +547,7 @@ impl<D: BlockDevice> BlockStore<D> {
             committer: Some(committer),
             commit_thread: Some(commit_thread),
             flushes: FlushGroup::default(),
+            map_cache: ChunkCache::new(MAP_CACHE_CHUNKS),
         };
         store.replay_deferred().await?;
         Ok(store)
@@ -625,7 +631,7 @@ impl<D: BlockDevice> BlockStore<D> {
     /// The block map of logical blocks `b0..b1` (b0 < b1) of an object, to read or edit.
     fn map_span(&self, okey: &[u8], b0: u32, b1: u32) -> Result<MapSpan, ObjError> {
         let cf = (self.db.cf_handle(CF_BLOCKS)).ok_or_else(|| meta_err("no block map family"))?;
-        MapSpan::load(&self.db, cf, okey, b0, b1).map_err(meta_err)
+        MapSpan::load(&self.db, cf, &self.map_cache, okey, b0, b1).map_err(meta_err)
     }
 
     /// Block map entries for logical blocks `b0..b1` (b0 < b1) of an object.
@@ -873,9 +879,11 @@ impl<D: BlockDevice> BlockStore<D> {
             }
         };
         if let Err(e) = res {
+            map.failed(&self.map_cache, okey);
             self.release(extents);
             return Err(e);
         }
+        map.committed(&self.map_cache, okey);
         if change.created {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
@@ -1294,16 +1302,26 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
-        if !deletes.is_empty() {
+        let map = if deletes.is_empty() {
+            None
+        } else {
             let mut map = self.map_span(&okey, b0, b1)?;
             for (b, _) in &deletes {
                 map.set(*b, None).map_err(meta_err)?;
             }
             map.write(&mut batch, blocks_cf, &okey);
-        }
+            Some(map)
+        };
         batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
         self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })?;
-        self.commit(batch).await?;
+        let res = self.commit(batch).await;
+        if let Some(map) = &map {
+            match &res {
+                Ok(()) => map.committed(&self.map_cache, &okey),
+                Err(_) => map.failed(&self.map_cache, &okey),
+            }
+        }
+        res?;
         if meta.is_none() {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
@@ -1381,7 +1399,9 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         blockmap::delete_object(&mut batch, blocks_cf, &okey);
         batch.delete_cf(objects_cf, &okey);
         self.log_into(&mut batch, id, version, LogOp::Delete)?;
-        self.commit(batch).await?;
+        let res = self.commit(batch).await;
+        self.map_cache.forget_object(&okey, b1);
+        res?;
         self.objects.fetch_sub(1, Ordering::Relaxed);
         self.release(refs.iter().flatten().map(|r| Extent {
             start: r.device_block,
@@ -1528,7 +1548,9 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             let mut batch = WriteBatch::default();
             blockmap::delete_object(&mut batch, blocks_cf, &okey);
             batch.delete_cf(objects_cf, &okey);
-            self.commit(batch).await?;
+            let res = self.commit(batch).await;
+            self.map_cache.forget_object(&okey, b1);
+            res?;
             self.objects.fetch_sub(1, Ordering::Relaxed);
             self.release(refs.iter().flatten().map(|r| Extent {
                 start: r.device_block,
