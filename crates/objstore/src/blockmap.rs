@@ -11,12 +11,11 @@
 //! Stores written before chunks kept one record per block in the `blocks` column family;
 //! [`migrate_legacy`] moves them into chunk records at mount.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use rocksdb::{ColumnFamily, Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use store_types::wire::{decode_record, encode_record};
+
+use crate::cache::GenCache;
 
 /// Logical blocks per block map record.
 pub const CHUNK_BLOCKS: u32 = 16;
@@ -92,53 +91,23 @@ pub fn delete_object(batch: &mut WriteBatch, cf: &ColumnFamily, okey: &[u8]) {
 
 /// Recently used chunk records (an absent chunk as an empty one), so that the 4 KiB I/O of
 /// a working set that fits does not look its block up in RocksDB each time (perf: ~9% of
-/// an OSD's CPU in 4 KiB writes went to that lookup). Bounded: two generations of at most
-/// half the capacity each; a hit in the old one moves to the young one, and a full young
-/// generation becomes the old one (the old one's entries are dropped).
+/// an OSD's CPU in 4 KiB writes went to that lookup).
 ///
 /// Coherence is the caller's: an entry is filled or changed only under the object's lock,
 /// and changed after every commit that changes its chunk.
-pub struct ChunkCache {
-    gens: Mutex<Generations>,
-    per_generation: usize,
-}
-
-#[derive(Default)]
-struct Generations {
-    young: HashMap<Vec<u8>, Chunk>,
-    old: HashMap<Vec<u8>, Chunk>,
-}
+pub struct ChunkCache(GenCache<Chunk>);
 
 impl ChunkCache {
     pub fn new(max_chunks: usize) -> ChunkCache {
-        ChunkCache {
-            gens: Mutex::default(),
-            per_generation: (max_chunks / 2).max(1),
-        }
+        ChunkCache(GenCache::new(max_chunks))
     }
 
     fn get(&self, key: &[u8]) -> Option<Chunk> {
-        let mut g = self.gens.lock().ok()?;
-        if let Some(c) = g.young.get(key) {
-            return Some(c.clone());
-        }
-        let c = g.old.remove(key)?;
-        self.insert(&mut g, key.to_vec(), c.clone());
-        Some(c)
+        self.0.get(key)
     }
 
     fn put(&self, key: Vec<u8>, c: Chunk) {
-        if let Ok(mut g) = self.gens.lock() {
-            g.old.remove(&key);
-            self.insert(&mut g, key, c);
-        }
-    }
-
-    fn insert(&self, g: &mut Generations, key: Vec<u8>, c: Chunk) {
-        if g.young.len() >= self.per_generation && !g.young.contains_key(&key) {
-            g.old = std::mem::take(&mut g.young);
-        }
-        g.young.insert(key, c);
+        self.0.put(key, c)
     }
 
     /// Forgets every chunk of `okey` below logical block `blocks` (after a delete).
@@ -147,21 +116,9 @@ impl ChunkCache {
     }
 
     fn forget_object_chunks(&self, okey: &[u8], chunks: impl Iterator<Item = u32>) {
-        let Ok(mut g) = self.gens.lock() else { return };
         for chunk in chunks {
-            let key = chunk_key(okey, chunk);
-            g.young.remove(&key);
-            g.old.remove(&key);
+            self.0.remove(&chunk_key(okey, chunk));
         }
-    }
-
-    /// Entries held.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.gens
-            .lock()
-            .map(|g| g.young.len() + g.old.len())
-            .unwrap_or(0)
     }
 }
 
@@ -399,28 +356,6 @@ mod tests {
         assert!(c.refs.is_empty());
         c.set(15, None);
         assert!(c.refs.is_empty());
-    }
-
-    #[test]
-    fn the_cache_is_bounded_and_keeps_what_is_used() {
-        let cache = ChunkCache::new(8);
-        let c = |n: u64| Chunk {
-            refs: vec![Some(BlockRef {
-                device_block: n,
-                crc: 0,
-            })],
-        };
-        for n in 0..100u64 {
-            cache.put(n.to_be_bytes().to_vec(), c(n));
-            // One entry stays in use throughout.
-            assert_eq!(cache.get(&0u64.to_be_bytes()), Some(c(0)), "after {n}");
-            assert!(cache.len() <= 8, "{} entries", cache.len());
-        }
-        assert_eq!(cache.get(&99u64.to_be_bytes()), Some(c(99)));
-        assert_eq!(cache.get(&50u64.to_be_bytes()), None);
-        cache.put(b"k".to_vec(), c(1));
-        cache.put(b"k".to_vec(), c(2));
-        assert_eq!(cache.get(b"k"), Some(c(2)));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod aligned;
 pub mod alloc;
 mod blockmap;
+mod cache;
 pub mod device;
 pub mod store;
 

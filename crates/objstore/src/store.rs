@@ -30,6 +30,7 @@ use tokio::sync::RwLock;
 use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
 use crate::blockmap::{self, BlockRef, ChunkCache, MapSpan};
+use crate::cache::GenCache;
 use crate::device::BlockDevice;
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
@@ -76,6 +77,8 @@ const LOCK_STRIPES: usize = 1024;
 /// Block map chunks kept in memory: 64 Ki chunks of 16 blocks map 4 GiB of data, in
 /// roughly 20 MiB.
 const MAP_CACHE_CHUNKS: usize = 64 << 10;
+/// Objects' metadata kept in memory (4 GiB of 4 MiB objects is 1 Ki of them).
+const META_CACHE_OBJECTS: usize = 16 << 10;
 
 /// Who a device and its metadata belong to. Written to the superblock and to RocksDB at
 /// creation; both must match at every open.
@@ -119,7 +122,7 @@ pub struct BlockStore<D: BlockDevice> {
     objects: AtomicU64,
     checksum_errors: AtomicU64,
     /// Entries in each PG's log, counted on first use.
-    log_len: Mutex<HashMap<(u32, u32), u64>>,
+    log_len: Mutex<HashMap<(u32, u32), LogCount>>,
     log_max: u64,
     /// The next deferred write's sequence number.
     deferred_seq: AtomicU64,
@@ -136,6 +139,9 @@ pub struct BlockStore<D: BlockDevice> {
     flushes: FlushGroup,
     /// Recently used block map chunks.
     map_cache: ChunkCache,
+    /// Recently used objects' metadata (None: the object does not exist). Same rules as
+    /// the chunk cache: filled under the object's lock, changed after each commit.
+    meta_cache: GenCache<Option<ObjMeta>>,
 }
 
 /// Group flush of the device: a flush makes durable every write that completed before it
@@ -548,6 +554,7 @@ impl<D: BlockDevice> BlockStore<D> {
             commit_thread: Some(commit_thread),
             flushes: FlushGroup::default(),
             map_cache: ChunkCache::new(MAP_CACHE_CHUNKS),
+            meta_cache: GenCache::new(META_CACHE_OBJECTS),
         };
         store.replay_deferred().await?;
         Ok(store)
@@ -620,11 +627,26 @@ impl<D: BlockDevice> BlockStore<D> {
         &self.locks[h % LOCK_STRIPES]
     }
 
+    /// An object's metadata, from the cache or RocksDB. Call with the object's lock held.
     fn get_meta(&self, okey: &[u8]) -> Result<Option<ObjMeta>, ObjError> {
+        if let Some(m) = self.meta_cache.get(okey) {
+            return Ok(m);
+        }
         let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
-        match self.db.get_pinned_cf(cf, okey).map_err(meta_err)? {
-            None => Ok(None),
-            Some(b) => decode_record(RECORD_V, &b).map(Some).map_err(meta_err),
+        let meta = match self.db.get_pinned_cf(cf, okey).map_err(meta_err)? {
+            None => None,
+            Some(b) => Some(decode_record(RECORD_V, &b).map_err(meta_err)?),
+        };
+        self.meta_cache.put(okey.to_vec(), meta);
+        Ok(meta)
+    }
+
+    /// Brings the metadata cache in line with a commit that set an object's metadata to
+    /// `meta` (None: removed): the new value once committed, nothing known if it failed.
+    fn meta_committed(&self, okey: &[u8], res: &Result<(), ObjError>, meta: Option<ObjMeta>) {
+        match res {
+            Ok(()) => self.meta_cache.put(okey.to_vec(), meta),
+            Err(_) => self.meta_cache.remove(okey),
         }
     }
 
@@ -878,6 +900,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 Err(e) => Err(e),
             }
         };
+        self.meta_committed(okey, &res, Some(change.meta));
         if let Err(e) = res {
             map.failed(&self.map_cache, okey);
             self.release(extents);
@@ -1006,6 +1029,15 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 }
 
+/// What this store knows of one PG's log without reading it: its length (to trim it), and
+/// its newest key, so that appending a newer version needs no lookup to learn whether it
+/// replaces an entry.
+#[derive(Default)]
+struct LogCount {
+    entries: u64,
+    newest: Option<Vec<u8>>,
+}
+
 /// What a copy-on-write commit records besides the block map.
 struct Change<'a> {
     id: &'a ObjectId,
@@ -1078,21 +1110,42 @@ impl<D: BlockDevice> BlockStore<D> {
             op,
         };
         let key = log_key(id.pool, id.pg, version);
-        let existed = self.db.get_pinned_cf(cf, &key).map_err(meta_err)?.is_some();
-        batch.put_cf(cf, &key, encode_record(RECORD_V, &entry));
         let mut lens = self
             .log_len
             .lock()
             .map_err(|_| meta_err("log lock poisoned"))?;
         let prefix = pg_prefix(id.pool, id.pg);
-        let len = match lens.get(&(id.pool, id.pg)) {
-            Some(n) => *n,
-            None => self
-                .db
-                .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
-                .take_while(|kv| kv.as_ref().is_ok_and(|(k, _)| k.starts_with(&prefix)))
-                .count() as u64,
-        } + u64::from(!existed);
+        let count = match lens.remove(&(id.pool, id.pg)) {
+            Some(c) => c,
+            None => {
+                let mut c = LogCount::default();
+                for kv in self
+                    .db
+                    .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+                {
+                    let (k, _) = kv.map_err(meta_err)?;
+                    if !k.starts_with(&prefix) {
+                        break;
+                    }
+                    c.entries += 1;
+                    c.newest = Some(k.to_vec());
+                }
+                c
+            }
+        };
+        // Only a version at or below the newest logged can already have an entry.
+        let existed = match &count.newest {
+            Some(newest) if key <= *newest => {
+                self.db.get_pinned_cf(cf, &key).map_err(meta_err)?.is_some()
+            }
+            _ => false,
+        };
+        batch.put_cf(cf, &key, encode_record(RECORD_V, &entry));
+        let newest = match count.newest {
+            Some(n) if n > key => Some(n),
+            _ => Some(key.clone()),
+        };
+        let len = count.entries + u64::from(!existed);
         let slack = PG_LOG_TRIM_SLACK.min(self.log_max);
         let len = if len > self.log_max + slack {
             // Delete everything before the oldest entry to keep.
@@ -1113,7 +1166,13 @@ impl<D: BlockDevice> BlockStore<D> {
         } else {
             len
         };
-        lens.insert((id.pool, id.pg), len);
+        lens.insert(
+            (id.pool, id.pg),
+            LogCount {
+                entries: len,
+                newest,
+            },
+        );
         Ok(())
     }
 }
@@ -1147,7 +1206,9 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             let mut batch = WriteBatch::default();
             batch.put_cf(cf, &okey, encode_record(RECORD_V, &new_meta));
             self.log_into(&mut batch, id, version, LogOp::Write { offset, len: 0 })?;
-            self.commit(batch).await?;
+            let res = self.commit(batch).await;
+            self.meta_committed(&okey, &res, Some(new_meta));
+            res?;
             if meta.is_none() {
                 self.objects.fetch_add(1, Ordering::Relaxed);
             }
@@ -1315,6 +1376,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
         self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })?;
         let res = self.commit(batch).await;
+        self.meta_committed(&okey, &res, Some(new_meta));
         if let Some(map) = &map {
             match &res {
                 Ok(()) => map.committed(&self.map_cache, &okey),
@@ -1401,6 +1463,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         self.log_into(&mut batch, id, version, LogOp::Delete)?;
         let res = self.commit(batch).await;
         self.map_cache.forget_object(&okey, b1);
+        self.meta_committed(&okey, &res, None);
         res?;
         self.objects.fetch_sub(1, Ordering::Relaxed);
         self.release(refs.iter().flatten().map(|r| Extent {
@@ -1550,6 +1613,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             batch.delete_cf(objects_cf, &okey);
             let res = self.commit(batch).await;
             self.map_cache.forget_object(&okey, b1);
+            self.meta_committed(&okey, &res, None);
             res?;
             self.objects.fetch_sub(1, Ordering::Relaxed);
             self.release(refs.iter().flatten().map(|r| Extent {
