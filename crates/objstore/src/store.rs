@@ -1094,6 +1094,18 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(out)
     }
 
+    /// The keys of `cf` that start with `prefix`, in order.
+    fn keys_with_prefix<'a>(
+        &'a self,
+        cf: &'a rocksdb::ColumnFamily,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<Box<[u8]>, ObjError>> + 'a {
+        self.db
+            .iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward))
+            .map(|kv| kv.map(|(k, _)| k).map_err(meta_err))
+            .take_while(move |k| k.as_ref().map_or(true, |k| k.starts_with(prefix)))
+    }
+
     /// Adds a PG log entry to `batch`, and trims the PG's log in the same batch once it is
     /// over its bound.
     fn log_into(
@@ -1119,14 +1131,8 @@ impl<D: BlockDevice> BlockStore<D> {
             Some(c) => c,
             None => {
                 let mut c = LogCount::default();
-                for kv in self
-                    .db
-                    .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
-                {
-                    let (k, _) = kv.map_err(meta_err)?;
-                    if !k.starts_with(&prefix) {
-                        break;
-                    }
+                for k in self.keys_with_prefix(cf, &prefix) {
+                    let k = k?;
                     c.entries += 1;
                     c.newest = Some(k.to_vec());
                 }
@@ -1547,14 +1553,8 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         let prefix = pg_prefix(pool, pg);
         let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut names = Vec::new();
-        for kv in self
-            .db
-            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
-        {
-            let (k, _) = kv.map_err(meta_err)?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
+        for k in self.keys_with_prefix(cf, &prefix) {
+            let k = k?;
             let name = k
                 .get(prefix.len() + 2..)
                 .ok_or_else(|| meta_err("short object key"))?;
