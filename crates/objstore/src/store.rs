@@ -74,9 +74,11 @@ const KEY_IDENTITY: &[u8] = b"identity";
 const SUPERBLOCK_MAGIC: [u8; 8] = *b"STOREDEV";
 /// Object locks are striped: bounded memory, and distinct objects rarely share a stripe.
 const LOCK_STRIPES: usize = 1024;
-/// Block map chunks kept in memory: 64 Ki chunks of 16 blocks map 4 GiB of data, in
-/// roughly 20 MiB.
-const MAP_CACHE_CHUNKS: usize = 64 << 10;
+/// Block map chunks kept in memory: 256 Ki chunks of 16 blocks map 16 GiB of data, in
+/// roughly 90 MiB. The cache keeps about its capacity when the working set is larger, but
+/// only half of it for sure (a generation), so it is sized well above a typical OSD's hot
+/// data rather than at it.
+const MAP_CACHE_CHUNKS: usize = 256 << 10;
 /// Objects' metadata kept in memory (4 GiB of 4 MiB objects is 1 Ki of them).
 const META_CACHE_OBJECTS: usize = 16 << 10;
 
