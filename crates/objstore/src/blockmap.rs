@@ -3,9 +3,10 @@
 //! crc32c of each mapped block of the chunk.
 //!
 //! Why chunks: with one record per block, a 1 MiB write put 256 keys into the memtable and
-//! the WAL of each OSD, and compaction rewrote them all (perf: ~12% of the daemons' CPU in
-//! 1 MiB writes went to the commit thread's memtable inserts and ~6% to compaction). A
-//! chunk of 16 blocks costs a 4 KiB write a read-modify-write of one ~170-byte record,
+//! the WAL of each OSD, and compaction rewrote them all (perf, all CPU samples in 1 MiB
+//! writes: the OSDs' commit threads, which insert those keys and write and sync the WAL,
+//! ~12%; RocksDB's flush and compaction threads ~6%). A chunk of 16 blocks costs a 4 KiB
+//! write a read-modify-write of one record of about 170 bytes (estimated from its encoding),
 //! which it already read to find the block it replaces.
 //!
 //! Stores written before chunks kept one record per block in the `blocks` column family;
