@@ -66,6 +66,10 @@ where
             },
         };
         held = batch.push(&codec, first)?;
+        // Let the other ready tasks queue their frames first: the runtime runs a task it
+        // just woke before the rest (its LIFO slot), so without this the writer would wake
+        // for each sender's frame and send them one write call each.
+        tokio::task::yield_now().await;
         while held.is_none() {
             match rx.try_recv() {
                 Ok(frame) => held = batch.push(&codec, frame)?,

@@ -497,6 +497,9 @@ async fn transmission(
         // one vectored write where the socket takes it.
         let mut parts: Vec<bytes::Bytes> = Vec::new();
         'replies: while let Some(r) = rx.recv().await {
+            // Let the other ready requests finish first (the runtime runs the task a
+            // reply just woke before the rest), so their replies share this write.
+            tokio::task::yield_now().await;
             parts.clear();
             let mut next = Some(r);
             while let Some(r) = next.take() {
