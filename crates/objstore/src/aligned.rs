@@ -48,6 +48,28 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// A buffer holding `parts` one after another, which must fill whole blocks (no
+    /// zeroing: every byte is copied once).
+    pub fn concat(parts: &[&[u8]]) -> AlignedBuf {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(
+            len > 0 && len.is_multiple_of(BLOCK_SIZE),
+            "parts must fill whole blocks"
+        );
+        let layout = Self::layout(len);
+        // SAFETY: layout has non-zero size and a valid power-of-two alignment.
+        let raw = unsafe { alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let mut at = 0;
+        for p in parts {
+            // SAFETY: the parts' lengths sum to len, so each copy stays in bounds, and
+            // together they write every byte; the parts are other allocations.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), raw.add(at), p.len()) };
+            at += p.len();
+        }
+        AlignedBuf { ptr, len }
+    }
+
     fn layout(len: usize) -> Layout {
         Layout::from_size_align(len.max(BLOCK_SIZE), BLOCK_SIZE)
             .expect("block-multiple sizes with block alignment form a valid layout")
@@ -107,7 +129,7 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout.
+        // SAFETY: allocated by a constructor above with exactly this layout.
         unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
 }
@@ -130,5 +152,16 @@ mod tests {
         assert!(b.iter().all(|x| *x == 0));
         b.block_mut(2)[0] = 7;
         assert_eq!(b[2 * BLOCK_SIZE], 7);
+    }
+
+    #[test]
+    fn concat_copies_the_parts_in_order() {
+        let a = vec![1u8; BLOCK_SIZE];
+        let b = vec![2u8; 2 * BLOCK_SIZE];
+        let c = AlignedBuf::concat(&[&a, &b]);
+        assert_eq!(c.blocks(), 3);
+        assert_eq!(c.as_ptr() as usize % BLOCK_SIZE, 0);
+        assert!(c.block(0).iter().all(|x| *x == 1));
+        assert!(c[BLOCK_SIZE..].iter().all(|x| *x == 2));
     }
 }

@@ -16,8 +16,14 @@ pub struct Allocator {
     free: BTreeMap<u64, u64>,
     /// (length, start) of every extent in `free`.
     by_len: BTreeSet<(u64, u64)>,
+    /// Free blocks reserved for small allocations, handed out in order (see
+    /// [`Allocator::alloc_small`]); not in `free`, but counted in `free_blocks`.
+    run: Option<Extent>,
     free_blocks: u64,
 }
+
+/// Blocks reserved at a time for small allocations: 1 MiB.
+pub const SMALL_RUN_BLOCKS: u64 = 256;
 
 /// A run of blocks `start..start+len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +76,9 @@ impl Allocator {
         if n > self.free_blocks {
             return None;
         }
+        if n > self.free_blocks - self.run.map_or(0, |r| r.len) {
+            self.return_run();
+        }
         if let Some(&(len, start)) = self.by_len.range((n, 0)..).next() {
             self.take(start, len, n);
             return Some(vec![Extent { start, len: n }]);
@@ -85,6 +94,47 @@ impl Allocator {
         }
         out.sort_unstable_by_key(|e| e.start);
         Some(out)
+    }
+
+    /// Takes `n` blocks for a small write: the next ones of a reserved run, so that small
+    /// writes made one after another sit side by side on the device (their deferred
+    /// device writes then merge into few large ones) instead of each filling some
+    /// one-block hole that copy-on-write left. A new run is the smallest free extent of
+    /// [`SMALL_RUN_BLOCKS`] or more; without one, this is [`Allocator::alloc`].
+    pub fn alloc_small(&mut self, n: u64) -> Option<Vec<Extent>> {
+        if let Some(r) = self.run.as_mut() {
+            if r.len >= n {
+                let got = Extent {
+                    start: r.start,
+                    len: n,
+                };
+                r.start += n;
+                r.len -= n;
+                self.free_blocks -= n;
+                if r.len == 0 {
+                    self.run = None;
+                }
+                return Some(vec![got]);
+            }
+        }
+        // The rest of the old run goes back first (it may merge with the extent chosen).
+        self.return_run();
+        let Some(&(len, start)) = self.by_len.range((SMALL_RUN_BLOCKS.max(n), 0)..).next() else {
+            return self.alloc(n);
+        };
+        let take = SMALL_RUN_BLOCKS.max(n);
+        self.take(start, len, take);
+        self.free_blocks += take;
+        self.run = Some(Extent { start, len: take });
+        self.alloc_small(n)
+    }
+
+    /// Gives the rest of the reserved run back to the free extents.
+    fn return_run(&mut self) {
+        if let Some(r) = self.run.take() {
+            self.free_blocks -= r.len;
+            self.free_extent(r);
+        }
     }
 
     /// Takes the first `n` blocks of the free extent `start..start+len`.
@@ -126,10 +176,15 @@ impl Allocator {
     }
 
     fn overlaps(&self, e: Extent) -> bool {
-        self.free
-            .range(..e.start + e.len)
-            .next_back()
-            .is_some_and(|(s, l)| s + l > e.start)
+        let in_run = self
+            .run
+            .is_some_and(|r| r.start < e.start + e.len && e.start < r.start + r.len);
+        in_run
+            || self
+                .free
+                .range(..e.start + e.len)
+                .next_back()
+                .is_some_and(|(s, l)| s + l > e.start)
     }
 }
 
@@ -177,7 +232,12 @@ mod tests {
         for _ in 0..20_000 {
             if rnd(3) > 0 || held.is_empty() {
                 let n = if rnd(4) == 0 { 1 + rnd(300) } else { 1 };
-                let Some(got) = a.alloc(n) else {
+                let got = if rnd(2) == 0 {
+                    a.alloc_small(n)
+                } else {
+                    a.alloc(n)
+                };
+                let Some(got) = got else {
                     assert!(a.free_blocks() < n);
                     continue;
                 };
@@ -202,6 +262,9 @@ mod tests {
             let in_use = used.iter().filter(|u| **u).count() as u64;
             assert_eq!(a.free_blocks(), end - first - in_use);
         }
+        let mapped: u64 = a.free.values().sum();
+        assert_eq!(a.free_blocks(), mapped + a.run.map_or(0, |r| r.len));
+        a.return_run();
         assert_eq!(a.free.len(), a.by_len.len());
         let mut prev_end = None;
         for (&s, &l) in &a.free {
@@ -209,5 +272,42 @@ mod tests {
             assert_ne!(prev_end, Some(s), "adjacent extents not merged");
             prev_end = Some(s + l);
         }
+    }
+
+    /// Small allocations made one after another are adjacent, even where copy-on-write
+    /// left one-block holes that best fit would fill first; large ones still use best fit.
+    #[test]
+    fn small_allocations_are_taken_side_by_side() {
+        // Holes at 2, 4, 6 and one large extent from 10.
+        let mut a = Allocator::from_used(1, 2000, vec![1, 3, 5, 7, 8, 9]);
+        let first = a.alloc_small(1).unwrap()[0];
+        assert_eq!(
+            first.start, 10,
+            "a run is carved from a large extent, not a hole"
+        );
+        for i in 1..5 {
+            assert_eq!(
+                a.alloc_small(1).unwrap(),
+                vec![Extent {
+                    start: 10 + i,
+                    len: 1
+                }]
+            );
+        }
+        assert_eq!(
+            a.alloc_small(3).unwrap(),
+            vec![Extent { start: 15, len: 3 }]
+        );
+        assert_eq!(
+            a.alloc(1).unwrap(),
+            vec![Extent { start: 2, len: 1 }],
+            "best fit"
+        );
+        // Everything left, run included, can still be allocated at once.
+        let left = a.free_blocks();
+        let all = a.alloc(left).unwrap();
+        assert_eq!(all.iter().map(|e| e.len).sum::<u64>(), left);
+        assert_eq!(a.free_blocks(), 0);
+        assert_eq!(a.alloc_small(1), None);
     }
 }

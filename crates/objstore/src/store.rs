@@ -240,11 +240,17 @@ struct ApplyJob {
     blocks: Vec<(u64, Bytes)>,
 }
 
-/// Deferred writes being written to the device at once.
+/// Batches of deferred writes being written to the device at once.
 const APPLY_IN_FLIGHT: usize = 32;
+/// Deferred writes taken into one batch at most.
+const APPLY_BATCH_JOBS: usize = 64;
+/// Blocks per device write when a batch's adjacent blocks are merged.
+const APPLY_MERGE_MAX_BLOCKS: usize = 256;
 
 /// Writes deferred data to its blocks (unflushed), then lets reads go to the device and
-/// frees what waited for it. Runs until the store is dropped.
+/// frees what waited for it. Runs until the store is dropped. The writes waiting when it
+/// wakes go out as one batch, in which adjacent blocks (small writes are allocated side by
+/// side) become one device write.
 async fn apply_loop<D: BlockDevice>(
     dev: Arc<D>,
     state: Arc<Mutex<Deferred>>,
@@ -257,38 +263,92 @@ async fn apply_loop<D: BlockDevice>(
         tokio::select! {
             job = rx.recv(), if running.len() < APPLY_IN_FLIGHT => {
                 let Some(job) = job else { break };
-                let dev = dev.clone();
-                running.push(async move {
-                    let mut ok = true;
-                    for (block, data) in &job.blocks {
-                        let buf = AlignedBuf::with_data(1, 0, data);
-                        if let Err(e) = dev.write_lazy(*block, buf).await {
-                            tracing::error!(block, "writing deferred data failed (the record is kept and written again at the next start): {e}");
-                            ok = false;
-                        }
-                    }
-                    (job, ok)
-                });
-            }
-            Some((job, ok)) = running.next(), if !running.is_empty() => {
-                let Ok(mut st) = state.lock() else { return };
-                for (block, _) in &job.blocks {
-                    if ok {
-                        st.pending.remove(block);
-                    }
-                    if st.free_when_written.remove(block) {
-                        if let Ok(mut a) = alloc.lock() {
-                            a.free_extent(Extent { start: *block, len: 1 });
-                        }
+                // The writers a commit group answers send their jobs one after another;
+                // let them all run before taking the batch.
+                tokio::task::yield_now().await;
+                let mut jobs = vec![job];
+                while jobs.len() < APPLY_BATCH_JOBS {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
                     }
                 }
-                if ok {
-                    st.applied.push(job.seq);
+                running.push(apply_batch(dev.clone(), jobs));
+            }
+            Some(done) = running.next(), if !running.is_empty() => {
+                let Ok(mut st) = state.lock() else { return };
+                for (job, ok) in done {
+                    for (block, _) in &job.blocks {
+                        if ok {
+                            st.pending.remove(block);
+                        }
+                        if st.free_when_written.remove(block) {
+                            if let Ok(mut a) = alloc.lock() {
+                                a.free_extent(Extent { start: *block, len: 1 });
+                            }
+                        }
+                    }
+                    if ok {
+                        st.applied.push(job.seq);
+                    }
                 }
             }
         }
     }
     while running.next().await.is_some() {}
+}
+
+/// Writes a batch of deferred writes, adjacent blocks merged; returns each job with
+/// whether all of its blocks were written.
+async fn apply_batch<D: BlockDevice>(dev: Arc<D>, jobs: Vec<ApplyJob>) -> Vec<(ApplyJob, bool)> {
+    // (device block, job index, block index in the job), in device order.
+    let mut order: Vec<(u64, usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| {
+            job.blocks
+                .iter()
+                .enumerate()
+                .map(move |(b, (db, _))| (*db, j, b))
+        })
+        .collect();
+    order.sort_unstable();
+    let mut runs: Vec<&[(u64, usize, usize)]> = Vec::new();
+    let mut first = 0;
+    for i in 1..=order.len() {
+        let ends = i == order.len()
+            || order[i].0 != order[i - 1].0 + 1
+            || i - first == APPLY_MERGE_MAX_BLOCKS;
+        if ends {
+            runs.push(&order[first..i]);
+            first = i;
+        }
+    }
+    let writes = runs.iter().map(|run| {
+        let parts: Vec<&[u8]> = run
+            .iter()
+            .map(|(_, j, b)| &jobs[*j].blocks[*b].1[..])
+            .collect();
+        let buf = AlignedBuf::concat(&parts);
+        let dev = &dev;
+        let start = run[0].0;
+        async move { dev.write_lazy(start, buf).await }
+    });
+    let results = futures::future::join_all(writes).await;
+    let mut ok = vec![true; jobs.len()];
+    for (run, res) in runs.iter().zip(results) {
+        if let Err(e) = res {
+            tracing::error!(
+                block = run[0].0,
+                blocks = run.len(),
+                "writing deferred data failed (the records are kept and written again at the next start): {e}"
+            );
+            for (_, j, _) in run.iter() {
+                ok[*j] = false;
+            }
+        }
+    }
+    jobs.into_iter().zip(ok).collect()
 }
 
 fn meta_err(e: impl std::fmt::Display) -> ObjError {
@@ -752,13 +812,15 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(BlockData { blocks: out, whole })
     }
 
-    fn alloc(&self, n: u64) -> Result<Vec<Extent>, ObjError> {
+    /// Takes `n` blocks; `small` for a deferred write (see [`Allocator::alloc_small`]).
+    fn alloc(&self, n: u64, small: bool) -> Result<Vec<Extent>, ObjError> {
         let mut a = self
             .alloc
             .lock()
             .map_err(|_| ObjError::Metadata("allocator lock poisoned".into()))?;
         let free = a.free_blocks();
-        a.alloc(n).ok_or(ObjError::NoSpace {
+        let got = if small { a.alloc_small(n) } else { a.alloc(n) };
+        got.ok_or(ObjError::NoSpace {
             need_blocks: n,
             free_blocks: free,
         })
@@ -818,11 +880,11 @@ impl<D: BlockDevice> BlockStore<D> {
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
         let old = map.refs(b0, b0 + n as u32);
-        let extents = self.alloc(n)?;
+        let deferred = contents.blocks() <= deferred_max_blocks();
+        let extents = self.alloc(n, deferred)?;
         let crcs: Vec<u32> = (0..contents.blocks())
             .map(|i| crc32c::crc32c(contents.block(i)))
             .collect();
-        let deferred = contents.blocks() <= deferred_max_blocks();
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
