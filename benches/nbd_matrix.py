@@ -7,10 +7,10 @@ Runs the same fio jobs against three targets on the same disk, in one run:
             unreplicated NBD ceiling);
   file      fio io_uring O_DIRECT on a plain file (the device ceiling);
 plus the disk's fsync latency (4 KiB write + fdatasync, QD1). Each job runs REPEAT times.
-Prints a table (IOPS, MB/s, mean and p99 latency, store/qemu-nbd ratio, daemon CPU per I/O)
-and writes the same as JSON.
+Prints a table (IOPS, MB/s, mean and p99 latency, store/qemu-nbd ratio, daemon CPU per I/O,
+in all and per daemon) and writes the same as JSON.
 
-Usage: nbd_matrix.py --store-uri URI --qemu-uri URI --file PATH --pids P1,P2,...
+Usage: nbd_matrix.py --store-uri URI --qemu-uri URI --file PATH --pids NAME=PID,...
                      --size BYTES --runtime S --repeat N --json OUT
 """
 import argparse
@@ -32,15 +32,25 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
+    """utime+stime of each daemon, by name."""
+    out = {}
+    for name, pid in pids:
         try:
             with open("/proc/%d/stat" % pid) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            out[name] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
         except OSError:
-            pass
-    return total / CLK_TCK
+            out[name] = 0.0
+    return out
+
+
+def parse_pids(text):
+    """`name=pid` or bare `pid` entries, comma-separated."""
+    pids = []
+    for item in filter(None, text.split(",")):
+        name, _, pid = item.rpartition("=")
+        pids.append((name or pid, int(pid)))
+    return pids
 
 
 def fio(target, args, name, rw, bs, depth, size, runtime):
@@ -97,8 +107,8 @@ def main():
     args = p.parse_args()
     jobs = [j for j in JOBS if any(s in j[0] for s in args.jobs.split(","))]
     targets = [t for t in args.targets.split(",") if t]
-    pids = [int(x) for x in args.pids.split(",") if x]
-    for pid in pids:
+    pids = parse_pids(args.pids)
+    for _, pid in pids:
         if not os.path.exists("/proc/%d/stat" % pid):
             raise SystemExit("daemon pid %d is not running: cannot measure its CPU" % pid)
     print("daemons measured: %d processes" % len(pids))
@@ -117,15 +127,21 @@ def main():
     for name, rw, bs, depth in jobs:
         for target in targets:
             for run in range(args.repeat):
-                cpu0 = cpu_seconds(pids) if target == "store" else 0
+                cpu0 = cpu_seconds(pids) if target == "store" else {}
                 r = fio(target, args, name, rw, bs, depth, args.size, args.runtime)
+                split = ""
                 if target == "store":
-                    r["cpu_us_per_io"] = (cpu_seconds(pids) - cpu0) * 1e6 / max(r["ios"], 1)
+                    cpu1 = cpu_seconds(pids)
+                    ios = max(r["ios"], 1)
+                    by = {n: (cpu1[n] - cpu0[n]) * 1e6 / ios for n in cpu1}
+                    r["cpu_us_per_io"] = sum(by.values())
+                    r["cpu_us_per_io_by_daemon"] = by
+                    split = " (%s)" % " ".join("%s %.0f" % (n, by[n]) for n in sorted(by))
                 r.update({"job": name, "target": target, "run": run + 1})
                 results.append(r)
-                print("  %-18s %-8s run %d: %8.0f IOPS %8.1f MB/s mean %8.0f us p99 %8.0f us%s" % (
+                print("  %-18s %-8s run %d: %8.0f IOPS %8.1f MB/s mean %8.0f us p99 %8.0f us%s%s" % (
                     name, target, run + 1, r["iops"], r["mb_s"], r["mean_us"], r["p99_us"],
-                    "  cpu %.0f us/io" % r["cpu_us_per_io"] if "cpu_us_per_io" in r else ""),
+                    "  cpu %.0f us/io" % r["cpu_us_per_io"] if "cpu_us_per_io" in r else "", split),
                     flush=True)
 
     print()
