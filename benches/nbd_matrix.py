@@ -32,15 +32,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids):
-    """utime+stime of each daemon, by name."""
+    """utime+stime of each daemon, by name. A daemon that is gone ends the run: its CPU,
+    and the job's figures, would be wrong."""
     out = {}
     for name, pid in pids:
         try:
             with open("/proc/%d/stat" % pid) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-        except OSError:
-            out[name] = 0.0
+        except OSError as e:
+            raise SystemExit("daemon %s (pid %d) is gone: %s" % (name, pid, e))
+        out[name] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
     return out
 
 
@@ -49,6 +50,8 @@ def parse_pids(text):
     pids = []
     for item in filter(None, text.split(",")):
         name, _, pid = item.rpartition("=")
+        if not pid.isdigit():
+            raise SystemExit("--pids: %r is not NAME=PID or PID" % item)
         pids.append((name or pid, int(pid)))
     return pids
 
