@@ -96,7 +96,8 @@ impl Gateway {
     async fn session(self: Arc<Self>, stream: TcpStream) -> std::io::Result<()> {
         stream.set_nodelay(true).ok();
         let (rd, mut wr) = stream.into_split();
-        let mut rd = BufReader::new(rd);
+        // Requests waiting in the socket come in with one `recv` (see READ_BUFFER_BYTES).
+        let mut rd = BufReader::with_capacity(store_client::lowat::READ_BUFFER_BYTES, rd);
         let mut hello = BytesMut::new();
         hello.put_u64(NBDMAGIC);
         hello.put_u64(IHAVEOPT);
