@@ -93,13 +93,18 @@ async fn child(dir: PathBuf) {
                 .expect("log");
             for n in done.. {
                 let (off, data) = nth_write(w, n);
-                writeln!(log, "I {n}").expect("log intent");
+                // One write(2) per line: `writeln!` on a File writes each formatted piece
+                // with its own call, and a kill between them left a torn line ("I 1" of
+                // "I 123") that named another write.
+                log.write_all(format!("I {n}\n").as_bytes())
+                    .expect("log intent");
                 let v = Version {
                     epoch: 1,
                     seq: n + 1,
                 };
                 store.write(&id(w), off, data, v).await.expect("write");
-                writeln!(log, "A {n}").expect("log ack");
+                log.write_all(format!("A {n}\n").as_bytes())
+                    .expect("log ack");
             }
         }));
     }
@@ -195,9 +200,15 @@ async fn verify(dir: &Path) -> (u64, u64) {
                     .to_vec()
             }
         };
+        let first_diff =
+            |want: &[u8]| (0..got.len().max(want.len())).find(|i| got.get(*i) != want.get(*i));
         assert!(
             got == before || got == after,
-            "writer {w}: object matches neither the acknowledged state nor it plus the write in flight"
+            "writer {w}: object matches neither the acknowledged state (first difference at \
+             byte {:?}) nor it plus the write in flight (at {:?}); log tail {:?}",
+            first_diff(&before),
+            first_diff(&after),
+            &log[log.len().saturating_sub(4)..]
         );
         if let Some(n) = in_flight.first() {
             let mut f = std::fs::OpenOptions::new()
