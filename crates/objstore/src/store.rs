@@ -232,6 +232,10 @@ struct Deferred {
     free_when_written: std::collections::HashSet<u64>,
     /// Records whose blocks are written (not yet flushed).
     applied: Vec<u64>,
+    /// Records whose blocks are flushed: the next copy-on-write commit removes them in its
+    /// batch. A removal lost with a failed commit or a crash only means the record is
+    /// written again at the next mount, where the block map still names its blocks.
+    flushed: Vec<u64>,
 }
 
 /// One deferred write to put on the device.
@@ -250,7 +254,9 @@ const APPLY_MERGE_MAX_BLOCKS: usize = 256;
 /// Writes deferred data to its blocks (unflushed), then lets reads go to the device and
 /// frees what waited for it. Runs until the store is dropped. The writes waiting when it
 /// wakes go out as one batch, in which adjacent blocks (small writes are allocated side by
-/// side) become one device write.
+/// side) become one device write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on
+/// the device, it flushes the device in the background (no write waits for that flush),
+/// after which the next commit removes their records.
 async fn apply_loop<D: BlockDevice>(
     dev: Arc<D>,
     state: Arc<Mutex<Deferred>>,
@@ -259,8 +265,23 @@ async fn apply_loop<D: BlockDevice>(
 ) {
     use futures::stream::{FuturesUnordered, StreamExt};
     let mut running = FuturesUnordered::new();
+    // At most one cleaning at a time; records applied meanwhile wait for the next.
+    let mut cleaning = FuturesUnordered::new();
     loop {
+        if cleaning.is_empty() {
+            let seqs = match state.lock() {
+                Ok(mut st) if st.applied.len() >= DEFERRED_CLEAN_EVERY => {
+                    std::mem::take(&mut st.applied)
+                }
+                Ok(_) => Vec::new(),
+                Err(_) => return,
+            };
+            if !seqs.is_empty() {
+                cleaning.push(flush_applied(dev.clone(), state.clone(), seqs));
+            }
+        }
         tokio::select! {
+            Some(()) = cleaning.next(), if !cleaning.is_empty() => {}
             job = rx.recv(), if running.len() < APPLY_IN_FLIGHT => {
                 let Some(job) = job else { break };
                 // The writers a commit group answers send their jobs one after another;
@@ -296,6 +317,22 @@ async fn apply_loop<D: BlockDevice>(
         }
     }
     while running.next().await.is_some() {}
+}
+
+/// Flushes the device, making the applied deferred writes' blocks durable, then hands their
+/// records to the next commit to remove. If the flush fails the records stay, and are
+/// written again at the next mount.
+async fn flush_applied<D: BlockDevice>(dev: Arc<D>, state: Arc<Mutex<Deferred>>, seqs: Vec<u64>) {
+    if let Err(e) = dev.flush().await {
+        tracing::error!(
+            records = seqs.len(),
+            "device flush failed; deferred records are kept and written again at the next start: {e}"
+        );
+        return;
+    }
+    if let Ok(mut st) = state.lock() {
+        st.flushed.extend(seqs);
+    }
 }
 
 /// Writes a batch of deferred writes, adjacent blocks merged; returns each job with
@@ -903,6 +940,7 @@ impl<D: BlockDevice> BlockStore<D> {
             }
         }
         map.write(&mut batch, blocks_cf, okey);
+        self.remove_flushed_records(&mut batch)?;
         batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &change.meta));
         if let Some(op) = change.log {
             self.log_into(&mut batch, change.id, change.meta.version, op)?;
@@ -980,9 +1018,6 @@ impl<D: BlockDevice> BlockStore<D> {
             len: 1,
         });
         self.release(freed);
-        if deferred {
-            self.clean_deferred().await?;
-        }
         Ok(())
     }
 
@@ -1002,32 +1037,27 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(())
     }
 
-    /// Once enough deferred writes reached their blocks: flush the device, then drop their
-    /// records (unsynced: a record that survives a crash is only written again).
-    async fn clean_deferred(&self) -> Result<(), ObjError> {
-        let seqs = {
-            let mut d = self
+    /// Adds the removal of the deferred records whose blocks are flushed to `batch`.
+    fn remove_flushed_records(&self, batch: &mut WriteBatch) -> Result<(), ObjError> {
+        let seqs = std::mem::take(
+            &mut self
                 .deferred
                 .lock()
-                .map_err(|_| meta_err("deferred lock poisoned"))?;
-            if d.applied.len() < DEFERRED_CLEAN_EVERY {
-                return Ok(());
+                .map_err(|_| meta_err("deferred lock poisoned"))?
+                .flushed,
+        );
+        if !seqs.is_empty() {
+            let cf = self
+                .db
+                .cf_handle(CF_DEFERRED)
+                .expect("column family exists");
+            for seq in seqs {
+                batch.delete_cf(cf, seq.to_be_bytes());
             }
-            std::mem::take(&mut d.applied)
-        };
-        self.flush_device().await?;
-        let cf = self
-            .db
-            .cf_handle(CF_DEFERRED)
-            .expect("column family exists");
-        let mut batch = WriteBatch::default();
-        for seq in seqs {
-            batch.delete_cf(cf, seq.to_be_bytes());
         }
-        self.db.write(batch).map_err(meta_err)
+        Ok(())
     }
 
-    /// Writes `contents` over the extents in order; returns each block's crc32c.
     /// Writes `contents` over the extents in order, durably or not.
     async fn write_extents(
         &self,
@@ -1697,6 +1727,97 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             used_bytes: data_blocks.saturating_sub(free) * BLOCK_SIZE as u64,
             objects: self.objects.load(Ordering::Relaxed),
             checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::file::FileDevice;
+    use crate::device::{create_file_device, FileFill};
+
+    fn deferred_records(store: &BlockStore<FileDevice>) -> usize {
+        let cf = store
+            .db
+            .cf_handle(CF_DEFERRED)
+            .expect("column family exists");
+        store
+            .db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .count()
+    }
+
+    /// Applied deferred writes are flushed in the background, in rounds of
+    /// DEFERRED_CLEAN_EVERY, and later commits remove their records; the data stays
+    /// readable.
+    #[tokio::test]
+    async fn applied_deferred_records_are_removed_in_the_background() {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let tmp = tempfile::tempdir_in(base).expect("tmp");
+        let dev_path = tmp.path().join("dev.img");
+        create_file_device(&dev_path, 64 << 20, FileFill::Reserve).expect("device");
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::create(dev, &tmp.path().join("db"), "fsid", "osd")
+            .await
+            .expect("create");
+        let writes = 3 * DEFERRED_CLEAN_EVERY + 8;
+        for i in 0..writes {
+            let id = ObjectId {
+                pool: 1,
+                pg: 0,
+                name: format!("o{}", i % 7),
+            };
+            let data = Bytes::from(vec![i as u8; BLOCK_SIZE]);
+            let version = Version {
+                epoch: 1,
+                seq: i as u64 + 1,
+            };
+            store
+                .write(&id, (i / 7 * BLOCK_SIZE) as u64, data, version)
+                .await
+                .expect("write");
+        }
+        // Removals ride in later commits: keep writing (another object) while waiting.
+        let mut left = deferred_records(&store);
+        for n in 0..200u64 {
+            if left < DEFERRED_CLEAN_EVERY {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            let id = ObjectId {
+                pool: 1,
+                pg: 0,
+                name: "later".into(),
+            };
+            let version = Version {
+                epoch: 1,
+                seq: writes as u64 + n + 1,
+            };
+            let data = Bytes::from(vec![0u8; BLOCK_SIZE]);
+            store.write(&id, 0, data, version).await.expect("write");
+            left = deferred_records(&store);
+        }
+        assert!(
+            left < DEFERRED_CLEAN_EVERY,
+            "{left} of {writes} deferred records are still there"
+        );
+        for i in (0..writes).step_by(13) {
+            let id = ObjectId {
+                pool: 1,
+                pg: 0,
+                name: format!("o{}", i % 7),
+            };
+            let got = store
+                .read(&id, (i / 7 * BLOCK_SIZE) as u64, BLOCK_SIZE)
+                .await
+                .expect("read");
+            assert!(
+                got.iter().all(|b| *b == i as u8),
+                "write {i} reads back wrong"
+            );
         }
     }
 }
