@@ -710,7 +710,7 @@ impl<D: BlockDevice> BlockStore<D> {
             tracing::info!(
                 records = keys.len(),
                 blocks = written,
-                "replayed deferred writes after an unclean stop"
+                "wrote deferred data left by the last run again (its records outlive a stop until a flush covers them)"
             );
         }
         Ok(())
@@ -1050,7 +1050,7 @@ impl<D: BlockDevice> BlockStore<D> {
             let cf = self
                 .db
                 .cf_handle(CF_DEFERRED)
-                .expect("column family exists");
+                .ok_or_else(|| meta_err("the deferred column family is missing"))?;
             for seq in seqs {
                 batch.delete_cf(cf, seq.to_be_bytes());
             }
