@@ -10,8 +10,12 @@ use store_integration::{expect_closed, wait_for, ClusterOpts, TestCluster};
 use store_placement::{map_pg, object_to_pg};
 use store_types::ErrorCode;
 
-/// Flips one byte right after every occurrence of `marker` in the device file; returns how
-/// many copies were damaged.
+/// Where the data blocks of the test's 16 MiB devices begin: after the superblock and the
+/// commit journal (1/16 of the device), which also holds a copy of each small write. Only
+/// the data blocks are damaged: a journal entry is read only when replaying after a crash.
+const DATA_START_BYTES: usize = (1 + 256) * 4096;
+
+/// Flips a byte after each copy of `marker` in the device's data blocks; returns how many.
 fn damage(device: &std::path::Path, marker: &[u8]) -> usize {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -21,7 +25,7 @@ fn damage(device: &std::path::Path, marker: &[u8]) -> usize {
     let mut buf = Vec::new();
     f.read_to_end(&mut buf).expect("read device");
     let mut hits = 0;
-    let mut at = 0;
+    let mut at = DATA_START_BYTES;
     while let Some(pos) = buf[at..].windows(marker.len()).position(|w| w == marker) {
         let p = at + pos + marker.len();
         f.seek(SeekFrom::Start(p as u64)).expect("seek");

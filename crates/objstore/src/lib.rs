@@ -6,8 +6,9 @@
 //! RocksDB type in its signature so another metadata engine can sit behind it.
 //!
 //! Crash safety is copy-on-write: a write goes to free blocks, is durable (O_DSYNC) before
-//! the metadata that points to it commits in one synced RocksDB batch, and the old blocks
-//! are freed only after that commit. A crash at any point leaves every block of an object
+//! the metadata that points to it commits in one durable batch (through the commit journal
+//! on the device, see [`journal`], or RocksDB's synced WAL in stores without one), and the
+//! old blocks are freed only after that commit. A crash at any point leaves every block of an object
 //! holding either its old or its new content. See docs/objstore.md.
 
 pub mod aligned;
@@ -15,6 +16,7 @@ pub mod alloc;
 mod blockmap;
 mod cache;
 pub mod device;
+pub mod journal;
 pub mod store;
 
 use std::future::Future;

@@ -32,6 +32,7 @@ use crate::alloc::{Allocator, Extent};
 use crate::blockmap::{self, BlockRef, ChunkCache, MapSpan};
 use crate::cache::GenCache;
 use crate::device::BlockDevice;
+use crate::journal::{Journal, JournalRegion};
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
     BLOCK_SIZE, MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
@@ -71,7 +72,13 @@ const DEFERRED_CLEAN_EVERY: usize = 64;
 const PG_LOG_TRIM_SLACK: u64 = 256;
 const RECORD_V: u16 = 1;
 const KEY_IDENTITY: &[u8] = b"identity";
+/// The commit journal's head (see [`crate::journal`]); present exactly in stores with one.
+const KEY_JOURNAL: &[u8] = b"journal";
 const SUPERBLOCK_MAGIC: [u8; 8] = *b"STOREDEV";
+/// The superblock magic of stores with a commit journal: a build from before journals
+/// finds no superblock it knows and refuses the device, instead of mounting it without
+/// replaying the journal and allocating the journal's blocks as data.
+const SUPERBLOCK_MAGIC_JOURNAL: [u8; 8] = *b"STOREDJ1";
 /// Object locks are striped: bounded memory, and distinct objects rarely share a stripe.
 const LOCK_STRIPES: usize = 1024;
 /// Block map chunks kept in memory: 256 Ki chunks of 16 blocks map 16 GiB of data, in
@@ -134,10 +141,12 @@ pub struct BlockStore<D: BlockDevice> {
     deferred: Arc<Mutex<Deferred>>,
     /// To the task that writes deferred data to its blocks (bounded: writers wait).
     apply_tx: tokio::sync::mpsc::Sender<ApplyJob>,
-    /// To the commit thread (None once dropping), and the thread, joined on drop so the
-    /// metadata store is closed when the store is gone.
-    committer: Option<std::sync::mpsc::Sender<Commit>>,
-    commit_thread: Option<std::thread::JoinHandle<()>>,
+    /// Commits the journal applied again at mount (they were not in the metadata store).
+    journal_replayed: u64,
+    /// Blocks before this one hold the superblock and the journal.
+    first_data_block: u64,
+    /// How commits become durable (None once dropping).
+    committer: Option<Committer<D>>,
     /// Device flushes shared by the writes waiting for one (see [`BlockStore::flush_device`]).
     flushes: FlushGroup,
     /// Recently used block map chunks.
@@ -160,12 +169,34 @@ struct FlushGroup {
     running: tokio::sync::Mutex<()>,
 }
 
+/// How a store makes its metadata commits durable.
+enum Committer<D: BlockDevice> {
+    /// The commit journal on the data device (stores created with one).
+    Journal(Journal<D>),
+    /// Synced RocksDB WAL writes by the commit thread (stores created without a journal:
+    /// older ones, and devices too small for one). The thread is joined on drop so the
+    /// metadata store is closed when the store is gone.
+    Wal {
+        tx: Option<std::sync::mpsc::Sender<Commit>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    },
+}
+
+impl<D: BlockDevice> Drop for Committer<D> {
+    fn drop(&mut self) {
+        if let Committer::Wal { tx, thread } = self {
+            tx.take();
+            if let Some(t) = thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 impl<D: BlockDevice> Drop for BlockStore<D> {
     fn drop(&mut self) {
+        // The journal's flush thread or the commit thread is joined here.
         self.committer.take();
-        if let Some(t) = self.commit_thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -406,19 +437,32 @@ fn pg_prefix(pool: u32, pg: u32) -> Vec<u8> {
     k
 }
 
-fn superblock(identity: &Identity) -> AlignedBuf {
+/// The superblock: magic, the identity record and, after it, the journal region record
+/// (a zero length where there is none, as in superblocks written before journals).
+fn superblock(identity: &Identity, journal: Option<JournalRegion>) -> AlignedBuf {
     let mut buf = AlignedBuf::zeroed(1);
     let body = encode_record(RECORD_V, identity);
-    buf[..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+    let magic = match journal {
+        Some(_) => SUPERBLOCK_MAGIC_JOURNAL,
+        None => SUPERBLOCK_MAGIC,
+    };
+    buf[..8].copy_from_slice(&magic);
     buf[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
     buf[12..12 + body.len()].copy_from_slice(&body);
+    if let Some(region) = journal {
+        let at = 12 + body.len();
+        let rec = encode_record(RECORD_V, &region);
+        buf[at..at + 4].copy_from_slice(&(rec.len() as u32).to_le_bytes());
+        buf[at + 4..at + 4 + rec.len()].copy_from_slice(&rec);
+    }
     let crc = crc32c::crc32c(&buf[..BLOCK_SIZE - 4]);
     buf[BLOCK_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
     buf
 }
 
-fn parse_superblock(buf: &[u8]) -> Result<Identity, String> {
-    if buf[..8] != SUPERBLOCK_MAGIC {
+fn parse_superblock(buf: &[u8]) -> Result<(Identity, Option<JournalRegion>), String> {
+    let journal_magic = buf[..8] == SUPERBLOCK_MAGIC_JOURNAL;
+    if buf[..8] != SUPERBLOCK_MAGIC && !journal_magic {
         return Err(
             "no store superblock (not a device of this store, or never initialised)".into(),
         );
@@ -435,23 +479,62 @@ fn parse_superblock(buf: &[u8]) -> Result<Identity, String> {
     if 12 + len > BLOCK_SIZE - 4 {
         return Err("superblock length field is out of range".into());
     }
-    decode_record(RECORD_V, &buf[12..12 + len]).map_err(|e| format!("unreadable superblock: {e}"))
+    let identity = decode_record(RECORD_V, &buf[12..12 + len])
+        .map_err(|e| format!("unreadable superblock: {e}"))?;
+    let at = 12 + len;
+    let jlen =
+        u32::from_le_bytes(buf[at..at + 4].try_into().map_err(|_| "short superblock")?) as usize;
+    if jlen == 0 && !journal_magic {
+        return Ok((identity, None));
+    }
+    if jlen == 0 || !journal_magic {
+        return Err(
+            "superblock magic and journal record disagree: the device header is damaged".into(),
+        );
+    }
+    if at + 4 + jlen > BLOCK_SIZE - 4 {
+        return Err("superblock journal length field is out of range".into());
+    }
+    let region: JournalRegion = decode_record(RECORD_V, &buf[at + 4..at + 4 + jlen])
+        .map_err(|e| format!("unreadable journal record in the superblock: {e}"))?;
+    region.validate(identity.device_blocks)?;
+    Ok((identity, Some(region)))
 }
 
 /// Bound on the live WAL files: beyond it, the column families holding the oldest one
 /// flush so that it can be recycled.
 const WAL_MAX_TOTAL_BYTES: u64 = 64 << 20;
 
-fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
+/// Every column family, in the order they are opened.
+const ALL_CFS: [&str; 6] = [
+    CF_META,
+    CF_OBJECTS,
+    CF_BLOCKS,
+    CF_LEGACY_BLOCKS,
+    CF_PGLOG,
+    CF_DEFERRED,
+];
+
+/// Opens the metadata store; `journal`: the store commits through its journal (see
+/// [`crate::journal`]), so RocksDB's WAL carries almost nothing and every flush must cover
+/// all column families at once.
+fn open_db(dir: &Path, create: bool, journal: bool) -> Result<DB, ObjError> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
     opts.set_keep_log_file_num(4);
     // A store from before a column family existed gets it (empty) at its next open.
     opts.create_missing_column_families(true);
-    // Every commit is a synced WAL append. Recycled WAL files are overwritten in place, so
-    // once warm an fdatasync has no file size to journal (one device flush, not two).
-    // Point-in-time recovery is what recycling needs; synced writes are all recovered.
-    opts.set_recycle_log_file_num(4);
+    if journal {
+        // Commits reach RocksDB with its WAL disabled; what SST files hold must then be a
+        // prefix of the commits, whichever family filled first.
+        opts.set_atomic_flush(true);
+    } else {
+        // Every commit is a synced WAL append. Recycled WAL files are overwritten in
+        // place, so once warm an fdatasync has no file size to journal (one device flush,
+        // not two). Point-in-time recovery is what recycling needs; synced writes are all
+        // recovered. (RocksDB refuses unlogged writes with recycling.)
+        opts.set_recycle_log_file_num(4);
+    }
     // A WAL file is only recycled once every column family with data in it has flushed.
     // The deferred-data family switches memtables every few seconds under load while the
     // small ones would hold theirs for hundreds of MB of WAL: without a bound every switch
@@ -480,16 +563,9 @@ fn open_db(dir: &Path, create: bool) -> Result<DB, ObjError> {
         o.set_memtable_whole_key_filtering(true);
         o
     };
-    let cfs = [
-        CF_META,
-        CF_OBJECTS,
-        CF_BLOCKS,
-        CF_LEGACY_BLOCKS,
-        CF_PGLOG,
-        CF_DEFERRED,
-    ]
-    .into_iter()
-    .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
+    let cfs = ALL_CFS
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
     DB::open_cf_descriptors(&opts, dir, cfs)
         .map_err(|e| ObjError::Refused(format!("metadata store {}: {e}", dir.display())))
 }
@@ -512,6 +588,18 @@ impl<D: BlockDevice> BlockStore<D> {
         fsid: &str,
         osd_uuid: &str,
     ) -> Result<Self, ObjError> {
+        Self::create_with(dev, db_dir, fsid, osd_uuid, true).await
+    }
+
+    /// [`Self::create`], with a commit journal if `journal` and the device is large enough
+    /// (see [`JournalRegion::for_device`]), else committing through RocksDB's synced WAL.
+    pub async fn create_with(
+        dev: D,
+        db_dir: &Path,
+        fsid: &str,
+        osd_uuid: &str,
+        journal: bool,
+    ) -> Result<Self, ObjError> {
         if !dir_is_empty(db_dir)? {
             return Err(ObjError::Refused(format!(
                 "{} is not empty: refusing to create a new store over it",
@@ -519,7 +607,7 @@ impl<D: BlockDevice> BlockStore<D> {
             )));
         }
         let head = dev.read(0, 1).await?;
-        if head[..8] == SUPERBLOCK_MAGIC {
+        if head[..8] == SUPERBLOCK_MAGIC || head[..8] == SUPERBLOCK_MAGIC_JOURNAL {
             return Err(ObjError::Refused(
                 "the device already holds a store (superblock present); refusing to overwrite it"
                     .into(),
@@ -532,16 +620,22 @@ impl<D: BlockDevice> BlockStore<D> {
         };
         std::fs::create_dir_all(db_dir)
             .map_err(|e| ObjError::Refused(format!("{}: {e}", db_dir.display())))?;
-        let db = open_db(db_dir, true)?;
+        let region = journal
+            .then(|| JournalRegion::for_device(identity.device_blocks))
+            .flatten();
+        let db = open_db(db_dir, true, region.is_some())?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         let cf = db
             .cf_handle(CF_META)
-            .expect("opened with this column family");
+            .ok_or_else(|| meta_err("the meta column family is missing"))?;
         db.put_cf_opt(cf, KEY_IDENTITY, encode_record(RECORD_V, &identity), &wo)
             .map_err(meta_err)?;
-        dev.write(0, superblock(&identity)).await?;
-        Self::mount(dev, db, &identity).await
+        if region.is_some() {
+            Journal::<D>::initialise(&db, CF_META, KEY_JOURNAL).map_err(meta_err)?;
+        }
+        dev.write(0, superblock(&identity, region)).await?;
+        Self::mount(dev, db, &identity, region).await
     }
 
     /// Opens an existing store, checking that device and metadata belong together and to
@@ -554,8 +648,8 @@ impl<D: BlockDevice> BlockStore<D> {
             )));
         }
         let head = dev.read(0, 1).await?;
-        let on_device = parse_superblock(&head).map_err(ObjError::Refused)?;
-        let db = open_db(db_dir, false)?;
+        let (on_device, region) = parse_superblock(&head).map_err(ObjError::Refused)?;
+        let db = open_db(db_dir, false, region.is_some())?;
         let cf = db
             .cf_handle(CF_META)
             .expect("opened with this column family");
@@ -583,12 +677,62 @@ impl<D: BlockDevice> BlockStore<D> {
                 in_db.device_blocks
             )));
         }
-        Self::mount(dev, db, &in_db).await
+        let has_head = db.get_cf(cf, KEY_JOURNAL).map_err(meta_err)?.is_some();
+        if has_head != region.is_some() {
+            return Err(ObjError::Refused(format!(
+                "device and metadata disagree about the commit journal (superblock: {region:?}, journal head in metadata: {has_head})"
+            )));
+        }
+        Self::mount(dev, db, &in_db, region).await
     }
 
     /// Rebuilds the allocator from the block map, counts objects and writes the deferred
     /// writes that may not have reached the device.
-    async fn mount(dev: D, db: DB, identity: &Identity) -> Result<Self, ObjError> {
+    async fn mount(
+        dev: D,
+        db: DB,
+        identity: &Identity,
+        journal: Option<JournalRegion>,
+    ) -> Result<Self, ObjError> {
+        let dev = Arc::new(dev);
+        let db = Arc::new(db);
+        // First the journal: what it holds is newer than anything RocksDB has.
+        let mut journal_replayed = 0;
+        let committer = match journal {
+            Some(region) => {
+                let cfs = ALL_CFS.iter().map(|c| c.to_string()).collect();
+                let (j, replayed) =
+                    Journal::open(dev.clone(), db.clone(), region, cfs, CF_META, KEY_JOURNAL)
+                        .await
+                        .map_err(|e| ObjError::Refused(format!("commit journal: {e}")))?;
+                journal_replayed = replayed.batches;
+                if replayed.entries > 0 {
+                    tracing::info!(
+                        entries = replayed.entries,
+                        commits = replayed.batches,
+                        "applied commits from the journal that the metadata store had not flushed"
+                    );
+                }
+                Committer::Journal(j)
+            }
+            None => {
+                let (tx, commits) = std::sync::mpsc::channel();
+                let thread = {
+                    let db = db.clone();
+                    std::thread::Builder::new()
+                        .name("store-commit".into())
+                        .spawn(move || commit_thread(db, commits))
+                        .map_err(|e| {
+                            ObjError::Refused(format!("cannot start the commit thread: {e}"))
+                        })?
+                };
+                Committer::Wal {
+                    tx: Some(tx),
+                    thread: Some(thread),
+                }
+            }
+        };
+        let first_data_block = journal.map_or(1, |r| r.end());
         let handle = |name| {
             db.cf_handle(name)
                 .ok_or_else(|| ObjError::Refused(format!("column family {name} is missing")))
@@ -604,7 +748,7 @@ impl<D: BlockDevice> BlockStore<D> {
         }
         let mut used = Vec::new();
         blockmap::for_each_device_block(&db, blocks, |b| {
-            if b == 0 || b >= identity.device_blocks {
+            if b < first_data_block || b >= identity.device_blocks {
                 return Err(format!("block map points outside the device (block {b})"));
             }
             used.push(b);
@@ -616,11 +760,10 @@ impl<D: BlockDevice> BlockStore<D> {
             .expect("opened with this column family");
         let objects = db.iterator_cf(objects_cf, IteratorMode::Start).count() as u64;
         let alloc = Arc::new(Mutex::new(Allocator::from_used(
-            1,
+            first_data_block,
             identity.device_blocks,
             used,
         )));
-        let dev = Arc::new(dev);
         let deferred = Arc::new(Mutex::new(Deferred::default()));
         let (apply_tx, apply_rx) = tokio::sync::mpsc::channel(4 * APPLY_IN_FLIGHT);
         tokio::spawn(apply_loop(
@@ -629,15 +772,6 @@ impl<D: BlockDevice> BlockStore<D> {
             alloc.clone(),
             apply_rx,
         ));
-        let db = Arc::new(db);
-        let (committer, commits) = std::sync::mpsc::channel();
-        let commit_thread = {
-            let db = db.clone();
-            std::thread::Builder::new()
-                .name("store-commit".into())
-                .spawn(move || commit_thread(db, commits))
-                .map_err(|e| ObjError::Refused(format!("cannot start the commit thread: {e}")))?
-        };
         let store = BlockStore {
             dev,
             db,
@@ -650,8 +784,9 @@ impl<D: BlockDevice> BlockStore<D> {
             deferred_seq: AtomicU64::new(0),
             deferred,
             apply_tx,
+            first_data_block,
+            journal_replayed,
             committer: Some(committer),
-            commit_thread: Some(commit_thread),
             flushes: FlushGroup::default(),
             map_cache: ChunkCache::new(MAP_CACHE_CHUNKS),
             meta_cache: GenCache::new(META_CACHE_OBJECTS),
@@ -714,6 +849,12 @@ impl<D: BlockDevice> BlockStore<D> {
             );
         }
         Ok(())
+    }
+
+    /// Commits the journal applied again when this store was opened: those acknowledged
+    /// (or in flight) after the metadata store's last flush before a crash.
+    pub fn journal_replayed_commits(&self) -> u64 {
+        self.journal_replayed
     }
 
     /// Keeps at most `entries` per PG log (tests use small logs).
@@ -891,11 +1032,13 @@ impl<D: BlockDevice> BlockStore<D> {
 
     /// Commits a batch durably, through the commit thread (group commit).
     async fn commit(&self, batch: WriteBatch) -> Result<(), ObjError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.committer
-            .as_ref()
-            .ok_or_else(|| meta_err("the store is closing"))?
-            .send((batch, tx))
+        let tx = match self.committer.as_ref() {
+            Some(Committer::Journal(j)) => return j.commit(batch).await.map_err(meta_err),
+            Some(Committer::Wal { tx: Some(tx), .. }) => tx,
+            _ => return Err(meta_err("the store is closing")),
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.send((batch, reply))
             .map_err(|_| meta_err("the commit thread has stopped"))?;
         rx.await
             .map_err(|_| meta_err("the commit thread dropped a commit"))?
@@ -945,6 +1088,10 @@ impl<D: BlockDevice> BlockStore<D> {
         if let Some(op) = change.log {
             self.log_into(&mut batch, change.id, change.meta.version, op)?;
         }
+        // Set once the commit is sent: its failure may still have left it durable (a
+        // journal entry or WAL record on the device that the next mount applies), so the
+        // new blocks must not be reused before that mount.
+        let mut commit_sent = false;
         let res = if deferred {
             let seq = self.deferred_seq.fetch_add(1, Ordering::Relaxed);
             let rec = DeferredWrite {
@@ -973,6 +1120,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 .map_err(|_| meta_err("deferred lock poisoned"))?
                 .pending
                 .extend(blocks.iter().cloned());
+            commit_sent = true;
             match self.commit(batch).await {
                 Ok(()) => {
                     self.apply_tx
@@ -997,7 +1145,10 @@ impl<D: BlockDevice> BlockStore<D> {
             // commit: the block map never names data that is not durable.
             match self.write_extents(&extents, contents, false).await {
                 Ok(()) => match self.flush_device().await {
-                    Ok(()) => self.commit(batch).await,
+                    Ok(()) => {
+                        commit_sent = true;
+                        self.commit(batch).await
+                    }
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
@@ -1006,7 +1157,9 @@ impl<D: BlockDevice> BlockStore<D> {
         self.meta_committed(okey, &res, Some(change.meta));
         if let Err(e) = res {
             map.failed(&self.map_cache, okey);
-            self.release(extents);
+            if !commit_sent {
+                self.release(extents);
+            }
             return Err(e);
         }
         map.committed(&self.map_cache, okey);
@@ -1721,7 +1874,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
 
     fn usage(&self) -> Usage {
         let free = self.alloc.lock().map(|a| a.free_blocks()).unwrap_or(0);
-        let data_blocks = self.dev.blocks().saturating_sub(1);
+        let data_blocks = self.dev.blocks().saturating_sub(self.first_data_block);
         Usage {
             total_bytes: data_blocks * BLOCK_SIZE as u64,
             used_bytes: data_blocks.saturating_sub(free) * BLOCK_SIZE as u64,
@@ -1746,6 +1899,56 @@ mod tests {
             .db
             .iterator_cf(cf, rocksdb::IteratorMode::Start)
             .count()
+    }
+
+    /// Concurrent 64 KiB deferred writes on a 16 MiB device (a 256-block journal, whose
+    /// entries hold 64 blocks at most): the queued commits are split into entries that fit,
+    /// every write succeeds, and all read back after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_concurrent_commits_are_split_into_entries_that_fit() {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let tmp = tempfile::tempdir_in(base).expect("tmp");
+        let dev_path = tmp.path().join("dev.img");
+        let db = tmp.path().join("db");
+        create_file_device(&dev_path, 16 << 20, FileFill::Reserve).expect("device");
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = Arc::new(
+            BlockStore::create(dev, &db, "fsid", "osd")
+                .await
+                .expect("create"),
+        );
+        assert!(store.first_data_block > 1, "a 16 MiB device gets a journal");
+        let id = |i: usize| ObjectId {
+            pool: 1,
+            pg: 0,
+            name: format!("o{i}"),
+        };
+        let bytes = DEFERRED_MAX_BLOCKS * BLOCK_SIZE;
+        let data = |round: usize, i: usize| Bytes::from(vec![(round * 16 + i) as u8; bytes]);
+        for round in 0..3 {
+            let writes = (0..16).map(|i| {
+                let store = store.clone();
+                let version = Version {
+                    epoch: 1,
+                    seq: round as u64 + 1,
+                };
+                let (id, data) = (id(i), data(round, i));
+                tokio::spawn(async move { store.write(&id, 0, data, version).await })
+            });
+            for w in futures::future::join_all(writes).await {
+                w.expect("task").expect("write");
+            }
+        }
+        let store = Arc::into_inner(store).expect("the only handle");
+        drop(store);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::open(dev, &db, "fsid").await.expect("reopen");
+        for i in 0..16 {
+            let got = store.read(&id(i), 0, bytes).await.expect("read");
+            assert_eq!(got, data(2, i), "object {i}");
+        }
     }
 
     /// Applied deferred writes are flushed in the background, in rounds of

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use store_objstore::aligned::AlignedBuf;
 use store_objstore::device::file::FileDevice;
 use store_objstore::device::uring::UringDevice;
 use store_objstore::device::{create_file_device, BlockDevice, FileFill};
@@ -60,6 +61,37 @@ fn pattern(seed: u8, len: usize) -> Bytes {
 
 trait Open: BlockDevice + Sized {
     fn open_dev(p: &Path) -> Self;
+    /// Whether stores are created with a commit journal (devices of 16 MiB and more).
+    const JOURNAL: bool = true;
+}
+
+/// A uring device whose stores are created without a commit journal: they commit
+/// through RocksDB's synced WAL, like stores created before journals.
+struct NoJournal(UringDevice);
+
+impl BlockDevice for NoJournal {
+    fn blocks(&self) -> u64 {
+        self.0.blocks()
+    }
+    async fn read(&self, start: u64, blocks: usize) -> std::io::Result<AlignedBuf> {
+        self.0.read(start, blocks).await
+    }
+    async fn write(&self, start: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
+        self.0.write(start, buf).await
+    }
+    async fn write_lazy(&self, start: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
+        self.0.write_lazy(start, buf).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().await
+    }
+}
+
+impl Open for NoJournal {
+    fn open_dev(p: &Path) -> Self {
+        NoJournal(UringDevice::open(p).expect("open uring device"))
+    }
+    const JOURNAL: bool = false;
 }
 impl Open for FileDevice {
     fn open_dev(p: &Path) -> Self {
@@ -73,7 +105,7 @@ impl Open for UringDevice {
 }
 
 async fn create<D: Open>(e: &Env) -> BlockStore<D> {
-    BlockStore::create(D::open_dev(&e.dev), &e.db, FSID, "osd-uuid")
+    BlockStore::create_with(D::open_dev(&e.dev), &e.db, FSID, "osd-uuid", D::JOURNAL)
         .await
         .expect("create")
 }
@@ -624,3 +656,4 @@ macro_rules! conformance {
 
 conformance!(uring, UringDevice);
 conformance!(file, FileDevice);
+conformance!(uring_no_journal, NoJournal);

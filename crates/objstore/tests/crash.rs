@@ -21,6 +21,8 @@ use store_objstore::{BlockStore, ObjectId, ObjectStore, Version, BLOCK_SIZE};
 const FSID: &str = "crash-fsid";
 const WRITERS: u64 = 4;
 const CHILD_ENV: &str = "OBJSTORE_CRASH_CHILD_DIR";
+/// Set in the child of the test of stores without a commit journal.
+const CHILD_WAL_ENV: &str = "OBJSTORE_CRASH_CHILD_WAL";
 const OBJECT_SPAN: u64 = 256 * 1024;
 
 fn id(w: u64) -> ObjectId {
@@ -71,7 +73,8 @@ async fn child(dir: PathBuf) {
         .map(|mut d| d.next().is_none())
         .unwrap_or(true);
     let store = if fresh {
-        BlockStore::create(dev, &db, FSID, "u")
+        let journal = std::env::var_os(CHILD_WAL_ENV).is_none();
+        BlockStore::create_with(dev, &db, FSID, "u", journal)
             .await
             .expect("create")
     } else {
@@ -157,11 +160,12 @@ fn apply(state: &mut Vec<u8>, w: u64, n: u64) {
 
 /// Checks every object against its log; resolves the write that was in flight (appending
 /// "A n" if it turned out applied, "X n" if not) so the next round starts from a known state.
-async fn verify(dir: &Path) -> (u64, u64) {
+async fn verify(dir: &Path) -> (u64, u64, u64) {
     let dev = UringDevice::open(&dir.join("dev.img")).expect("device");
     let store = BlockStore::open(dev, &dir.join("db"), FSID)
         .await
         .expect("reopen after crash");
+    let replayed = store.journal_replayed_commits();
     let mut allocated = 0;
     let mut acked_total = 0;
     for w in 0..WRITERS {
@@ -229,11 +233,25 @@ async fn verify(dir: &Path) -> (u64, u64) {
         allocated,
         "blocks of uncommitted writes must be free again"
     );
-    (acked_total, store.usage().objects)
+    (acked_total, store.usage().objects, replayed)
 }
 
 #[test]
 fn sigkill_at_random_points_loses_nothing_acknowledged() {
+    sigkill_rounds("sigkill_at_random_points_loses_nothing_acknowledged", true);
+}
+
+/// The same for a store that commits through RocksDB's synced WAL (stores created before
+/// the commit journal, and devices too small for one).
+#[test]
+fn sigkill_without_a_journal_loses_nothing_acknowledged() {
+    sigkill_rounds(
+        "sigkill_without_a_journal_loses_nothing_acknowledged",
+        false,
+    );
+}
+
+fn sigkill_rounds(test_name: &str, journal: bool) {
     if let Some(dir) = std::env::var_os(CHILD_ENV) {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(child(PathBuf::from(dir)));
@@ -251,14 +269,15 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
     let mut r = rng(42);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut last_acked = 0;
+    let mut replayed_total = 0;
     for round in 0..12 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "sigkill_at_random_points_loses_nothing_acknowledged",
-                "--nocapture",
-            ])
-            .env(CHILD_ENV, tmp.path())
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--exact", test_name, "--nocapture"])
+            .env(CHILD_ENV, tmp.path());
+        if !journal {
+            cmd.env(CHILD_WAL_ENV, "1");
+        }
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -266,10 +285,20 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         std::thread::sleep(Duration::from_millis(150 + r() % 350));
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
-        let (acked, objects) = rt.block_on(verify(tmp.path()));
-        eprintln!("round {round}: {acked} acknowledged writes verified, {objects} objects");
+        let (acked, objects, replayed) = rt.block_on(verify(tmp.path()));
+        eprintln!(
+            "round {round}: {acked} acknowledged writes verified, {objects} objects, \
+             {replayed} commits applied again from the journal"
+        );
         assert!(acked >= last_acked, "acknowledged writes went missing");
         last_acked = acked;
+        replayed_total += replayed;
     }
     assert!(last_acked > 0, "the child never got a write acknowledged");
+    // The kills must have left work for the journal's replay, or it was not tested.
+    assert_eq!(
+        replayed_total > 0,
+        journal,
+        "{replayed_total} commits replayed"
+    );
 }
