@@ -16,7 +16,26 @@ use store_types::ErrorCode;
 const DATA_START_BYTES: usize = (1 + 256) * 4096;
 
 /// Flips a byte after each copy of `marker` in the device's data blocks; returns how many.
+/// A small write reaches its data blocks up to ~10 ms after it is acknowledged (its data
+/// is durable in the journal first): wait (2 s at most) for a copy to be there.
 fn damage(device: &std::path::Path, marker: &[u8]) -> usize {
+    let t0 = std::time::Instant::now();
+    loop {
+        let hits = damage_now(device, marker);
+        if hits > 0 {
+            // Let the store take the written blocks out of its in-memory pending set, so
+            // the next read goes to the damaged device blocks.
+            std::thread::sleep(Duration::from_millis(50));
+            return hits;
+        }
+        if t0.elapsed() > Duration::from_secs(2) {
+            return hits;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn damage_now(device: &std::path::Path, marker: &[u8]) -> usize {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -281,11 +281,17 @@ const APPLY_IN_FLIGHT: usize = 32;
 const APPLY_BATCH_JOBS: usize = 64;
 /// Blocks per device write when a batch's adjacent blocks are merged.
 const APPLY_MERGE_MAX_BLOCKS: usize = 256;
+/// Deferred writes gathered before they go to the device as one batch: each batch's
+/// completion wakes the runtime, and at QD1 that was one wake-up per write on every OSD.
+const APPLY_GATHER_JOBS: usize = 8;
+/// How long gathered writes wait at most when no more come (their data is served from
+/// memory meanwhile, and stays durable in its record).
+const APPLY_GATHER_MAX_MS: u64 = 10;
 
 /// Writes deferred data to its blocks (unflushed), then lets reads go to the device and
-/// frees what waited for it. Runs until the store is dropped. The writes waiting when it
-/// wakes go out as one batch, in which adjacent blocks (small writes are allocated side by
-/// side) become one device write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on
+/// frees what waited for it. Runs until the store is dropped. Writes are gathered, up to
+/// [`APPLY_GATHER_JOBS`] or for [`APPLY_GATHER_MAX_MS`], and go out as one batch, in
+/// which adjacent blocks (small writes are allocated side by side) become one device write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on
 /// the device, it flushes the device in the background (no write waits for that flush),
 /// after which the next commit removes their records.
 async fn apply_loop<D: BlockDevice>(
@@ -298,7 +304,21 @@ async fn apply_loop<D: BlockDevice>(
     let mut running = FuturesUnordered::new();
     // At most one cleaning at a time; records applied meanwhile wait for the next.
     let mut cleaning = FuturesUnordered::new();
+    let mut gathered: Vec<ApplyJob> = Vec::new();
+    let gather_timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(gather_timer);
+    let mut closed = false;
     loop {
+        let due = gathered.len() >= APPLY_GATHER_JOBS
+            || (closed && !gathered.is_empty())
+            || (!gathered.is_empty() && gather_timer.is_elapsed());
+        if due && running.len() < APPLY_IN_FLIGHT {
+            running.push(apply_batch(dev.clone(), std::mem::take(&mut gathered)));
+            continue;
+        }
+        if closed && gathered.is_empty() {
+            break;
+        }
         if cleaning.is_empty() {
             let seqs = match state.lock() {
                 Ok(mut st) if st.applied.len() >= DEFERRED_CLEAN_EVERY => {
@@ -313,20 +333,25 @@ async fn apply_loop<D: BlockDevice>(
         }
         tokio::select! {
             Some(()) = cleaning.next(), if !cleaning.is_empty() => {}
-            job = rx.recv(), if running.len() < APPLY_IN_FLIGHT => {
-                let Some(job) = job else { break };
-                // The writers a commit group answers send their jobs one after another;
-                // let them all run before taking the batch.
-                tokio::task::yield_now().await;
-                let mut jobs = vec![job];
-                while jobs.len() < APPLY_BATCH_JOBS {
+            job = rx.recv(), if !closed && gathered.len() < APPLY_BATCH_JOBS => {
+                let Some(job) = job else {
+                    closed = true;
+                    continue;
+                };
+                if gathered.is_empty() {
+                    let at = tokio::time::Instant::now()
+                        + std::time::Duration::from_millis(APPLY_GATHER_MAX_MS);
+                    gather_timer.as_mut().reset(at);
+                }
+                gathered.push(job);
+                while gathered.len() < APPLY_BATCH_JOBS {
                     match rx.try_recv() {
-                        Ok(j) => jobs.push(j),
+                        Ok(j) => gathered.push(j),
                         Err(_) => break,
                     }
                 }
-                running.push(apply_batch(dev.clone(), jobs));
             }
+            () = &mut gather_timer, if !gathered.is_empty() && !gather_timer.is_elapsed() => {}
             Some(done) = running.next(), if !running.is_empty() => {
                 let Ok(mut st) = state.lock() else { return };
                 for (job, ok) in done {

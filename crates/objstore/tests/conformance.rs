@@ -173,6 +173,16 @@ async fn versions_only_grow<D: Open>() {
     );
 }
 
+/// Waits (5 s at most) until the store uses at most `bytes`: blocks whose deferred write is
+/// still on its way to the device (gathered for up to 10 ms) are freed once it is done.
+async fn wait_used_at_most<D: Open>(s: &BlockStore<D>, bytes: u64) {
+    let t0 = std::time::Instant::now();
+    while s.usage().used_bytes > bytes {
+        assert!(t0.elapsed().as_secs() < 5, "freed space not returned");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn zero_and_delete_free_space<D: Open>() {
     let e = env(16 * MIB);
     let s = create::<D>(&e).await;
@@ -196,6 +206,7 @@ async fn zero_and_delete_free_space<D: Open>() {
     assert_eq!(s.usage().objects, 1);
     assert!(s.delete(&o, v(3)).await.unwrap());
     assert!(!s.delete(&o, v(4)).await.unwrap());
+    wait_used_at_most(&s, base).await;
     assert_eq!(s.usage().used_bytes, base);
     assert_eq!(s.usage().objects, 0);
 }
@@ -511,15 +522,7 @@ async fn stray_pgs_are_listed_and_removed_in_steps<D: Open>() {
         assert!(!s.remove_pg(1, 7, 2).await.unwrap());
     }
     assert!(s.list(1, 7).await.unwrap().is_empty());
-    // Blocks whose deferred write is still going to the device are freed once it is done.
-    let t0 = std::time::Instant::now();
-    while s.usage().used_bytes > used - 15 * BLOCK_SIZE as u64 {
-        assert!(
-            t0.elapsed().as_secs() < 5,
-            "removed objects' space not freed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_used_at_most(&s, used - 15 * BLOCK_SIZE as u64).await;
     assert!(s.remove_pg(1, 7, 2).await.unwrap());
     assert!(s.pg_log(1, 7, None, 100).await.unwrap().is_empty());
     assert!(s.remove_pg(2, u32::MAX, 2).await.unwrap());
