@@ -656,8 +656,19 @@ impl<D: BlockDevice> BlockStore<D> {
             .ok_or_else(|| meta_err("the meta column family is missing"))?;
         db.put_cf_opt(cf, KEY_IDENTITY, encode_record(RECORD_V, &identity), &wo)
             .map_err(meta_err)?;
-        if region.is_some() {
+        if let Some(r) = region {
             Journal::<D>::initialise(&db, CF_META, KEY_JOURNAL).map_err(meta_err)?;
+            // Written once over: on a file-backed device whose space is only reserved, the
+            // first write of each block also converts its extent (a metadata update synced
+            // with every journal write of the first lap).
+            const CHUNK_BLOCKS: u64 = 256;
+            let mut at = r.start;
+            while at < r.end() {
+                let n = CHUNK_BLOCKS.min(r.end() - at);
+                dev.write_lazy(at, AlignedBuf::zeroed(n as usize)).await?;
+                at += n;
+            }
+            dev.flush().await?;
         }
         dev.write(0, superblock(&identity, region)).await?;
         Self::mount(dev, db, &identity, region).await
