@@ -291,9 +291,10 @@ const APPLY_GATHER_MAX_MS: u64 = 10;
 /// Writes deferred data to its blocks (unflushed), then lets reads go to the device and
 /// frees what waited for it. Runs until the store is dropped. Writes are gathered, up to
 /// [`APPLY_GATHER_JOBS`] or for [`APPLY_GATHER_MAX_MS`], and go out as one batch, in
-/// which adjacent blocks (small writes are allocated side by side) become one device write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on
-/// the device, it flushes the device in the background (no write waits for that flush),
-/// after which the next commit removes their records.
+/// which adjacent blocks (small writes are allocated side by side) become one device
+/// write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on the device, it flushes
+/// the device in the background (no write waits for that flush), after which the next
+/// commit removes their records.
 async fn apply_loop<D: BlockDevice>(
     dev: Arc<D>,
     state: Arc<Mutex<Deferred>>,
