@@ -1938,6 +1938,46 @@ mod tests {
             .count()
     }
 
+    /// Superblocks with and without a journal round-trip; one whose magic and journal
+    /// record disagree, or whose journal does not fit the device, is refused (never taken
+    /// for a store without a journal, which would skip the replay).
+    #[test]
+    fn superblocks_name_their_journal_exactly() {
+        let identity = Identity {
+            fsid: "f".into(),
+            osd_uuid: "u".into(),
+            device_blocks: 1 << 20,
+        };
+        let region = JournalRegion::for_device(identity.device_blocks).expect("4 GiB");
+        assert_eq!(
+            parse_superblock(&superblock(&identity, None)),
+            Ok((identity.clone(), None))
+        );
+        assert_eq!(
+            parse_superblock(&superblock(&identity, Some(region))),
+            Ok((identity.clone(), Some(region)))
+        );
+        let reseal = |buf: &mut AlignedBuf| {
+            let crc = crc32c::crc32c(&buf[..BLOCK_SIZE - 4]);
+            buf[BLOCK_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        };
+        // The old magic over a journal record, and the journal magic without one.
+        let mut mixed = superblock(&identity, Some(region));
+        mixed[..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        reseal(&mut mixed);
+        assert!(parse_superblock(&mixed).is_err());
+        let mut bare = superblock(&identity, None);
+        bare[..8].copy_from_slice(&SUPERBLOCK_MAGIC_JOURNAL);
+        reseal(&mut bare);
+        assert!(parse_superblock(&bare).is_err());
+        // A journal that does not fit the device.
+        let small = Identity {
+            device_blocks: region.blocks,
+            ..identity.clone()
+        };
+        assert!(parse_superblock(&superblock(&small, Some(region))).is_err());
+    }
+
     /// Concurrent 64 KiB deferred writes on a 16 MiB device (a 256-block journal, whose
     /// entries hold 64 blocks at most): the queued commits are split into entries that fit,
     /// every write succeeds, and all read back after a reopen.
