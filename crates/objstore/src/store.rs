@@ -1938,6 +1938,99 @@ mod tests {
             .count()
     }
 
+    /// A temp dir (on the target dir's filesystem: tmpfs has no O_DIRECT) with a device
+    /// file of `size_bytes` (space reserved), and where the metadata dir goes.
+    fn test_store_paths(
+        size_bytes: u64,
+    ) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let tmp = tempfile::tempdir_in(base).expect("tmp");
+        let dev_path = tmp.path().join("dev.img");
+        let db = tmp.path().join("db");
+        create_file_device(&dev_path, size_bytes, FileFill::Reserve).expect("device");
+        (tmp, dev_path, db)
+    }
+
+    /// A file device whose durable writes (the journal's) fail while `fail` is set.
+    struct FailingWrites {
+        dev: FileDevice,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl BlockDevice for FailingWrites {
+        fn blocks(&self) -> u64 {
+            self.dev.blocks()
+        }
+        async fn read(&self, start: u64, blocks: usize) -> std::io::Result<AlignedBuf> {
+            self.dev.read(start, blocks).await
+        }
+        async fn write(&self, start: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("injected write error"));
+            }
+            self.dev.write(start, buf).await
+        }
+        async fn write_lazy(&self, start: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
+            self.dev.write_lazy(start, buf).await
+        }
+        async fn flush(&self) -> std::io::Result<()> {
+            self.dev.flush().await
+        }
+    }
+
+    /// A failed journal write fails its commit and every later one (nothing unjournaled is
+    /// acknowledged), and the store opened again holds exactly what was acknowledged.
+    #[tokio::test]
+    async fn a_failed_journal_write_fails_commits_until_reopened() {
+        let (_tmp, dev_path, db) = test_store_paths(16 << 20);
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dev = FailingWrites {
+            dev: FileDevice::open(&dev_path).expect("open device"),
+            fail: fail.clone(),
+        };
+        let store = BlockStore::create(dev, &db, "fsid", "osd")
+            .await
+            .expect("create");
+        let id = |n: &str| ObjectId {
+            pool: 1,
+            pg: 0,
+            name: n.into(),
+        };
+        let v = |seq| Version { epoch: 1, seq };
+        let kept = Bytes::from(vec![1u8; BLOCK_SIZE]);
+        store
+            .write(&id("a"), 0, kept.clone(), v(1))
+            .await
+            .expect("write");
+        fail.store(true, Ordering::Relaxed);
+        let lost = Bytes::from(vec![2u8; BLOCK_SIZE]);
+        let err = store.write(&id("a"), 0, lost, v(2)).await;
+        assert!(
+            err.is_err(),
+            "a write whose journal entry failed is not acknowledged"
+        );
+        fail.store(false, Ordering::Relaxed);
+        let later = store.write(&id("b"), 0, kept.clone(), v(1)).await;
+        assert!(
+            later.is_err(),
+            "commits fail until the store is opened again"
+        );
+        drop(store);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::open(dev, &db, "fsid").await.expect("reopen");
+        assert_eq!(
+            store.read(&id("a"), 0, BLOCK_SIZE).await.expect("read"),
+            kept
+        );
+        assert!(store.stat(&id("b")).await.expect("stat").is_none());
+        store
+            .write(&id("b"), 0, kept.clone(), v(1))
+            .await
+            .expect("write after reopen");
+    }
+
     /// Superblocks with and without a journal round-trip; one whose magic and journal
     /// record disagree, or whose journal does not fit the device, is refused (never taken
     /// for a store without a journal, which would skip the replay).
@@ -1983,13 +2076,7 @@ mod tests {
     /// every write succeeds, and all read back after a reopen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_concurrent_commits_are_split_into_entries_that_fit() {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::tempdir_in(base).expect("tmp");
-        let dev_path = tmp.path().join("dev.img");
-        let db = tmp.path().join("db");
-        create_file_device(&dev_path, 16 << 20, FileFill::Reserve).expect("device");
+        let (_tmp, dev_path, db) = test_store_paths(16 << 20);
         let dev = FileDevice::open(&dev_path).expect("open device");
         let store = Arc::new(
             BlockStore::create(dev, &db, "fsid", "osd")
