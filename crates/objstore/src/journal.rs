@@ -699,18 +699,12 @@ fn flush_thread<D>(inner: Arc<Inner<D>>, rx: std::sync::mpsc::Receiver<u64>) {
 mod tests {
     use super::*;
     use crate::device::file::FileDevice;
-    use crate::device::{create_file_device, FileFill};
 
     /// Only the entry that follows the head is found: same generation, next sequence,
     /// whole, where the head says (or at the next lap's start when it did not fit).
     #[tokio::test]
     async fn replay_finds_only_the_next_whole_entry_of_this_generation() {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::tempdir_in(base).expect("tmp");
-        let path = tmp.path().join("dev");
-        create_file_device(&path, 64 * BLOCK_SIZE as u64, FileFill::Reserve).expect("dev");
+        let (_tmp, path, _) = crate::test_store_paths(64 * BLOCK_SIZE as u64);
         let dev = FileDevice::open(&path).expect("open");
         let region = JournalRegion {
             start: 1,

@@ -188,3 +188,19 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, ObjError>> + Send;
     fn usage(&self) -> Usage;
 }
+
+/// A temp dir on the target dir's filesystem (tmpfs has no O_DIRECT) with a device file of
+/// `size_bytes` (space reserved), and the path for the metadata dir.
+#[cfg(test)]
+pub(crate) fn test_store_paths(
+    size_bytes: u64,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::tempdir_in(base).expect("tmp");
+    let dev_path = tmp.path().join("dev.img");
+    let db = tmp.path().join("db");
+    device::create_file_device(&dev_path, size_bytes, device::FileFill::Reserve).expect("device");
+    (tmp, dev_path, db)
+}

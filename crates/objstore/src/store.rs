@@ -1067,7 +1067,8 @@ impl<D: BlockDevice> BlockStore<D> {
         }
     }
 
-    /// Commits a batch durably, through the commit thread (group commit).
+    /// Commits a batch durably: through the journal, or the commit thread in stores
+    /// without one (both group concurrent commits).
     async fn commit(&self, batch: WriteBatch) -> Result<(), ObjError> {
         let tx = match self.committer.as_ref() {
             Some(Committer::Journal(j)) => return j.commit(batch).await.map_err(meta_err),
@@ -1925,7 +1926,7 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
 mod tests {
     use super::*;
     use crate::device::file::FileDevice;
-    use crate::device::{create_file_device, FileFill};
+    use crate::test_store_paths;
 
     fn deferred_records(store: &BlockStore<FileDevice>) -> usize {
         let cf = store
@@ -1936,21 +1937,6 @@ mod tests {
             .db
             .iterator_cf(cf, rocksdb::IteratorMode::Start)
             .count()
-    }
-
-    /// A temp dir (on the target dir's filesystem: tmpfs has no O_DIRECT) with a device
-    /// file of `size_bytes` (space reserved), and where the metadata dir goes.
-    fn test_store_paths(
-        size_bytes: u64,
-    ) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::tempdir_in(base).expect("tmp");
-        let dev_path = tmp.path().join("dev.img");
-        let db = tmp.path().join("db");
-        create_file_device(&dev_path, size_bytes, FileFill::Reserve).expect("device");
-        (tmp, dev_path, db)
     }
 
     /// A file device whose durable writes (the journal's) fail while `fail` is set.
@@ -2120,14 +2106,9 @@ mod tests {
     /// readable.
     #[tokio::test]
     async fn applied_deferred_records_are_removed_in_the_background() {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let tmp = tempfile::tempdir_in(base).expect("tmp");
-        let dev_path = tmp.path().join("dev.img");
-        create_file_device(&dev_path, 64 << 20, FileFill::Reserve).expect("device");
+        let (_tmp, dev_path, db) = test_store_paths(64 << 20);
         let dev = FileDevice::open(&dev_path).expect("open device");
-        let store = BlockStore::create(dev, &tmp.path().join("db"), "fsid", "osd")
+        let store = BlockStore::create(dev, &db, "fsid", "osd")
             .await
             .expect("create");
         let writes = 3 * DEFERRED_CLEAN_EVERY + 8;
