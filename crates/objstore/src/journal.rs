@@ -18,22 +18,35 @@
 //! entries after the head found in RocksDB are applied again, in order, up to the first
 //! block that is not the expected entry (a torn or never-written one: its commits were
 //! never acknowledged). Space comes back when a memtable flush covers the entries before
-//! the point at which it was asked for.
+//! the replay start it recorded.
 //!
 //! Entry layout, in whole blocks: `[magic 8][header length u16][header][crc32c of the
-//! preceding bytes u32]`, zero padding to 64 bytes, then the payload: per batch a
-//! u32 length and the batch's bytes. The header (a versioned postcard record) carries the
+//! preceding bytes u32]`, zero padding to 64 bytes, then the payload: per commit, the
+//! batch's bytes and then its side data, each after a u32 length (version 1 entries,
+//! written before side data existed, hold batches only). The header (a versioned postcard record) carries the
 //! journal's id, generation, sequence, block count and payload checksum. Every mount
 //! starts a new generation, so an entry left from an earlier run is never mistaken for a
 //! new one, and the id (random, in the superblock) keeps out entries of an earlier store
 //! on the same device. Batches name column families by RocksDB's ids, which are fixed when
 //! a family is created: a family must never be dropped and created again.
 //!
+//! Side data: a commit may carry bytes that go into its entry but not into RocksDB (a
+//! small write's data, which the store writes to its blocks without a flush) and a hold
+//! id. The entry stays *held* until the store has released every id in it, saying that
+//! data is durable elsewhere ([`Holds::release`]; an id may be released before its entry
+//! is written): the head records the oldest held entry (`data_from`), replay
+//! reads from there (side data only, for entries RocksDB already has) and the space is
+//! not reused before a head naming a later start is flushed. This keeps 4 KiB of data per
+//! small write out of the memtables, their flushes and compactions.
+//!
 //! Limits: memtable applies run on the runtime thread, so a RocksDB write stall (flushes
 //! falling behind) blocks it; and a leader task whose callers all gave up keeps the
 //! metadata store open until its entry is done.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use rocksdb::{FlushOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -47,8 +60,11 @@ use crate::BLOCK_SIZE;
 const ENTRY_MAGIC: [u8; 8] = *b"STJRNL01";
 /// Bytes before an entry's payload: magic, header length, header, header checksum.
 const HEADER_AREA: usize = 64;
-const ENTRY_V: u16 = 1;
-const HEAD_V: u16 = 1;
+/// Entries of version 1 hold batches only; version 2 entries hold (batch, side data) pairs.
+const ENTRY_V1: u16 = 1;
+const ENTRY_V: u16 = 2;
+const HEAD_V1: u16 = 1;
+const HEAD_V: u16 = 2;
 /// Batches in one entry at most.
 const GROUP_MAX_BATCHES: usize = 64;
 /// Smallest and largest journal, in blocks (1 MiB and 64 MiB).
@@ -133,12 +149,24 @@ impl JournalRegion {
 
 /// The journal head, stored in RocksDB with every entry's last batch: the generation of
 /// the run that wrote it, the last entry applied and the logical block where the next
-/// entry goes (or the start of the next lap, when the entry did not fit before the end).
+/// entry goes (or the start of the next lap, when the entry did not fit before the end),
+/// and where replay must start reading side data: the oldest held entry (its sequence
+/// and logical block), or `seq + 1` at `next` when none is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalHead {
     pub gen: u64,
     pub seq: u64,
     pub next: u64,
+    pub data_seq: u64,
+    pub data_from: u64,
+}
+
+/// A head as version 1 wrote it (no side data).
+#[derive(Deserialize)]
+struct JournalHeadV1 {
+    gen: u64,
+    seq: u64,
+    next: u64,
 }
 
 impl JournalHead {
@@ -147,7 +175,40 @@ impl JournalHead {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<JournalHead, String> {
-        decode_record(HEAD_V, bytes).map_err(|e| format!("unreadable journal head: {e}"))
+        let head: JournalHead = match decode_record::<JournalHeadV1>(HEAD_V1, bytes) {
+            Ok(v1) => JournalHead {
+                gen: v1.gen,
+                seq: v1.seq,
+                next: v1.next,
+                data_seq: v1.seq.saturating_add(1),
+                data_from: v1.next,
+            },
+            Err(_) => {
+                decode_record(HEAD_V, bytes).map_err(|e| format!("unreadable journal head: {e}"))?
+            }
+        };
+        let ordered = head.data_seq <= head.seq.saturating_add(1) && head.data_from <= head.next;
+        if !ordered {
+            return Err(format!(
+                "journal head {head:?}: its side data starts after its last entry"
+            ));
+        }
+        Ok(head)
+    }
+
+    /// The head of an entry `seq` ending before `next`, given the oldest held entry.
+    fn with_holds(gen: u64, seq: u64, next: u64, oldest: Option<(u64, u64)>) -> JournalHead {
+        let (data_seq, data_from) = match oldest {
+            Some((s, at)) if s <= seq => (s, at.min(next)),
+            _ => (seq.saturating_add(1), next),
+        };
+        JournalHead {
+            gen,
+            seq,
+            next,
+            data_seq,
+            data_from,
+        }
     }
 }
 
@@ -166,16 +227,33 @@ fn entry_blocks(payload_bytes: usize) -> u64 {
     (HEADER_AREA + payload_bytes).div_ceil(BLOCK_SIZE) as u64
 }
 
-/// Encodes one entry holding `batches` (each a `WriteBatch`'s bytes), in whole blocks.
-fn encode_entry(journal_id: u64, gen: u64, seq: u64, batches: &[&[u8]]) -> AlignedBuf {
-    let payload_bytes: usize = batches.iter().map(|b| 4 + b.len()).sum();
+/// One commit in an entry: a `WriteBatch`'s bytes and its side data (in parts, written
+/// one after the other; empty when there is none).
+type Item<'a> = (&'a [u8], &'a [Bytes]);
+
+/// Payload bytes of `item`, lengths included.
+fn item_bytes((batch, side): &Item<'_>) -> usize {
+    8 + batch.len() + side.iter().map(|p| p.len()).sum::<usize>()
+}
+
+/// Encodes one entry holding `items`, in whole blocks: per item, the batch and then the
+/// side data, each after its u32 length.
+fn encode_entry(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> AlignedBuf {
+    let payload_bytes: usize = items.iter().map(item_bytes).sum();
     let blocks = entry_blocks(payload_bytes) as usize;
     let mut buf = AlignedBuf::zeroed(blocks);
     let mut at = HEADER_AREA;
-    for b in batches {
-        buf[at..at + 4].copy_from_slice(&(b.len() as u32).to_le_bytes());
-        buf[at + 4..at + 4 + b.len()].copy_from_slice(b);
-        at += 4 + b.len();
+    for (batch, side) in items {
+        buf[at..at + 4].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+        buf[at + 4..at + 4 + batch.len()].copy_from_slice(batch);
+        at += 4 + batch.len();
+        let side_len: usize = side.iter().map(|p| p.len()).sum();
+        buf[at..at + 4].copy_from_slice(&(side_len as u32).to_le_bytes());
+        at += 4;
+        for part in side.iter() {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
     }
     let header = EntryHeader {
         journal_id,
@@ -196,8 +274,9 @@ fn encode_entry(journal_id: u64, gen: u64, seq: u64, batches: &[&[u8]]) -> Align
     buf
 }
 
-/// The header of the entry starting in `block0`, if one does (magic, checksum, version).
-fn decode_header(block0: &[u8]) -> Option<EntryHeader> {
+/// The header of the entry starting in `block0`, if one does (magic, checksum, version),
+/// and its version.
+fn decode_header(block0: &[u8]) -> Option<(EntryHeader, u16)> {
     if block0.len() < HEADER_AREA || block0[..8] != ENTRY_MAGIC {
         return None;
     }
@@ -209,29 +288,142 @@ fn decode_header(block0: &[u8]) -> Option<EntryHeader> {
     if crc != crc32c::crc32c(&block0[..10 + len]) {
         return None;
     }
-    let h: EntryHeader = decode_record(ENTRY_V, &block0[10..10 + len]).ok()?;
+    let raw = &block0[10..10 + len];
+    let (h, version): (EntryHeader, u16) = match decode_record(ENTRY_V, raw) {
+        Ok(h) => (h, ENTRY_V),
+        Err(_) => (decode_record(ENTRY_V1, raw).ok()?, ENTRY_V1),
+    };
     let fits = HEADER_AREA + h.payload_bytes as usize <= h.blocks as usize * BLOCK_SIZE;
-    (h.blocks > 0 && fits).then_some(h)
+    (h.blocks > 0 && fits).then_some((h, version))
 }
 
-/// The batches of a whole entry whose header is `h`, if its payload is intact.
-fn decode_payload<'a>(entry: &'a [u8], h: &EntryHeader) -> Option<Vec<&'a [u8]>> {
+/// The (batch, side data) pairs of a whole entry whose header is `h` (of `version`), if
+/// its payload is intact. Version 1 entries have no side data.
+fn decode_payload<'a>(
+    entry: &'a [u8],
+    h: &EntryHeader,
+    version: u16,
+) -> Option<Vec<(&'a [u8], &'a [u8])>> {
     let payload = entry.get(HEADER_AREA..HEADER_AREA + h.payload_bytes as usize)?;
     if crc32c::crc32c(payload) != h.payload_crc {
         return None;
     }
-    let mut out = Vec::new();
+    let mut fields = Vec::new();
     let mut at = 0;
     while at < payload.len() {
         let len = u32::from_le_bytes(payload.get(at..at + 4)?.try_into().ok()?) as usize;
-        out.push(payload.get(at + 4..at + 4 + len)?);
+        fields.push(payload.get(at + 4..at + 4 + len)?);
         at += 4 + len;
     }
-    Some(out)
+    if version == ENTRY_V1 {
+        return Some(fields.into_iter().map(|b| (b, &[][..])).collect());
+    }
+    if fields.len() % 2 != 0 {
+        return None;
+    }
+    Some(fields.chunks(2).map(|p| (p[0], p[1])).collect())
 }
 
-/// A batch waiting for the journal, and who waits for it.
-type Queued = (WriteBatch, oneshot::Sender<Result<(), String>>);
+/// A batch waiting for the journal, its side data and hold id, and who waits for it.
+type Queued = (
+    WriteBatch,
+    Vec<Bytes>,
+    Option<u64>,
+    oneshot::Sender<Result<(), String>>,
+);
+
+/// Which entries hold side data not yet released.
+#[derive(Default)]
+struct HoldMap {
+    /// Entry sequence → (its logical block, hold ids not yet released).
+    entries: BTreeMap<u64, (u64, u32)>,
+    /// Hold id → the entry holding its side data.
+    entry_of: HashMap<u64, u64>,
+    /// Ids released before their entry was written (or that never will be: a failed
+    /// commit's; the journal refuses commits after a failure anyway).
+    early: HashSet<u64>,
+}
+
+/// Entries whose side data the store has not yet made durable elsewhere, shared with the
+/// store's task that writes that data (it holds no RocksDB handle: dropping the store
+/// closes RocksDB at once).
+#[derive(Default)]
+pub struct Holds {
+    held: Mutex<HoldMap>,
+    /// Set when held data can no longer be released (its block write or flush failed,
+    /// or the store's write task stopped): commits fail instead of waiting for space
+    /// that will never come; the next mount writes the data from the journal.
+    failed: Mutex<Option<String>>,
+    /// Woken when an entry is released (the journal may be waiting for space).
+    released: Notify,
+    /// Woken when held entries keep the journal from reusing space: the store should make
+    /// what it has written durable and release it now rather than in its own time.
+    pressure: Notify,
+}
+
+impl Holds {
+    /// Releases hold ids: their side data is durable elsewhere.
+    pub fn release(&self, ids: &[u64]) {
+        if let Ok(mut held) = self.held.lock() {
+            for id in ids {
+                let Some(seq) = held.entry_of.remove(id) else {
+                    held.early.insert(*id);
+                    continue;
+                };
+                if let Some((_, n)) = held.entries.get_mut(&seq) {
+                    *n -= 1;
+                    if *n == 0 {
+                        held.entries.remove(&seq);
+                    }
+                }
+            }
+        }
+        self.released.notify_waiters();
+    }
+
+    /// Held entries will not be released: every later commit fails with `why` (until
+    /// the store is opened again, which writes their data from the journal).
+    pub fn fail(&self, why: &str) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert_with(|| why.to_string());
+        }
+        self.released.notify_waiters();
+    }
+
+    fn failure(&self) -> Option<String> {
+        match self.failed.lock() {
+            Ok(f) => f.clone(),
+            Err(_) => Some("journal holds lock poisoned".into()),
+        }
+    }
+
+    /// Resolves once the journal needs held entries released.
+    pub async fn pressured(&self) {
+        self.pressure.notified().await
+    }
+
+    /// The oldest held entry: (sequence, logical block).
+    fn oldest(&self) -> Result<Option<(u64, u64)>, String> {
+        let held = lock(&self.held)?;
+        Ok(held.entries.iter().next().map(|(s, (at, _))| (*s, *at)))
+    }
+
+    /// Holds entry `seq` at logical block `at` for the ids not released yet.
+    fn hold(&self, seq: u64, at: u64, ids: impl Iterator<Item = u64>) -> Result<(), String> {
+        let mut held = lock(&self.held)?;
+        let mut n = 0;
+        for id in ids {
+            if !held.early.remove(&id) {
+                held.entry_of.insert(id, seq);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            held.entries.insert(seq, (at, n));
+        }
+        Ok(())
+    }
+}
 
 /// The journal's mutable state (one lock, held only briefly and never across an await).
 struct State {
@@ -240,8 +432,11 @@ struct State {
     seq: u64,
     /// The next free logical block.
     next: u64,
-    /// The oldest logical block still needed: entries before it are in SST files.
+    /// The oldest logical block still needed: entries before it are in SST files and
+    /// hold no side data.
     tail: u64,
+    /// The head of the last entry applied to the memtables.
+    applied: JournalHead,
     queue: Vec<Queued>,
     /// A task is writing entries; new batches only queue.
     leading: bool,
@@ -262,10 +457,14 @@ struct Inner<D> {
     meta_cf: String,
     head_key: &'static [u8],
     state: Mutex<State>,
+    /// Held while batches go into the memtables, so the flush thread's head (written
+    /// outside any entry) never goes in between an entry's batches.
+    apply: Mutex<()>,
+    holds: Arc<Holds>,
     /// Woken when a flush finished (space may be free).
     flushed: Notify,
-    /// To the flush thread: flush, then free the journal before this logical block.
-    flush_tx: Mutex<Option<std::sync::mpsc::Sender<u64>>>,
+    /// To the flush thread: flush, then free the journal before the head's `data_from`.
+    flush_tx: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// The commit journal of one store. Dropping it waits for a running memtable flush.
@@ -276,6 +475,13 @@ pub struct Journal<D: BlockDevice> {
 
 impl<D: BlockDevice> Drop for Journal<D> {
     fn drop(&mut self) {
+        // A leader still running (its callers gone) must not wait for space forever: it
+        // holds the metadata store open.
+        if let Ok(mut st) = self.inner.state.lock() {
+            st.failed
+                .get_or_insert_with(|| "the store is closing".into());
+        }
+        self.inner.holds.released.notify_waiters();
         if let Ok(mut tx) = self.inner.flush_tx.lock() {
             tx.take();
         }
@@ -285,10 +491,28 @@ impl<D: BlockDevice> Drop for Journal<D> {
     }
 }
 
+#[cfg(test)]
+impl<D: BlockDevice> Journal<D> {
+    /// Entries held for their side data.
+    pub(crate) fn held_entries(&self) -> usize {
+        self.inner.holds.held.lock().map_or(0, |h| h.entries.len())
+    }
+}
+
 /// What opening the journal found.
 pub struct Replayed {
     pub entries: u64,
     pub batches: u64,
+}
+
+/// A journal whose entries are applied again, not yet taking commits: the store first
+/// writes [`Recovered::sides`] where they belong and makes that durable, then
+/// [`Journal::start`]s it.
+pub struct Recovered {
+    head: JournalHead,
+    pub replayed: Replayed,
+    /// The side data of every held entry, in commit order.
+    pub sides: Vec<Vec<u8>>,
 }
 
 fn no_wal() -> WriteOptions {
@@ -320,25 +544,20 @@ impl<D: BlockDevice> Journal<D> {
             .ok_or_else(|| format!("column family {meta_cf} is missing"))?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        let head = JournalHead {
-            gen: 1,
-            seq: 0,
-            next: 0,
-        };
+        let head = JournalHead::with_holds(1, 0, 0, None);
         db.put_cf_opt(cf, head_key, head.encode(), &wo)
             .map_err(|e| e.to_string())
     }
 
-    /// Opens the journal of a mounted store: applies again every entry written after the
-    /// head RocksDB holds, then starts a new generation (durable before any new entry).
-    pub async fn open(
-        dev: Arc<D>,
-        db: Arc<DB>,
+    /// Applies again every entry written after the head RocksDB holds, and reads the side
+    /// data of every entry still held (from the head's `data_from`).
+    pub async fn recover(
+        dev: &D,
+        db: &DB,
         region: JournalRegion,
-        cfs: Vec<String>,
         meta_cf: &str,
         head_key: &'static [u8],
-    ) -> Result<(Journal<D>, Replayed), String> {
+    ) -> Result<Recovered, String> {
         let cf = db
             .cf_handle(meta_cf)
             .ok_or_else(|| format!("column family {meta_cf} is missing"))?;
@@ -346,26 +565,75 @@ impl<D: BlockDevice> Journal<D> {
             .get_cf(cf, head_key)
             .map_err(|e| e.to_string())?
             .ok_or("the store has a journal but its metadata has no journal head")?;
-        let mut head = JournalHead::decode(&bytes)?;
+        let head = JournalHead::decode(&bytes)?;
         let mut replayed = Replayed {
             entries: 0,
             batches: 0,
         };
-        let start = head.next;
-        while let Some((at, entry)) = Self::find_next(&*dev, region, &head, start).await? {
-            let h = decode_header(&entry[..BLOCK_SIZE]).ok_or("journal entry changed")?;
-            let batches = decode_payload(&entry, &h).ok_or("journal entry changed")?;
-            for b in &batches {
-                db.write_opt(WriteBatch::from_data(b), &no_wal())
-                    .map_err(|e| format!("applying journal entry {}: {e}", h.seq))?;
+        let mut sides = Vec::new();
+        // From the oldest held entry: its side data and that of every later entry, and
+        // the batches of those after the head.
+        let mut at_head = JournalHead {
+            seq: head.data_seq.saturating_sub(1),
+            next: head.data_from,
+            ..head
+        };
+        let start = head.data_from;
+        while let Some((at, entry)) = Self::find_next(dev, region, &at_head, start).await? {
+            let (h, v) = decode_header(&entry[..BLOCK_SIZE]).ok_or("journal entry changed")?;
+            let items = decode_payload(&entry, &h, v).ok_or("journal entry changed")?;
+            let in_db = h.seq <= head.seq;
+            for (batch, side) in &items {
+                if !in_db {
+                    db.write_opt(WriteBatch::from_data(batch), &no_wal())
+                        .map_err(|e| format!("applying journal entry {}: {e}", h.seq))?;
+                }
+                if !side.is_empty() {
+                    sides.push(side.to_vec());
+                }
             }
-            replayed.entries += 1;
-            replayed.batches += batches.len() as u64;
-            head.seq = h.seq;
-            head.next = at + u64::from(h.blocks);
+            if !in_db {
+                replayed.entries += 1;
+                replayed.batches += items.len() as u64;
+            }
+            at_head.seq = h.seq;
+            at_head.next = at + u64::from(h.blocks);
         }
-        // A new generation, durable (with everything applied above) before the first new
-        // entry: entries of earlier runs can never pass for the next one.
+        if at_head.seq < head.seq {
+            return Err(format!(
+                "the journal lacks entries {}..={} holding data not yet on its blocks (the journal is damaged)",
+                at_head.seq + 1,
+                head.seq
+            ));
+        }
+        let head = JournalHead::with_holds(head.gen, at_head.seq, at_head.next, None);
+        Ok(Recovered {
+            head,
+            replayed,
+            sides,
+        })
+    }
+
+    /// Starts a recovered journal: a new generation, durable (with everything applied
+    /// by [`Self::recover`]) before the first new entry, so entries of earlier runs can
+    /// never pass for the next one. The store must have made the recovered side data
+    /// durable first: the new head no longer points at it. `holds` is shared with the
+    /// store's task that releases them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        recovered: Recovered,
+        dev: Arc<D>,
+        db: Arc<DB>,
+        region: JournalRegion,
+        cfs: Vec<String>,
+        meta_cf: &str,
+        head_key: &'static [u8],
+        holds: Arc<Holds>,
+    ) -> Result<(Journal<D>, Replayed), String> {
+        let cf = db
+            .cf_handle(meta_cf)
+            .ok_or_else(|| format!("column family {meta_cf} is missing"))?;
+        let mut head = recovered.head;
         head.gen += 1;
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, head_key, head.encode());
@@ -384,11 +652,14 @@ impl<D: BlockDevice> Journal<D> {
                 seq: head.seq,
                 next: head.next,
                 tail: head.next,
+                applied: head,
                 queue: Vec::new(),
                 leading: false,
                 flushing: false,
                 failed: None,
             }),
+            apply: Mutex::new(()),
+            holds,
             flushed: Notify::new(),
             flush_tx: Mutex::new(Some(flush_tx)),
         });
@@ -404,7 +675,7 @@ impl<D: BlockDevice> Journal<D> {
                 inner,
                 flush_thread: Some(flush_thread),
             },
-            replayed,
+            recovered.replayed,
         ))
     }
 
@@ -427,7 +698,7 @@ impl<D: BlockDevice> Journal<D> {
                 .read(region.device_block(at), 1)
                 .await
                 .map_err(|e| format!("reading the journal: {e}"))?;
-            let Some(h) = decode_header(&first) else {
+            let Some((h, version)) = decode_header(&first) else {
                 continue;
             };
             let n = u64::from(h.blocks);
@@ -449,7 +720,7 @@ impl<D: BlockDevice> Journal<D> {
                     .await
                     .map_err(|e| format!("reading the journal: {e}"))?
             };
-            if decode_payload(&entry, &h).is_some() {
+            if decode_payload(&entry, &h, version).is_some() {
                 return Ok(Some((at, entry)));
             }
         }
@@ -459,13 +730,28 @@ impl<D: BlockDevice> Journal<D> {
     /// Commits `batch` durably: it is in the journal when this returns Ok, and applied to
     /// the memtables (readable).
     pub async fn commit(&self, batch: WriteBatch) -> Result<(), String> {
+        self.commit_with(batch, Vec::new(), None).await
+    }
+
+    /// Commits `batch` with side data (in parts): both are durable when this returns, and
+    /// with `hold` the entry is held until that id is released through [`Holds::release`].
+    /// Once queued, the commit goes on even if this future is dropped.
+    pub async fn commit_with(
+        &self,
+        batch: WriteBatch,
+        side: Vec<Bytes>,
+        hold: Option<u64>,
+    ) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         let lead_now = {
+            if let Some(e) = self.inner.holds.failure() {
+                return Err(e);
+            }
             let mut st = lock(&self.inner.state)?;
             if let Some(e) = &st.failed {
                 return Err(e.clone());
             }
-            st.queue.push((batch, tx));
+            st.queue.push((batch, side, hold, tx));
             !std::mem::replace(&mut st.leading, true)
         };
         if lead_now {
@@ -493,11 +779,12 @@ fn take_group<D>(inner: &Inner<D>, answers: &mut Vec<Answer>) -> Result<Vec<Queu
     let mut payload = 0;
     let mut n = 0;
     while n < st.queue.len().min(GROUP_MAX_BATCHES) {
-        let more = payload + 4 + st.queue[n].0.data().len();
+        let (batch, side, _, _) = &st.queue[n];
+        let more = payload + item_bytes(&(batch.data(), side));
         if entry_blocks(more) > max_blocks {
             if n == 0 {
                 // Nothing was written: fail only this commit.
-                let (_, tx) = st.queue.remove(0);
+                let (_, _, _, tx) = st.queue.remove(0);
                 let why = format!(
                     "a commit of {more} bytes does not fit in one entry of the journal of {} blocks",
                     inner.region.blocks
@@ -552,9 +839,17 @@ fn fail<D>(inner: &Inner<D>, group: Vec<Queued>, why: String, answers: &mut Vec<
     tracing::error!("journal commit failed; the store refuses commits until reopened: {why}");
     if let Ok(mut st) = inner.state.lock() {
         st.failed.get_or_insert_with(|| why.clone());
-        answers.extend(st.queue.drain(..).map(|(_, tx)| (tx, Err(why.clone()))));
+        answers.extend(
+            st.queue
+                .drain(..)
+                .map(|(_, _, _, tx)| (tx, Err(why.clone()))),
+        );
     }
-    answers.extend(group.into_iter().map(|(_, tx)| (tx, Err(why.clone()))));
+    answers.extend(
+        group
+            .into_iter()
+            .map(|(_, _, _, tx)| (tx, Err(why.clone()))),
+    );
 }
 
 /// Writes one entry holding `group`, then applies its batches to the memtables; their
@@ -570,8 +865,11 @@ async fn write_entry<D: BlockDevice>(
         Err(e) => return fail(inner, group, e, answers),
     };
     let entry = {
-        let datas: Vec<&[u8]> = group.iter().map(|(b, _)| b.data()).collect();
-        encode_entry(region.id, gen, seq, &datas)
+        let items: Vec<Item<'_>> = group
+            .iter()
+            .map(|(b, side, _, _)| (b.data(), &side[..]))
+            .collect();
+        encode_entry(region.id, gen, seq, &items)
     };
     let n = entry.blocks() as u64;
     let at = match reserve(inner, n).await {
@@ -581,14 +879,10 @@ async fn write_entry<D: BlockDevice>(
     if let Err(e) = inner.dev.write(region.device_block(at), entry).await {
         return fail(inner, group, format!("journal write: {e}"), answers);
     }
-    // The head rides in the entry's last batch. SST files may hold the batches before it
-    // with the older head; replay then applies them again, which changes nothing (the same
-    // puts and deletes in the same order, and no later entry was applied yet).
-    let head = JournalHead {
-        gen,
-        seq,
-        next: at + n,
-    };
+    let ids = group.iter().filter_map(|(_, _, hold, _)| *hold);
+    if let Err(e) = inner.holds.hold(seq, at, ids) {
+        return fail(inner, group, e, answers);
+    }
     let Some(cf) = inner.db.cf_handle(&inner.meta_cf) else {
         return fail(
             inner,
@@ -597,40 +891,81 @@ async fn write_entry<D: BlockDevice>(
             answers,
         );
     };
-    if let Some((last, _)) = group.last_mut() {
+    let applying = match lock(&inner.apply) {
+        Ok(guard) => guard,
+        Err(e) => return fail(inner, group, e, answers),
+    };
+    // The head rides in the entry's last batch. SST files may hold the batches before it
+    // with the older head; replay then applies them again, which changes nothing (the same
+    // puts and deletes in the same order, and no later entry was applied yet).
+    let head = match inner.holds.oldest() {
+        Ok(oldest) => JournalHead::with_holds(gen, seq, at + n, oldest),
+        Err(e) => return fail(inner, group, e, answers),
+    };
+    if let Some((last, _, _, _)) = group.last_mut() {
         last.put_cf(cf, inner.head_key, head.encode());
     }
     let wo = no_wal();
     let mut group = group.into_iter();
-    while let Some((batch, tx)) = group.next() {
+    while let Some((batch, _, _, tx)) = group.next() {
         if let Err(e) = inner.db.write_opt(batch, &wo) {
             // The batches before this one are durable and applied: they succeeded.
             answers.push((tx, Err(e.to_string())));
             let why = format!("applying a journaled commit to the memtables: {e}");
+            drop(applying);
             return fail(inner, group.collect(), why, answers);
         }
         answers.push((tx, Ok(())));
     }
-    // Ask for a flush once half the journal is in use, so writers rarely wait for space.
     let ask = match lock(&inner.state) {
-        Ok(mut st) if !st.flushing && st.next - st.tail > region.blocks / 2 => {
-            st.flushing = true;
-            Some(st.next)
+        Ok(mut st) => {
+            st.applied = head;
+            space_wanted(&mut st, region, head.data_from)
         }
-        _ => None,
+        Err(_) => Space::Enough,
     };
-    if let Some(upto) = ask {
-        ask_flush(inner, upto);
+    drop(applying);
+    match ask {
+        Space::Flush => {
+            ask_flush(inner);
+        }
+        Space::Release => inner.holds.pressure.notify_one(),
+        Space::Enough => {}
+    }
+}
+
+/// What the journal's space needs after an entry.
+enum Space {
+    Enough,
+    /// A memtable flush would free enough (it is marked asked for).
+    Flush,
+    /// Held entries keep most of the used space.
+    Release,
+}
+
+/// Asks for a flush once half the journal is in use and a flush would free at least half
+/// of that (so writers rarely wait for space, and held entries do not cause a flush per
+/// entry); asks for releases when held entries keep more than half of the journal.
+fn space_wanted(st: &mut State, region: JournalRegion, data_from: u64) -> Space {
+    let used = st.next - st.tail;
+    let freeable = data_from.saturating_sub(st.tail);
+    if !st.flushing && used > region.blocks / 2 && freeable >= used / 2 {
+        st.flushing = true;
+        Space::Flush
+    } else if st.next - data_from > region.blocks / 2 {
+        Space::Release
+    } else {
+        Space::Enough
     }
 }
 
 /// Asks the flush thread for a flush; false when it is gone (the store is closing).
-fn ask_flush<D>(inner: &Inner<D>, upto: u64) -> bool {
+fn ask_flush<D>(inner: &Inner<D>) -> bool {
     let sent = inner
         .flush_tx
         .lock()
         .ok()
-        .and_then(|tx| tx.as_ref().map(|tx| tx.send(upto).is_ok()))
+        .and_then(|tx| tx.as_ref().map(|tx| tx.send(()).is_ok()))
         == Some(true);
     if !sent {
         if let Ok(mut st) = inner.state.lock() {
@@ -640,15 +975,21 @@ fn ask_flush<D>(inner: &Inner<D>, upto: u64) -> bool {
     sent
 }
 
-/// Reserves `n` blocks for the next entry (waiting for a flush when the journal is full)
-/// and returns the logical block where it goes.
+/// Reserves `n` blocks for the next entry (waiting for a flush, or for held entries'
+/// release, when the journal is full) and returns the logical block where it goes.
 async fn reserve<D: BlockDevice>(inner: &Inner<D>, n: u64) -> Result<u64, String> {
     let region = inner.region;
     loop {
-        let wake = inner.flushed.notified();
-        tokio::pin!(wake);
-        wake.as_mut().enable();
-        let ask = {
+        let flushed = inner.flushed.notified();
+        let released = inner.holds.released.notified();
+        tokio::pin!(flushed, released);
+        flushed.as_mut().enable();
+        released.as_mut().enable();
+        if let Some(e) = inner.holds.failure() {
+            return Err(e);
+        }
+        let oldest = inner.holds.oldest()?;
+        let (ask, press) = {
             let mut st = lock(&inner.state)?;
             if let Some(e) = &st.failed {
                 return Err(e.clone());
@@ -659,31 +1000,42 @@ async fn reserve<D: BlockDevice>(inner: &Inner<D>, n: u64) -> Result<u64, String
                 st.next = at + n;
                 return Ok(at);
             }
-            if st.flushing {
-                None
-            } else {
+            // Where replay would have to start if a flush ran now: flush only if that
+            // makes room for this entry (no flush per release while entries are held).
+            let a = st.applied;
+            let data_from = JournalHead::with_holds(a.gen, a.seq, a.next, oldest).data_from;
+            let ask = !st.flushing && at + n - data_from <= region.blocks;
+            if ask {
                 st.flushing = true;
-                Some(st.next)
             }
+            (ask, data_from < st.next)
         };
-        if let Some(upto) = ask {
-            if !ask_flush(inner, upto) {
-                return Err("the store is closing".into());
-            }
+        if ask && !ask_flush(inner) {
+            return Err("the store is closing".into());
         }
-        wake.await;
+        if press {
+            inner.holds.pressure.notify_one();
+        }
+        tokio::select! {
+            () = flushed => {}
+            () = released => {}
+        }
     }
 }
 
-/// Flushes the memtables when asked, then frees the journal before the block it was asked
-/// with (every entry before it was applied before the flush began).
-fn flush_thread<D>(inner: Arc<Inner<D>>, rx: std::sync::mpsc::Receiver<u64>) {
-    while let Ok(upto) = rx.recv() {
-        let res = flush_all(&inner.db, &inner.cfs);
+/// Flushes the memtables when asked, then frees the journal before the replay start of
+/// the head it wrote just before (every entry before it is applied and holds no side
+/// data; a later head in the flush only starts later).
+fn flush_thread<D>(inner: Arc<Inner<D>>, rx: std::sync::mpsc::Receiver<()>) {
+    while let Ok(()) = rx.recv() {
+        let res = fresh_head(&inner).and_then(|from| {
+            flush_all(&inner.db, &inner.cfs)?;
+            Ok(from)
+        });
         if let Ok(mut st) = inner.state.lock() {
             st.flushing = false;
             match res {
-                Ok(()) => st.tail = st.tail.max(upto),
+                Ok(from) => st.tail = st.tail.max(from),
                 Err(e) => {
                     tracing::error!("memtable flush for the journal failed: {e}");
                     st.failed
@@ -693,6 +1045,30 @@ fn flush_thread<D>(inner: Arc<Inner<D>>, rx: std::sync::mpsc::Receiver<u64>) {
         }
         inner.flushed.notify_waiters();
     }
+}
+
+/// Puts the last applied entry's head again with the current oldest held entry (entries
+/// released since it was written need no replay), between two entries' batches; returns
+/// its replay start.
+fn fresh_head<D>(inner: &Inner<D>) -> Result<u64, String> {
+    // Holding `apply`, no entry changes `applied` meanwhile; `state` is not held across
+    // the put (a RocksDB stall there must not block committers on it).
+    let _applying = lock(&inner.apply)?;
+    let oldest = inner.holds.oldest()?;
+    let a = lock(&inner.state)?.applied;
+    let head = JournalHead::with_holds(a.gen, a.seq, a.next, oldest);
+    if head != a {
+        let cf = inner
+            .db
+            .cf_handle(&inner.meta_cf)
+            .ok_or("the meta column family is missing")?;
+        inner
+            .db
+            .put_cf_opt(cf, inner.head_key, head.encode(), &no_wal())
+            .map_err(|e| e.to_string())?;
+        lock(&inner.state)?.applied = head;
+    }
+    Ok(head.data_from)
 }
 
 #[cfg(test)]
@@ -712,7 +1088,8 @@ mod tests {
             id: 77,
         };
         let big = vec![9u8; 2 * BLOCK_SIZE];
-        let head = |gen, seq, next| JournalHead { gen, seq, next };
+        let head = |gen, seq, next| JournalHead::with_holds(gen, seq, next, None);
+        let e = |seq, data: &[u8]| encode_entry(77, 5, seq, &[(data, &[][..])]);
         let found = |h: JournalHead| {
             let dev = &dev;
             async move {
@@ -720,30 +1097,24 @@ mod tests {
                 Journal::find_next(dev, region, &h, h.next)
                     .await
                     .expect("read")
-                    .map(|(at, e)| (at, decode_header(&e[..BLOCK_SIZE]).expect("h").seq))
+                    .map(|(at, e)| (at, decode_header(&e[..BLOCK_SIZE]).expect("h").0.seq))
             }
         };
         // seq 1 at logical 0 (one block), seq 2 at logical 1 (three blocks).
-        dev.write(1, encode_entry(77, 5, 1, &[b"a"]))
-            .await
-            .expect("w");
-        dev.write(2, encode_entry(77, 5, 2, &[&big]))
-            .await
-            .expect("w");
+        dev.write(1, e(1, b"a")).await.expect("w");
+        dev.write(2, e(2, &big)).await.expect("w");
         assert_eq!(found(head(5, 0, 0)).await, Some((0, 1)));
         assert_eq!(found(head(5, 1, 1)).await, Some((1, 2)));
         assert_eq!(found(head(5, 2, 4)).await, None, "nothing written there");
         assert_eq!(found(head(6, 0, 0)).await, None, "an earlier generation's");
         assert_eq!(found(head(5, 1, 0)).await, None, "not the next sequence");
         // Another store's journal (a reused device): same generation and sequence.
-        dev.write(5, encode_entry(78, 5, 3, &[b"b"]))
+        dev.write(5, encode_entry(78, 5, 3, &[(b"b", &[][..])]))
             .await
             .expect("w");
         assert_eq!(found(head(5, 2, 4)).await, None, "another journal's entry");
         // seq 3 (three blocks) does not fit at logical 10 of 12: it went to the next lap.
-        dev.write(1, encode_entry(77, 5, 3, &[&big]))
-            .await
-            .expect("w");
+        dev.write(1, e(3, &big)).await.expect("w");
         assert_eq!(found(head(5, 2, 10)).await, Some((12, 3)));
         // Torn: its last block never reached the device.
         dev.write(3, AlignedBuf::zeroed(1)).await.expect("w");
@@ -755,21 +1126,85 @@ mod tests {
     fn entries_round_trip_and_damage_is_refused() {
         let a = vec![7u8; 5000];
         let b = b"second".to_vec();
-        let e = encode_entry(9, 3, 42, &[&a, &b]);
+        let side = [Bytes::from_static(b"side "), Bytes::from_static(b"data")];
+        let e = encode_entry(9, 3, 42, &[(&a, &side), (&b, &[])]);
         assert_eq!(e.blocks(), 2);
-        let h = decode_header(&e[..BLOCK_SIZE]).expect("header");
-        assert_eq!((h.journal_id, h.gen, h.seq, h.blocks), (9, 3, 42, 2));
-        let got = decode_payload(&e, &h).expect("payload");
-        assert_eq!(got, vec![&a[..], &b[..]]);
+        let (h, v) = decode_header(&e[..BLOCK_SIZE]).expect("header");
+        assert_eq!(
+            (h.journal_id, h.gen, h.seq, h.blocks, v),
+            (9, 3, 42, 2, ENTRY_V)
+        );
+        let got = decode_payload(&e, &h, v).expect("payload");
+        assert_eq!(got, vec![(&a[..], &b"side data"[..]), (&b[..], &[][..])]);
         // A torn entry (second block never written) fails its payload checksum.
         let mut torn = AlignedBuf::with_data(e.blocks(), 0, &e);
         torn.block_mut(1).fill(0);
-        assert!(decode_payload(&torn, &h).is_none());
+        assert!(decode_payload(&torn, &h, v).is_none());
         // A damaged header is no entry at all.
         let mut bad = AlignedBuf::with_data(e.blocks(), 0, &e);
         bad[12] ^= 1;
         assert!(decode_header(&bad[..BLOCK_SIZE]).is_none());
         assert!(decode_header(&[0u8; BLOCK_SIZE]).is_none());
+    }
+
+    /// Entries stay held until every id in them is released, an id may be released before
+    /// its entry is written, and the oldest held entry is where replay must start.
+    #[test]
+    fn entries_are_held_until_all_their_ids_are_released() {
+        let holds = Holds::default();
+        holds.hold(5, 10, [1, 2].into_iter()).expect("hold");
+        holds.release(&[3]); // written and flushed before its entry
+        holds.hold(6, 14, [3, 4].into_iter()).expect("hold");
+        holds.hold(7, 18, std::iter::empty()).expect("no side data");
+        assert_eq!(holds.oldest().expect("lock"), Some((5, 10)));
+        holds.release(&[1]);
+        assert_eq!(
+            holds.oldest().expect("lock"),
+            Some((5, 10)),
+            "2 is still held"
+        );
+        holds.release(&[2]);
+        assert_eq!(holds.oldest().expect("lock"), Some((6, 14)));
+        holds.release(&[4]);
+        assert_eq!(holds.oldest().expect("lock"), None, "3 was released early");
+        // A head names the oldest held entry at or before its own, else its own end.
+        let h = JournalHead::with_holds(2, 9, 30, Some((6, 14)));
+        assert_eq!((h.data_seq, h.data_from), (6, 14));
+        let h = JournalHead::with_holds(2, 9, 30, Some((10, 30)));
+        assert_eq!(
+            (h.data_seq, h.data_from),
+            (10, 30),
+            "not yet applied: after it"
+        );
+        assert_eq!(JournalHead::decode(&h.encode()), Ok(h));
+    }
+
+    /// Heads written before side data decode with nothing held; a head whose side data
+    /// would start after its own end is refused.
+    #[test]
+    fn old_heads_decode_and_inconsistent_heads_are_refused() {
+        #[derive(Serialize)]
+        struct V1 {
+            gen: u64,
+            seq: u64,
+            next: u64,
+        }
+        let old = encode_record(
+            HEAD_V1,
+            &V1 {
+                gen: 3,
+                seq: 8,
+                next: 40,
+            },
+        );
+        let h = JournalHead::decode(&old).expect("v1 head");
+        assert_eq!(h, JournalHead::with_holds(3, 8, 40, None));
+        let mut bad = JournalHead::with_holds(3, 8, 40, None);
+        bad.data_from = 41;
+        assert!(JournalHead::decode(&bad.encode()).is_err());
+        let mut bad = JournalHead::with_holds(3, 8, 40, None);
+        bad.data_seq = 10;
+        assert!(JournalHead::decode(&bad.encode()).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::alloc::{Allocator, Extent};
 use crate::blockmap::{self, BlockRef, ChunkCache, MapSpan};
 use crate::cache::GenCache;
 use crate::device::BlockDevice;
-use crate::journal::{Journal, JournalRegion};
+use crate::journal::{Holds, Journal, JournalRegion};
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
     BLOCK_SIZE, MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
@@ -109,6 +109,44 @@ struct DeferredWrite {
     device_blocks: Vec<u64>,
     /// Whole blocks.
     data: Bytes,
+}
+
+/// Where a small write's data goes, carried with its data as side data in the commit
+/// journal (stores with a journal keep that data out of RocksDB).
+#[derive(Debug, Serialize, Deserialize)]
+struct DeferredPlace {
+    okey: Vec<u8>,
+    lblock: u32,
+    device_blocks: Vec<u64>,
+}
+
+impl DeferredPlace {
+    /// The journal side data of a write of `data` here: a u32 length, this record, then
+    /// the data itself (passed as its own part, not copied here).
+    fn side(&self, data: Bytes) -> Vec<Bytes> {
+        let rec = encode_record(RECORD_V, self);
+        let mut head = Vec::with_capacity(4 + rec.len());
+        head.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+        head.extend_from_slice(&rec);
+        vec![Bytes::from(head), data]
+    }
+
+    fn from_side(side: &[u8]) -> Result<DeferredWrite, String> {
+        let len = side
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            .ok_or("short deferred side data")? as usize;
+        let rec = side.get(4..4 + len).ok_or("short deferred side data")?;
+        let place: DeferredPlace =
+            decode_record(RECORD_V, rec).map_err(|e| format!("deferred side data: {e}"))?;
+        Ok(DeferredWrite {
+            okey: place.okey,
+            lblock: place.lblock,
+            device_blocks: place.device_blocks,
+            data: Bytes::copy_from_slice(&side[4 + len..]),
+        })
+    }
 }
 
 /// What [`BlockStore::read_blocks`] found: one buffer per logical block (None for holes),
@@ -261,10 +299,10 @@ struct Deferred {
     /// Blocks freed while their deferred write was pending: freed once it is written
     /// (so a late write never lands on a block that was reused).
     free_when_written: std::collections::HashSet<u64>,
-    /// Records whose blocks are written (not yet flushed).
+    /// Records (or journal hold ids) whose blocks are written (not yet flushed).
     applied: Vec<u64>,
     /// Records whose blocks are flushed: the next copy-on-write commit removes them in its
-    /// batch. A removal lost with a failed commit or a crash only means the record is
+    /// batch (stores without a journal; with one, the hold ids are released instead). A removal lost with a failed commit or a crash only means the record is
     /// written again at the next mount, where the block map still names its blocks.
     flushed: Vec<u64>,
 }
@@ -294,14 +332,27 @@ const APPLY_GATHER_MAX_MS: u64 = 10;
 /// which adjacent blocks (small writes are allocated side by side) become one device
 /// write. Once [`DEFERRED_CLEAN_EVERY`] records have their data on the device, it flushes
 /// the device in the background (no write waits for that flush), after which the next
-/// commit removes their records.
+/// commit removes their records, or the journal's `holds` are released. When the journal
+/// runs short of space it asks, and whatever is gathered or written is handled at once.
 async fn apply_loop<D: BlockDevice>(
     dev: Arc<D>,
     state: Arc<Mutex<Deferred>>,
     alloc: Arc<Mutex<Allocator>>,
+    holds: Option<Arc<Holds>>,
     mut rx: tokio::sync::mpsc::Receiver<ApplyJob>,
 ) {
     use futures::stream::{FuturesUnordered, StreamExt};
+    /// Held journal entries are released by this task only: once it ends, for whatever
+    /// reason, commits must fail rather than wait for space held by them.
+    struct FailHolds(Option<Arc<Holds>>);
+    impl Drop for FailHolds {
+        fn drop(&mut self) {
+            if let Some(h) = &self.0 {
+                h.fail("the store's deferred-write task has stopped");
+            }
+        }
+    }
+    let _fail_holds = FailHolds(holds.clone());
     let mut running = FuturesUnordered::new();
     // At most one cleaning at a time; records applied meanwhile wait for the next.
     let mut cleaning = FuturesUnordered::new();
@@ -309,9 +360,11 @@ async fn apply_loop<D: BlockDevice>(
     let gather_timer = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(gather_timer);
     let mut closed = false;
+    // The journal asked for its held entries: no gathering, no waiting for a full round.
+    let mut urgent = false;
     loop {
         let due = gathered.len() >= APPLY_GATHER_JOBS
-            || (closed && !gathered.is_empty())
+            || ((closed || urgent) && !gathered.is_empty())
             || (!gathered.is_empty() && gather_timer.is_elapsed());
         if due && running.len() < APPLY_IN_FLIGHT {
             running.push(apply_batch(dev.clone(), std::mem::take(&mut gathered)));
@@ -322,18 +375,34 @@ async fn apply_loop<D: BlockDevice>(
         }
         if cleaning.is_empty() {
             let seqs = match state.lock() {
-                Ok(mut st) if st.applied.len() >= DEFERRED_CLEAN_EVERY => {
+                Ok(mut st)
+                    if st.applied.len() >= DEFERRED_CLEAN_EVERY
+                        || (urgent && !st.applied.is_empty()) =>
+                {
                     std::mem::take(&mut st.applied)
                 }
                 Ok(_) => Vec::new(),
                 Err(_) => return,
             };
             if !seqs.is_empty() {
-                cleaning.push(flush_applied(dev.clone(), state.clone(), seqs));
+                urgent &= !(gathered.is_empty() && running.is_empty());
+                cleaning.push(flush_applied(
+                    dev.clone(),
+                    state.clone(),
+                    holds.clone(),
+                    seqs,
+                ));
             }
         }
+        let pressured = async {
+            match &holds {
+                Some(h) => h.pressured().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(()) = cleaning.next(), if !cleaning.is_empty() => {}
+            () = pressured => urgent = true,
             job = rx.recv(), if !closed && gathered.len() < APPLY_BATCH_JOBS => {
                 let Some(job) = job else {
                     closed = true;
@@ -368,6 +437,10 @@ async fn apply_loop<D: BlockDevice>(
                     }
                     if ok {
                         st.applied.push(job.seq);
+                    } else if let Some(h) = &holds {
+                        // Its journal entry would stay held: the data is written from
+                        // the journal at the next mount instead.
+                        h.fail("writing a small write's data to its blocks failed");
                     }
                 }
             }
@@ -377,18 +450,31 @@ async fn apply_loop<D: BlockDevice>(
 }
 
 /// Flushes the device, making the applied deferred writes' blocks durable, then hands their
-/// records to the next commit to remove. If the flush fails the records stay, and are
-/// written again at the next mount.
-async fn flush_applied<D: BlockDevice>(dev: Arc<D>, state: Arc<Mutex<Deferred>>, seqs: Vec<u64>) {
+/// records to the next commit to remove (or releases their journal holds). If the flush
+/// fails the records (or journal entries) stay, and are written again at the next mount.
+async fn flush_applied<D: BlockDevice>(
+    dev: Arc<D>,
+    state: Arc<Mutex<Deferred>>,
+    holds: Option<Arc<Holds>>,
+    seqs: Vec<u64>,
+) {
     if let Err(e) = dev.flush().await {
         tracing::error!(
             records = seqs.len(),
             "device flush failed; deferred records are kept and written again at the next start: {e}"
         );
+        if let Some(h) = holds {
+            h.fail(&format!("device flush failed: {e}"));
+        }
         return;
     }
-    if let Ok(mut st) = state.lock() {
-        st.flushed.extend(seqs);
+    match holds {
+        Some(h) => h.release(&seqs),
+        None => {
+            if let Ok(mut st) = state.lock() {
+                st.flushed.extend(seqs);
+            }
+        }
     }
 }
 
@@ -734,40 +820,13 @@ impl<D: BlockDevice> BlockStore<D> {
         let dev = Arc::new(dev);
         let db = Arc::new(db);
         // First the journal: what it holds is newer than anything RocksDB has.
-        let mut journal_replayed = 0;
-        let committer = match journal {
-            Some(region) => {
-                let cfs = ALL_CFS.iter().map(|c| c.to_string()).collect();
-                let (j, replayed) =
-                    Journal::open(dev.clone(), db.clone(), region, cfs, CF_META, KEY_JOURNAL)
-                        .await
-                        .map_err(|e| ObjError::Refused(format!("commit journal: {e}")))?;
-                journal_replayed = replayed.batches;
-                if replayed.entries > 0 {
-                    tracing::info!(
-                        entries = replayed.entries,
-                        commits = replayed.batches,
-                        "applied commits from the journal that the metadata store had not flushed"
-                    );
-                }
-                Committer::Journal(j)
-            }
-            None => {
-                let (tx, commits) = std::sync::mpsc::channel();
-                let thread = {
-                    let db = db.clone();
-                    std::thread::Builder::new()
-                        .name("store-commit".into())
-                        .spawn(move || commit_thread(db, commits))
-                        .map_err(|e| {
-                            ObjError::Refused(format!("cannot start the commit thread: {e}"))
-                        })?
-                };
-                Committer::Wal {
-                    tx: Some(tx),
-                    thread: Some(thread),
-                }
-            }
+        let recovered = match journal {
+            Some(region) => Some(
+                Journal::recover(&*dev, &db, region, CF_META, KEY_JOURNAL)
+                    .await
+                    .map_err(|e| ObjError::Refused(format!("commit journal: {e}")))?,
+            ),
+            None => None,
         };
         let first_data_block = journal.map_or(1, |r| r.end());
         let handle = |name| {
@@ -802,14 +861,16 @@ impl<D: BlockDevice> BlockStore<D> {
             used,
         )));
         let deferred = Arc::new(Mutex::new(Deferred::default()));
+        let holds = recovered.as_ref().map(|_| Arc::new(Holds::default()));
         let (apply_tx, apply_rx) = tokio::sync::mpsc::channel(4 * APPLY_IN_FLIGHT);
         tokio::spawn(apply_loop(
             dev.clone(),
             deferred.clone(),
             alloc.clone(),
+            holds.clone(),
             apply_rx,
         ));
-        let store = BlockStore {
+        let mut store = BlockStore {
             dev,
             db,
             alloc,
@@ -822,14 +883,112 @@ impl<D: BlockDevice> BlockStore<D> {
             deferred,
             apply_tx,
             first_data_block,
-            journal_replayed,
-            committer: Some(committer),
+            journal_replayed: 0,
+            committer: None,
             flushes: FlushGroup::default(),
             map_cache: ChunkCache::new(MAP_CACHE_CHUNKS),
             meta_cache: GenCache::new(META_CACHE_OBJECTS),
         };
+        store.committer = Some(match (recovered, journal, holds) {
+            (Some(recovered), Some(region), Some(holds)) => {
+                store.start_journal(recovered, region, holds).await?
+            }
+            _ => store.start_commit_thread()?,
+        });
         store.replay_deferred().await?;
         Ok(store)
+    }
+
+    /// Writes the side data of the journal's held entries where the block map still names
+    /// it (as [`Self::replay_deferred`] does with records), makes it durable, then starts
+    /// the journal (whose new head no longer points at that data).
+    async fn start_journal(
+        &mut self,
+        recovered: crate::journal::Recovered,
+        region: JournalRegion,
+        holds: Arc<Holds>,
+    ) -> Result<Committer<D>, ObjError> {
+        let mut written = 0;
+        for side in &recovered.sides {
+            let rec = DeferredPlace::from_side(side)
+                .map_err(|e| ObjError::Refused(format!("commit journal: {e}")))?;
+            written += self.rewrite_deferred(&rec).await?;
+        }
+        if !recovered.sides.is_empty() {
+            self.dev.flush().await?;
+        }
+        let (entries, sides) = (recovered.replayed.entries, recovered.sides.len());
+        let cfs = ALL_CFS.iter().map(|c| c.to_string()).collect();
+        let (j, replayed) = Journal::start(
+            recovered,
+            self.dev.clone(),
+            self.db.clone(),
+            region,
+            cfs,
+            CF_META,
+            KEY_JOURNAL,
+            holds,
+        )
+        .map_err(|e| ObjError::Refused(format!("commit journal: {e}")))?;
+        self.journal_replayed = replayed.batches;
+        if entries > 0 || sides > 0 {
+            tracing::info!(
+                entries,
+                commits = replayed.batches,
+                deferred_writes = sides,
+                blocks = written,
+                "applied commits from the journal that the metadata store had not flushed, and wrote the small writes' data it held"
+            );
+        }
+        Ok(Committer::Journal(j))
+    }
+
+    fn start_commit_thread(&self) -> Result<Committer<D>, ObjError> {
+        let (tx, commits) = std::sync::mpsc::channel();
+        let thread = {
+            let db = self.db.clone();
+            std::thread::Builder::new()
+                .name("store-commit".into())
+                .spawn(move || commit_thread(db, commits))
+                .map_err(|e| ObjError::Refused(format!("cannot start the commit thread: {e}")))?
+        };
+        Ok(Committer::Wal {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Writes a deferred write's blocks that the block map still names with its checksums
+    /// (a block since freed and reused must not be overwritten); returns how many.
+    async fn rewrite_deferred(&self, rec: &DeferredWrite) -> Result<usize, ObjError> {
+        let n = rec.device_blocks.len() as u32;
+        if rec.data.len() != n as usize * BLOCK_SIZE {
+            return Err(ObjError::Metadata(format!(
+                "deferred write of {:?}: {} bytes for {n} blocks",
+                rec.okey,
+                rec.data.len()
+            )));
+        }
+        let end = rec.lblock.checked_add(n).ok_or_else(|| {
+            ObjError::Metadata(format!(
+                "deferred write of {:?} ends past the largest block",
+                rec.okey
+            ))
+        })?;
+        let refs = self.block_refs(&rec.okey, rec.lblock, end)?;
+        let mut written = 0;
+        for (i, d) in rec.device_blocks.iter().enumerate() {
+            let block = &rec.data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            let current =
+                refs[i].is_some_and(|r| r.device_block == *d && r.crc == crc32c::crc32c(block));
+            if current {
+                self.dev
+                    .write_lazy(*d, AlignedBuf::with_data(1, 0, block))
+                    .await?;
+                written += 1;
+            }
+        }
+        Ok(written)
     }
 
     /// Writes every deferred write whose blocks the block map still names with the
@@ -849,25 +1008,7 @@ impl<D: BlockDevice> BlockStore<D> {
             .collect::<Result<_, _>>()?;
         for (k, v) in records {
             let rec: DeferredWrite = decode_record(RECORD_V, &v).map_err(meta_err)?;
-            let n = rec.device_blocks.len() as u32;
-            if rec.data.len() != n as usize * BLOCK_SIZE {
-                return Err(ObjError::Metadata(format!(
-                    "deferred write {k:?}: {} bytes for {n} blocks",
-                    rec.data.len()
-                )));
-            }
-            let refs = self.block_refs(&rec.okey, rec.lblock, rec.lblock + n)?;
-            for (i, d) in rec.device_blocks.iter().enumerate() {
-                let block = &rec.data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
-                let current =
-                    refs[i].is_some_and(|r| r.device_block == *d && r.crc == crc32c::crc32c(block));
-                if current {
-                    self.dev
-                        .write_lazy(*d, AlignedBuf::with_data(1, 0, block))
-                        .await?;
-                    written += 1;
-                }
-            }
+            written += self.rewrite_deferred(&rec).await?;
             keys.push(k);
         }
         if let Some(last) = keys.last() {
@@ -886,6 +1027,11 @@ impl<D: BlockDevice> BlockStore<D> {
             );
         }
         Ok(())
+    }
+
+    /// The first block that holds data (those before it are the superblock and journal).
+    pub fn first_data_block(&self) -> u64 {
+        self.first_data_block
     }
 
     /// Commits the journal applied again when this store was opened: those acknowledged
@@ -1131,53 +1277,9 @@ impl<D: BlockDevice> BlockStore<D> {
         // new blocks must not be reused before that mount.
         let mut commit_sent = false;
         let res = if deferred {
-            let seq = self.deferred_seq.fetch_add(1, Ordering::Relaxed);
-            let rec = DeferredWrite {
-                okey: okey.to_vec(),
-                lblock: b0,
-                device_blocks,
-                // The write's buffer itself backs the record and the pending blocks.
-                data: Bytes::from_owner(contents),
-            };
-            let cf = self
-                .db
-                .cf_handle(CF_DEFERRED)
-                .expect("column family exists");
-            batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
-            // Readers find the data here from the moment the block map can name these
-            // blocks (this write holds the object's lock until then).
-            let data = rec.data.clone();
-            let blocks: Vec<(u64, Bytes)> = rec
-                .device_blocks
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (*b, data.slice(i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE)))
-                .collect();
-            self.deferred
-                .lock()
-                .map_err(|_| meta_err("deferred lock poisoned"))?
-                .pending
-                .extend(blocks.iter().cloned());
             commit_sent = true;
-            match self.commit(batch).await {
-                Ok(()) => {
-                    self.apply_tx
-                        .send(ApplyJob { seq, blocks })
-                        .await
-                        .map_err(|_| meta_err("the deferred write task has stopped"))?;
-                    Ok(())
-                }
-                Err(e) => {
-                    let mut d = self
-                        .deferred
-                        .lock()
-                        .map_err(|_| meta_err("deferred lock poisoned"))?;
-                    for (b, _) in &blocks {
-                        d.pending.remove(b);
-                    }
-                    Err(e)
-                }
-            }
+            self.commit_deferred(batch, okey, b0, device_blocks, contents)
+                .await
         } else {
             // Unflushed writes, then one flush shared with concurrent writers, then the
             // commit: the block map never names data that is not durable.
@@ -1210,6 +1312,89 @@ impl<D: BlockDevice> BlockStore<D> {
         });
         self.release(freed);
         Ok(())
+    }
+
+    /// Commits a deferred write's `batch` with its data. With a journal, the data rides in
+    /// the journal entry as side data, kept out of RocksDB, and goes to its blocks at once
+    /// (they are new: nothing names them until the commit), released once flushed; the
+    /// write task has it before the commit, so a caller that gives up cannot strand the
+    /// journal's hold. Without one, the data is a record in the batch, and goes to its
+    /// blocks after the commit. Either way readers find it in memory until it is written.
+    async fn commit_deferred(
+        &self,
+        mut batch: WriteBatch,
+        okey: &[u8],
+        lblock: u32,
+        device_blocks: Vec<u64>,
+        contents: AlignedBuf,
+    ) -> Result<(), ObjError> {
+        let seq = self.deferred_seq.fetch_add(1, Ordering::Relaxed);
+        // The write's buffer itself backs the record and the pending blocks.
+        let data = Bytes::from_owner(contents);
+        let blocks: Vec<(u64, Bytes)> = device_blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (*b, data.slice(i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE)))
+            .collect();
+        // Readers find the data here from the moment the block map can name these blocks
+        // (this write holds the object's lock until then).
+        self.deferred
+            .lock()
+            .map_err(|_| meta_err("deferred lock poisoned"))?
+            .pending
+            .extend(blocks.iter().cloned());
+        let journal = match &self.committer {
+            Some(Committer::Journal(j)) => Some(j),
+            _ => None,
+        };
+        let res = match journal {
+            Some(j) => {
+                let place = DeferredPlace {
+                    okey: okey.to_vec(),
+                    lblock,
+                    device_blocks,
+                };
+                let job = ApplyJob { seq, blocks };
+                let blocks: Vec<u64> = job.blocks.iter().map(|(b, _)| *b).collect();
+                match self.apply_tx.send(job).await {
+                    Ok(()) => j
+                        .commit_with(batch, place.side(data), Some(seq))
+                        .await
+                        .map_err(meta_err),
+                    Err(_) => Err(meta_err("the deferred write task has stopped")),
+                }
+                .map_err(|e| (e, blocks))
+            }
+            None => {
+                let rec = DeferredWrite {
+                    okey: okey.to_vec(),
+                    lblock,
+                    device_blocks,
+                    data,
+                };
+                let cf = self
+                    .db
+                    .cf_handle(CF_DEFERRED)
+                    .expect("column family exists");
+                batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
+                match self.commit(batch).await {
+                    Ok(()) => self
+                        .apply_tx
+                        .send(ApplyJob { seq, blocks })
+                        .await
+                        .map_err(|_| (meta_err("the deferred write task has stopped"), Vec::new())),
+                    Err(e) => Err((e, blocks.into_iter().map(|(b, _)| b).collect())),
+                }
+            }
+        };
+        res.map_err(|(e, blocks)| {
+            if let Ok(mut d) = self.deferred.lock() {
+                for b in &blocks {
+                    d.pending.remove(b);
+                }
+            }
+            e
+        })
     }
 
     /// Makes every device write that completed before this call durable, sharing the
@@ -1928,6 +2113,26 @@ mod tests {
     use crate::device::file::FileDevice;
     use crate::test_store_paths;
 
+    /// `writes` 4 KiB writes over seven objects, each object's blocks in turn.
+    async fn small_writes(store: &BlockStore<FileDevice>, writes: usize) {
+        for i in 0..writes {
+            let id = ObjectId {
+                pool: 1,
+                pg: 0,
+                name: format!("o{}", i % 7),
+            };
+            let data = Bytes::from(vec![i as u8; BLOCK_SIZE]);
+            let version = Version {
+                epoch: 1,
+                seq: i as u64 + 1,
+            };
+            store
+                .write(&id, (i / 7 * BLOCK_SIZE) as u64, data, version)
+                .await
+                .expect("write");
+        }
+    }
+
     fn deferred_records(store: &BlockStore<FileDevice>) -> usize {
         let cf = store
             .db
@@ -1943,6 +2148,8 @@ mod tests {
     struct FailingWrites {
         dev: FileDevice,
         fail: Arc<std::sync::atomic::AtomicBool>,
+        /// Fails writes without a flush (small writes' data going to its blocks).
+        fail_lazy: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl BlockDevice for FailingWrites {
@@ -1959,6 +2166,9 @@ mod tests {
             self.dev.write(start, buf).await
         }
         async fn write_lazy(&self, start: u64, buf: AlignedBuf) -> std::io::Result<AlignedBuf> {
+            if self.fail_lazy.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("injected lazy write error"));
+            }
             self.dev.write_lazy(start, buf).await
         }
         async fn flush(&self) -> std::io::Result<()> {
@@ -1966,25 +2176,151 @@ mod tests {
         }
     }
 
+    type Flag = Arc<std::sync::atomic::AtomicBool>;
+
+    /// A new store on a device whose durable writes (first flag) or lazy writes (second)
+    /// fail while the flag is set.
+    async fn failing_store(
+        dev_path: &std::path::Path,
+        db: &std::path::Path,
+    ) -> (BlockStore<FailingWrites>, Flag, Flag) {
+        let (fail, fail_lazy) = (Flag::default(), Flag::default());
+        let dev = FailingWrites {
+            dev: FileDevice::open(dev_path).expect("open device"),
+            fail: fail.clone(),
+            fail_lazy: fail_lazy.clone(),
+        };
+        let store = BlockStore::create(dev, db, "fsid", "osd")
+            .await
+            .expect("create");
+        (store, fail, fail_lazy)
+    }
+
+    fn named(n: &str) -> ObjectId {
+        ObjectId {
+            pool: 1,
+            pg: 0,
+            name: n.into(),
+        }
+    }
+
+    fn version(seq: u64) -> Version {
+        Version { epoch: 1, seq }
+    }
+
+    /// A small write whose data never reaches its blocks (the device refuses the write)
+    /// is still acknowledged, since its journal entry holds the data; later commits fail
+    /// instead of waiting for that entry to be released; the store opened again writes
+    /// the data from the journal.
+    #[tokio::test]
+    async fn a_failed_block_write_fails_later_commits_and_the_journal_restores_it() {
+        let (_tmp, dev_path, db) = test_store_paths(16 << 20);
+        let (store, _, fail_lazy) = failing_store(&dev_path, &db).await;
+        let (id, v) = (named, version);
+        fail_lazy.store(true, Ordering::Relaxed);
+        let data = Bytes::from(vec![7u8; BLOCK_SIZE]);
+        store
+            .write(&id("a"), 0, data.clone(), v(1))
+            .await
+            .expect("journaled: acknowledged");
+        let mut refused = false;
+        for seq in 2..200 {
+            let small = Bytes::from(vec![1u8; BLOCK_SIZE]);
+            if store.write(&id("b"), 0, small, v(seq)).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(refused, "commits go on failing, not hanging");
+        drop(store);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::open(dev, &db, "fsid").await.expect("reopen");
+        assert_eq!(
+            store.read(&id("a"), 0, BLOCK_SIZE).await.expect("read"),
+            data,
+            "written from the journal"
+        );
+    }
+
+    /// A 256-block journal fills with held entries many times over (sequential 64 KiB
+    /// writes, far fewer than a cleaning round each lap): writers wait for the held data to
+    /// be flushed and released, never forever, and everything reads back after a reopen.
+    #[tokio::test]
+    async fn a_small_journal_full_of_held_entries_makes_room() {
+        let (_tmp, dev_path, db) = test_store_paths(16 << 20);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::create(dev, &db, "fsid", "osd")
+            .await
+            .expect("create");
+        let bytes = DEFERRED_MAX_BLOCKS * BLOCK_SIZE;
+        let id = |i: u64| ObjectId {
+            pool: 1,
+            pg: 0,
+            name: format!("o{}", i % 5),
+        };
+        let data = |i: u64| Bytes::from(vec![i as u8; bytes]);
+        let writes = async {
+            for i in 0..150u64 {
+                let version = Version {
+                    epoch: 1,
+                    seq: i + 1,
+                };
+                store
+                    .write(&id(i), 0, data(i), version)
+                    .await
+                    .expect("write");
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), writes)
+            .await
+            .expect("the journal made room");
+        drop(store);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::open(dev, &db, "fsid").await.expect("reopen");
+        for i in 145..150 {
+            let got = store.read(&id(i), 0, bytes).await.expect("read");
+            assert_eq!(got, data(i), "object {}", i % 5);
+        }
+    }
+
+    /// With a journal, small writes' data never goes into RocksDB, and the journal entries
+    /// holding it are released in rounds as it is flushed on its blocks.
+    #[tokio::test]
+    async fn small_writes_stay_out_of_rocksdb_and_their_entries_are_released() {
+        let (_tmp, dev_path, db) = test_store_paths(64 << 20);
+        let dev = FileDevice::open(&dev_path).expect("open device");
+        let store = BlockStore::create(dev, &db, "fsid", "osd")
+            .await
+            .expect("create");
+        let writes = 3 * DEFERRED_CLEAN_EVERY + 8;
+        small_writes(&store, writes).await;
+        assert_eq!(deferred_records(&store), 0, "no data records in RocksDB");
+        let held = || match &store.committer {
+            Some(Committer::Journal(j)) => j.held_entries(),
+            _ => panic!("a 64 MiB store has a journal"),
+        };
+        let mut left = held();
+        for _ in 0..200 {
+            if left <= DEFERRED_CLEAN_EVERY {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            left = held();
+        }
+        assert!(
+            left <= DEFERRED_CLEAN_EVERY,
+            "{left} of {writes} entries still held"
+        );
+    }
+
     /// A failed journal write fails its commit and every later one (nothing unjournaled is
     /// acknowledged), and the store opened again holds exactly what was acknowledged.
     #[tokio::test]
     async fn a_failed_journal_write_fails_commits_until_reopened() {
         let (_tmp, dev_path, db) = test_store_paths(16 << 20);
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let dev = FailingWrites {
-            dev: FileDevice::open(&dev_path).expect("open device"),
-            fail: fail.clone(),
-        };
-        let store = BlockStore::create(dev, &db, "fsid", "osd")
-            .await
-            .expect("create");
-        let id = |n: &str| ObjectId {
-            pool: 1,
-            pg: 0,
-            name: n.into(),
-        };
-        let v = |seq| Version { epoch: 1, seq };
+        let (store, fail, _) = failing_store(&dev_path, &db).await;
+        let (id, v) = (named, version);
         let kept = Bytes::from(vec![1u8; BLOCK_SIZE]);
         store
             .write(&id("a"), 0, kept.clone(), v(1))
@@ -2103,31 +2439,16 @@ mod tests {
 
     /// Applied deferred writes are flushed in the background, in rounds of
     /// DEFERRED_CLEAN_EVERY, and later commits remove their records; the data stays
-    /// readable.
+    /// readable (a store without a journal: with one there are no records).
     #[tokio::test]
     async fn applied_deferred_records_are_removed_in_the_background() {
         let (_tmp, dev_path, db) = test_store_paths(64 << 20);
         let dev = FileDevice::open(&dev_path).expect("open device");
-        let store = BlockStore::create(dev, &db, "fsid", "osd")
+        let store = BlockStore::create_with(dev, &db, "fsid", "osd", false)
             .await
             .expect("create");
         let writes = 3 * DEFERRED_CLEAN_EVERY + 8;
-        for i in 0..writes {
-            let id = ObjectId {
-                pool: 1,
-                pg: 0,
-                name: format!("o{}", i % 7),
-            };
-            let data = Bytes::from(vec![i as u8; BLOCK_SIZE]);
-            let version = Version {
-                epoch: 1,
-                seq: i as u64 + 1,
-            };
-            store
-                .write(&id, (i / 7 * BLOCK_SIZE) as u64, data, version)
-                .await
-                .expect("write");
-        }
+        small_writes(&store, writes).await;
         // Removals ride in later commits: keep writing (another object) while waiting.
         let mut left = deferred_records(&store);
         for n in 0..200u64 {

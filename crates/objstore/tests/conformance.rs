@@ -540,26 +540,30 @@ async fn stray_pgs_are_listed_and_removed_in_steps<D: Open>() {
     assert_eq!(back, pattern(9, 100));
 }
 
-/// Zeroes every block of the device but the superblock, as if every write not flushed
-/// (or the whole device's data) were lost.
-fn lose_device_data(e: &Env, size_bytes: u64) {
+/// Zeroes every data block of the device from block `first`, as if every write not
+/// flushed were lost (the superblock and the journal, written durably, stay).
+fn lose_device_data(e: &Env, size_bytes: u64, first: u64) {
     use std::io::{Seek, Write};
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(&e.dev)
         .unwrap();
-    f.seek(std::io::SeekFrom::Start(BLOCK_SIZE as u64)).unwrap();
-    f.write_all(&vec![0u8; size_bytes as usize - BLOCK_SIZE])
+    let from = first * BLOCK_SIZE as u64;
+    f.seek(std::io::SeekFrom::Start(from)).unwrap();
+    f.write_all(&vec![0u8; (size_bytes - from) as usize])
         .unwrap();
     f.sync_all().unwrap();
 }
 
-/// Small writes are deferred: their data is in the synced metadata commit. If the device
-/// loses every unflushed block (zeroed here, as after a power cut), the next open writes
-/// them again, except where a block was freed and reused since (no stale data written over
-/// newer), and every acknowledged write reads back.
+/// Small writes are deferred: their data is in the synced metadata commit (or the
+/// journal entry). If the device loses every unflushed block (zeroed here, as after a
+/// power cut), the next open writes them again, except where a block was freed and reused
+/// since (no stale data written over newer), and every acknowledged write reads back.
 async fn deferred_writes_survive_lost_device_writes<D: Open>() {
-    let e = env(16 * MIB);
+    // Large enough that its journal never asks for its held data to be flushed early:
+    // zeroing flushed blocks would be losing durable data, not unflushed writes.
+    const DEV: u64 = 64 * MIB;
+    let e = env(DEV);
     let s = create::<D>(&e).await;
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut seq = 0;
@@ -580,9 +584,10 @@ async fn deferred_writes_survive_lost_device_writes<D: Open>() {
             m[offset as usize..end].copy_from_slice(&data);
         }
     }
+    let first = s.first_data_block();
     drop(s);
-    // Everything but the superblock lost from the device.
-    lose_device_data(&e, 16 * MIB);
+    // Every data block lost from the device.
+    lose_device_data(&e, DEV, first);
     let s = reopen::<D>(&e).await;
     for (name, want) in &model {
         let got = s.read(&id(name), 0, want.len()).await.unwrap();
@@ -591,7 +596,7 @@ async fn deferred_writes_survive_lost_device_writes<D: Open>() {
     // Replayed records are gone: another reopen over a zeroed device finds nothing to
     // write and every read fails its checksum rather than returning zeros.
     drop(s);
-    lose_device_data(&e, 16 * MIB);
+    lose_device_data(&e, DEV, first);
     let s = reopen::<D>(&e).await;
     let err = s.read(&id("o0"), 0, 100).await.unwrap_err();
     assert!(matches!(err, ObjError::Checksum { .. }), "{err:?}");
