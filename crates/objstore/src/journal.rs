@@ -255,15 +255,27 @@ fn encode_entry(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> Alig
             at += part.len();
         }
     }
+    seal(&mut buf, ENTRY_V, (journal_id, gen, seq), payload_bytes);
+    buf
+}
+
+/// Writes the header of an entry whose payload is in place: (journal id, generation,
+/// sequence), its size and checksums, as entry `version`.
+fn seal(
+    buf: &mut AlignedBuf,
+    version: u16,
+    (journal_id, gen, seq): (u64, u64, u64),
+    payload_bytes: usize,
+) {
     let header = EntryHeader {
         journal_id,
         gen,
         seq,
-        blocks: blocks as u32,
+        blocks: buf.blocks() as u32,
         payload_bytes: payload_bytes as u32,
-        payload_crc: crc32c::crc32c(&buf[HEADER_AREA..at]),
+        payload_crc: crc32c::crc32c(&buf[HEADER_AREA..HEADER_AREA + payload_bytes]),
     };
-    let h = encode_record(ENTRY_V, &header);
+    let h = encode_record(version, &header);
     // Six varints and a version: at most 2 + 10 + 10 + 10 + 5 + 5 + 5 = 47 bytes.
     debug_assert!(8 + 2 + h.len() + 4 <= HEADER_AREA);
     buf[..8].copy_from_slice(&ENTRY_MAGIC);
@@ -271,7 +283,6 @@ fn encode_entry(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> Alig
     buf[10..10 + h.len()].copy_from_slice(&h);
     let crc = crc32c::crc32c(&buf[..10 + h.len()]);
     buf[10 + h.len()..14 + h.len()].copy_from_slice(&crc.to_le_bytes());
-    buf
 }
 
 /// The header of the entry starting in `block0`, if one does (magic, checksum, version),
@@ -1120,6 +1131,62 @@ mod tests {
         dev.write(3, AlignedBuf::zeroed(1)).await.expect("w");
         let torn = found(head(5, 2, 10)).await;
         assert_eq!(torn, None, "a torn entry ends the replay");
+    }
+
+    /// An entry as version 1 wrote it: the batches only, after their lengths.
+    fn encode_entry_v1(journal_id: u64, gen: u64, seq: u64, batch: &[u8]) -> AlignedBuf {
+        let payload_bytes = 4 + batch.len();
+        let blocks = entry_blocks(payload_bytes) as usize;
+        let mut buf = AlignedBuf::zeroed(blocks);
+        let at = HEADER_AREA;
+        buf[at..at + 4].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+        buf[at + 4..at + payload_bytes].copy_from_slice(batch);
+        seal(&mut buf, ENTRY_V1, (journal_id, gen, seq), payload_bytes);
+        buf
+    }
+
+    /// A journal written before side data existed (a version 1 head, version 1 entries of
+    /// batches only) is replayed: its batches are applied and no side data is found.
+    #[tokio::test]
+    async fn a_journal_from_before_side_data_is_replayed() {
+        #[derive(Serialize)]
+        struct V1 {
+            gen: u64,
+            seq: u64,
+            next: u64,
+        }
+        let (_tmp, path, db_path) = crate::test_store_paths(64 * BLOCK_SIZE as u64);
+        let dev = FileDevice::open(&path).expect("open");
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf(&opts, &db_path, ["meta"]).expect("db");
+        let cf = db.cf_handle("meta").expect("cf");
+        let head = V1 {
+            gen: 4,
+            seq: 2,
+            next: 3,
+        };
+        db.put_cf(cf, b"journal", encode_record(HEAD_V1, &head))
+            .expect("head");
+        let region = JournalRegion {
+            start: 1,
+            blocks: 12,
+            id: 77,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, b"k", b"v");
+        let entry = encode_entry_v1(77, 4, 3, batch.data());
+        let n = entry.blocks() as u64;
+        dev.write(region.device_block(3), entry).await.expect("w");
+        let got = Journal::recover(&dev, &db, region, "meta", b"journal")
+            .await
+            .expect("recover");
+        assert_eq!((got.replayed.entries, got.replayed.batches), (1, 1));
+        assert!(got.sides.is_empty());
+        assert_eq!(got.head, JournalHead::with_holds(4, 3, 3 + n, None));
+        let value = db.get_cf(cf, b"k").expect("get");
+        assert_eq!(value.as_deref(), Some(&b"v"[..]));
     }
 
     #[test]
