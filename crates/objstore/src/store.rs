@@ -1372,10 +1372,8 @@ impl<D: BlockDevice> BlockStore<D> {
                     device_blocks,
                     data,
                 };
-                let cf = self
-                    .db
-                    .cf_handle(CF_DEFERRED)
-                    .expect("column family exists");
+                let cf = (self.db.cf_handle(CF_DEFERRED))
+                    .ok_or_else(|| meta_err("the deferred column family is missing"))?;
                 batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
                 match self.commit(batch).await {
                     Ok(()) => self
