@@ -302,8 +302,9 @@ struct Deferred {
     /// Records (or journal hold ids) whose blocks are written (not yet flushed).
     applied: Vec<u64>,
     /// Records whose blocks are flushed: the next copy-on-write commit removes them in its
-    /// batch (stores without a journal; with one, the hold ids are released instead). A removal lost with a failed commit or a crash only means the record is
-    /// written again at the next mount, where the block map still names its blocks.
+    /// batch (stores without a journal; with one, the hold ids are released instead). A
+    /// removal lost with a failed commit or a crash only means the record is written
+    /// again at the next mount, where the block map still names its blocks.
     flushed: Vec<u64>,
 }
 
@@ -1354,16 +1355,14 @@ impl<D: BlockDevice> BlockStore<D> {
                     lblock,
                     device_blocks,
                 };
-                let job = ApplyJob { seq, blocks };
-                let blocks: Vec<u64> = job.blocks.iter().map(|(b, _)| *b).collect();
-                match self.apply_tx.send(job).await {
+                let res = match self.apply_tx.send(ApplyJob { seq, blocks }).await {
                     Ok(()) => j
                         .commit_with(batch, place.side(data), Some(seq))
                         .await
                         .map_err(meta_err),
                     Err(_) => Err(meta_err("the deferred write task has stopped")),
-                }
-                .map_err(|e| (e, blocks))
+                };
+                res.map_err(|e| (e, place.device_blocks))
             }
             None => {
                 let rec = DeferredWrite {
