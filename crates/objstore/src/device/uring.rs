@@ -42,6 +42,23 @@ enum Kind {
     Fsync,
 }
 
+/// A ring whose completions wait for this thread's next system call instead of
+/// interrupting it (`IORING_SETUP_COOP_TASKRUN`, Linux 5.19): a runtime thread busy with
+/// other requests is not stopped by an inter-processor interrupt per completion, and a
+/// sleeping one is still woken. On a virtual machine each such interrupt traps to the
+/// hypervisor; with it, 4 KiB writes at QD32 took 9–13% less daemon CPU in three of four
+/// alternated cluster pairs. Older kernels refuse the flag: they get a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    match IoUring::builder()
+        .setup_coop_taskrun()
+        .build(QUEUE_DEPTH as u32)
+    {
+        Ok(ring) => Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(QUEUE_DEPTH as u32),
+        Err(e) => Err(e),
+    }
+}
+
 /// An operation in flight: what the kernel reads or writes stays here until completion.
 struct InFlight {
     start: u64,
@@ -125,7 +142,7 @@ impl UringDevice {
             ));
         }
         let (file, blocks) = open_direct(path)?;
-        let ring = IoUring::new(QUEUE_DEPTH as u32)?;
+        let ring = new_ring()?;
         // SAFETY: eventfd returns a new descriptor (or -1, checked) that nothing else owns.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
