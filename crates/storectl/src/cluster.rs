@@ -246,32 +246,27 @@ fn pid_alive(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains("stored"))
         .unwrap_or(false)
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(true)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| has_exited(&s))
+}
+
+/// Whether a `/proc/.../stat` line is of a task that has exited (zombie or dead). The
+/// state follows the last ')': the command name in parentheses may hold any byte.
+fn has_exited(stat: &str) -> bool {
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    state.starts_with('Z') || state.starts_with('X')
 }
 
 /// Whether any thread of `pid` has not finished exiting. A daemon killed by a signal
 /// loses its command line (what [`pid_alive`] checks) while its threads still tear down
 /// (io_uring rings, RocksDB's threads): until the last one is gone its files, RocksDB's
-/// lock among them, stay open. (`down` returned after ~5 ms before, ~100 ms with this.) A
-/// zombie that nobody has reaped yet is gone for this purpose. Only for pids this command
-/// just signalled.
+/// lock among them, stay open. A zombie that nobody has reaped yet is gone for this
+/// purpose. Only for pids this command just signalled.
 fn threads_running(pid: i32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
     tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-            !(state.starts_with('Z') || state.starts_with('X'))
-        })
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| !has_exited(&stat))
     })
 }
 
@@ -501,6 +496,16 @@ fn down(format: Format, dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_is_read_after_the_last_parenthesis() {
+        assert!(has_exited("42 (stored) Z 1 42"));
+        assert!(has_exited("42 (stored) X 1 42"));
+        assert!(!has_exited("42 (stored) S 1 42"));
+        // A command name may itself hold ") Z".
+        assert!(!has_exited("42 (odd) Z name) R 1 42"));
+        assert!(has_exited("42 (odd) S name) Z 1 42"));
+    }
 
     #[test]
     fn an_unreaped_zombie_has_no_threads_running_and_a_live_process_has() {
