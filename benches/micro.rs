@@ -110,7 +110,7 @@ mod frames {
             },
             mutation: Mutation::Write {
                 offset: 4096 * 17,
-                data: Bytes::from(vec![0xa5u8; 4096]),
+                data: Bytes::from(vec![0xa5u8; 4096]).into(),
             },
         }
     }

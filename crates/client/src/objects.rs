@@ -311,7 +311,10 @@ impl ObjectClient {
         offset: u64,
         data: Bytes,
     ) -> Result<ObjVersion, StoreError> {
-        let op = ClientOpKind::Mutate(Mutation::Write { offset, data });
+        let op = ClientOpKind::Mutate(Mutation::Write {
+            offset,
+            data: data.into(),
+        });
         match self.on_object(pool_id, object, op).await? {
             OsdResponse::Committed { version } => Ok(version),
             other => Err(unexpected(&other)),

@@ -473,7 +473,7 @@ impl Image {
                     self.data_object(e.object_no),
                     Mutation::Write {
                         offset: e.offset_in_object,
-                        data: piece,
+                        data: piece.into(),
                     },
                 )
             })

@@ -3,13 +3,22 @@
 use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
+use bytes::Bytes;
+
 use crate::BLOCK_SIZE;
 
 /// A zero-initialised buffer whose address and length are multiples of [`BLOCK_SIZE`], as
 /// O_DIRECT requires. Owned and `Send`, so it can travel to an I/O thread and back.
+///
+/// It may also be a view of received bytes that happen to be aligned
+/// ([`AlignedBuf::shared`]): a large write's data, received at an aligned address, goes to
+/// the device without being copied. Such a buffer is read-only memory; writing into it
+/// (`DerefMut`, `as_mut_ptr`) first copies it into a buffer of its own.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// The bytes `ptr` points into, when the memory is theirs rather than this buffer's.
+    shared: Option<Bytes>,
 }
 
 // SAFETY: the buffer is plain owned memory with no interior references.
@@ -24,7 +33,11 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size and a valid power-of-two alignment.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            shared: None,
+        }
     }
 
     /// A buffer of `blocks` blocks holding `data` at byte `at`, zeros elsewhere; only the
@@ -45,7 +58,11 @@ impl AlignedBuf {
             let end = at + data.len();
             std::ptr::write_bytes(raw.add(end), 0, len - end);
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            shared: None,
+        }
     }
 
     /// A buffer holding `parts` one after another, which must fill whole blocks (no
@@ -67,7 +84,55 @@ impl AlignedBuf {
             unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), raw.add(at), p.len()) };
             at += p.len();
         }
-        AlignedBuf { ptr, len }
+        AlignedBuf {
+            ptr,
+            len,
+            shared: None,
+        }
+    }
+
+    /// `bytes` as a buffer without a copy, if they start at an aligned address and are a
+    /// whole, non-zero number of blocks; otherwise they are given back.
+    pub fn shared(bytes: Bytes) -> Result<AlignedBuf, Bytes> {
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(BLOCK_SIZE)
+            && !bytes.is_empty()
+            && bytes.len().is_multiple_of(BLOCK_SIZE);
+        if !aligned {
+            return Err(bytes);
+        }
+        // `Bytes` never hands out a null pointer for non-empty contents.
+        let Some(ptr) = NonNull::new(bytes.as_ptr().cast_mut()) else {
+            return Err(bytes);
+        };
+        Ok(AlignedBuf {
+            ptr,
+            len: bytes.len(),
+            shared: Some(bytes),
+        })
+    }
+
+    /// Whether the memory is another buffer's ([`AlignedBuf::shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Blocks `first..first + n` of the buffer as a buffer of their own: shared without a
+    /// copy when this one is shared, copied otherwise.
+    pub fn blocks_of(&self, first: usize, n: usize) -> AlignedBuf {
+        let range = first * BLOCK_SIZE..(first + n) * BLOCK_SIZE;
+        match &self.shared {
+            Some(b) => {
+                AlignedBuf::shared(b.slice(range)).unwrap_or_else(|b| AlignedBuf::concat(&[&b[..]]))
+            }
+            None => AlignedBuf::concat(&[&self[range]]),
+        }
+    }
+
+    /// Makes the memory this buffer's own, copying it if it is shared.
+    fn unshare(&mut self) {
+        if self.shared.is_some() {
+            *self = AlignedBuf::concat(&[&self[..]]);
+        }
     }
 
     fn layout(len: usize) -> Layout {
@@ -92,6 +157,7 @@ impl AlignedBuf {
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.unshare();
         self.ptr.as_ptr()
     }
 
@@ -108,7 +174,8 @@ impl AlignedBuf {
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len initialised (zeroed) bytes for the buffer's lifetime.
+        // SAFETY: ptr is valid for len initialised bytes for the buffer's lifetime: its own
+        // allocation, or the shared bytes it holds.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -122,13 +189,19 @@ impl AsRef<[u8]> for AlignedBuf {
 
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusive access.
+        self.unshare();
+        // SAFETY: as above, and &mut self guarantees exclusive access; the memory is this
+        // buffer's own (unshared above), not read-only bytes of another.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.shared.is_some() {
+            // The memory is the bytes', released with them.
+            return;
+        }
         // SAFETY: allocated by a constructor above with exactly this layout.
         unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
@@ -143,6 +216,36 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_bytes_are_shared_and_copied_before_any_write() {
+        let owned = AlignedBuf::with_data(3, 0, &[7u8; 3 * BLOCK_SIZE]);
+        let bytes = Bytes::from_owner(owned);
+        let mut shared = AlignedBuf::shared(bytes.clone()).unwrap();
+        assert!(shared.is_shared());
+        assert_eq!(shared.as_ptr(), bytes.as_ptr(), "no copy");
+        assert_eq!(shared.blocks(), 3);
+        shared.block_mut(1)[0] = 9;
+        assert!(!shared.is_shared());
+        assert_ne!(shared.as_ptr(), bytes.as_ptr());
+        assert_eq!((shared[BLOCK_SIZE], shared[0]), (9, 7));
+        assert!(
+            bytes.iter().all(|&b| b == 7),
+            "the shared bytes stay as they were"
+        );
+        let again = AlignedBuf::shared(bytes.clone()).unwrap();
+        let part = again.blocks_of(1, 2);
+        assert!(part.is_shared());
+        assert_eq!(part.as_ptr(), bytes[BLOCK_SIZE..].as_ptr());
+        assert_eq!(part.len(), 2 * BLOCK_SIZE);
+        let copied = AlignedBuf::with_data(3, 0, &bytes).blocks_of(2, 1);
+        assert!(!copied.is_shared());
+        assert_eq!(&copied[..], &bytes[2 * BLOCK_SIZE..]);
+        // Not aligned, not whole blocks, or empty: given back.
+        assert!(AlignedBuf::shared(bytes.slice(1..BLOCK_SIZE + 1)).is_err());
+        assert!(AlignedBuf::shared(bytes.slice(..BLOCK_SIZE - 1)).is_err());
+        assert!(AlignedBuf::shared(bytes.slice(..0)).is_err());
+    }
 
     #[test]
     fn aligned_and_zeroed() {

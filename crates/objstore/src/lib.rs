@@ -22,11 +22,14 @@ pub mod store;
 use std::future::Future;
 
 use bytes::Bytes;
+use store_types::blockdata::BlockData;
 
 pub use store::{BlockStore, Identity};
 
 /// The unit of checksums, allocation and device I/O.
 pub const BLOCK_SIZE: usize = 4096;
+// Block crcs computed where a write enters the cluster are stored as they are.
+const _: () = assert!(BLOCK_SIZE == store_types::wire::DATA_BLOCK_BYTES);
 /// Largest object.
 pub const MAX_OBJECT_BYTES: u64 = 64 << 20;
 /// Entries kept per PG log (Ceph's osd_max_pg_log_entries is of this order).
@@ -96,12 +99,14 @@ pub enum ObjError {
 /// What every object store backend provides. The conformance suite (tests/conformance.rs)
 /// runs against each.
 pub trait ObjectStore: Send + Sync + 'static {
-    /// Writes `data` at `offset`, creating the object if needed; durable on return.
+    /// Writes `data` at `offset`, creating the object if needed; durable on return. Block
+    /// crcs that come with the data (see [`BlockData`]) are stored as they are for the
+    /// whole blocks they cover, not computed again.
     fn write(
         &self,
         id: &ObjectId,
         offset: u64,
-        data: Bytes,
+        data: impl Into<BlockData> + Send,
         version: Version,
     ) -> impl Future<Output = Result<(), ObjError>> + Send;
     /// Reads up to `len` bytes at `offset` (short at the end of the object; holes are zeros).

@@ -24,6 +24,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
+use store_types::blockdata::BlockData;
 use store_types::wire::{decode_record, encode_record};
 use tokio::sync::RwLock;
 
@@ -151,7 +152,7 @@ impl DeferredPlace {
 
 /// What [`BlockStore::read_blocks`] found: one buffer per logical block (None for holes),
 /// and the whole range as one buffer when a single device read covered every block.
-struct BlockData {
+struct BlocksRead {
     blocks: Vec<Option<Bytes>>,
     whole: Option<Bytes>,
 }
@@ -1095,7 +1096,7 @@ impl<D: BlockDevice> BlockStore<D> {
         id: &ObjectId,
         b0: u32,
         refs: &[Option<BlockRef>],
-    ) -> Result<BlockData, ObjError> {
+    ) -> Result<BlocksRead, ObjError> {
         let mut out: Vec<Option<Bytes>> = vec![None; refs.len()];
         // Blocks whose deferred write has not reached the device yet come from memory.
         let mut refs = refs.to_vec();
@@ -1171,7 +1172,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 whole = Some(buf);
             }
         }
-        Ok(BlockData { blocks: out, whole })
+        Ok(BlocksRead { blocks: out, whole })
     }
 
     /// Takes `n` blocks; `small` for a deferred write (see [`Allocator::alloc_small`]).
@@ -1234,7 +1235,8 @@ impl<D: BlockDevice> BlockStore<D> {
     /// map, the object metadata and the PG log entry in one batch. Small writes are
     /// deferred (see [`DEFERRED_MAX_BLOCKS`]): their data rides in the commit, and the
     /// device write runs alongside it, unflushed. Either way, both are done on return.
-    /// `map` is the object's block map loaded over (at least) the blocks written.
+    /// `map` is the object's block map loaded over (at least) the blocks written;
+    /// `known_crcs`, the crcs of the first blocks of `contents` if known.
     async fn cow_commit(
         &self,
         okey: &[u8],
@@ -1242,13 +1244,20 @@ impl<D: BlockDevice> BlockStore<D> {
         contents: AlignedBuf,
         mut map: MapSpan,
         change: Change<'_>,
+        known_crcs: &[u32],
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
         let old = map.refs(b0, b0 + n as u32);
         let deferred = contents.blocks() <= deferred_max_blocks();
         let extents = self.alloc(n, deferred)?;
         let crcs: Vec<u32> = (0..contents.blocks())
-            .map(|i| crc32c::crc32c(contents.block(i)))
+            .map(|i| match known_crcs.get(i) {
+                Some(&crc) => {
+                    debug_assert_eq!(crc, crc32c::crc32c(contents.block(i)), "block {i}");
+                    crc
+                }
+                None => crc32c::crc32c(contents.block(i)),
+            })
             .collect();
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
@@ -1451,8 +1460,7 @@ impl<D: BlockDevice> BlockStore<D> {
         }
         let mut at = 0usize;
         for e in extents {
-            let mut piece = AlignedBuf::zeroed(e.len as usize);
-            piece.copy_from_slice(&contents[at * BLOCK_SIZE..(at + e.len as usize) * BLOCK_SIZE]);
+            let piece = contents.blocks_of(at, e.len as usize);
             write(e.start, piece).await?;
             at += e.len as usize;
         }
@@ -1662,9 +1670,10 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         &self,
         id: &ObjectId,
         offset: u64,
-        data: Bytes,
+        data: impl Into<BlockData> + Send,
         version: Version,
     ) -> Result<(), ObjError> {
+        let data: BlockData = data.into();
         Self::check_range(id, offset, data.len() as u64)?;
         let okey = object_key(id);
         let _guard = self.lock(&okey).write().await;
@@ -1693,7 +1702,13 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
         let old = map.refs(b0, b1);
         let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
         let stop = start + data.len();
-        let mut contents = AlignedBuf::with_data((b1 - b0) as usize, start, &data);
+        // Whole blocks that arrived at an aligned address go to the device as they are.
+        let mut contents = if start == 0 && data.len().is_multiple_of(BLOCK_SIZE) {
+            AlignedBuf::shared(data.bytes().clone())
+                .unwrap_or_else(|b| AlignedBuf::with_data((b1 - b0) as usize, 0, &b))
+        } else {
+            AlignedBuf::with_data((b1 - b0) as usize, start, &data)
+        };
         // Partial edge blocks keep their other bytes: read, verify, merge what the new
         // data does not cover.
         let head_partial = !offset.is_multiple_of(BLOCK_SIZE as u64);
@@ -1724,7 +1739,14 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
                 len: data.len() as u64,
             }),
         };
-        self.cow_commit(&okey, b0, contents, map, change).await
+        // The data's block i is block b0 + i here when it starts on a block boundary; a
+        // partial last block also holds old bytes, so its crc is computed.
+        let known_crcs = match data.block_crcs() {
+            Some(crcs) if start == 0 => &crcs[..data.len() / BLOCK_SIZE],
+            _ => &[],
+        };
+        self.cow_commit(&okey, b0, contents, map, change, known_crcs)
+            .await
     }
 
     async fn read(&self, id: &ObjectId, offset: u64, len: usize) -> Result<Bytes, ObjError> {
@@ -1832,7 +1854,8 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             };
             // Loaded now: the edge committed before this one changed the map.
             let map = self.map_span(&okey, b, b + 1)?;
-            self.cow_commit(&okey, b, contents, map, change).await?;
+            self.cow_commit(&okey, b, contents, map, change, &[])
+                .await?;
         }
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");

@@ -1205,7 +1205,7 @@ impl<S: ObjectStore> OsdService<S> {
                         v,
                         Mutation::Write {
                             offset,
-                            data: chunk,
+                            data: chunk.into(),
                         },
                     )
                     .await?;

@@ -4,6 +4,7 @@
 //! This crate owns data types and their encodings only. It must not know about placement
 //! (CRUSH), consensus, sockets beyond the frame codec, or any storage engine.
 
+pub mod blockdata;
 pub mod config;
 pub mod error;
 pub mod map;

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::blockdata::BlockData;
 use crate::error::StoreError;
 use crate::map::WriteGuard;
 
@@ -90,8 +91,8 @@ pub struct PgReport {
 pub enum Mutation {
     Write {
         offset: u64,
-        #[serde(with = "crate::wire::shared_bytes")]
-        data: Bytes,
+        /// With its block crcs once it has come through a frame (see [`BlockData`]).
+        data: BlockData,
     },
     Zero {
         offset: u64,
