@@ -317,35 +317,46 @@ impl Decoder for FrameCodec {
         let list = &src[HEADER_LEN..HEADER_LEN + list_bytes];
         let body = &src[HEADER_LEN + list_bytes..total];
         let mut crc = crc32c::crc32c(&src[..28]);
-        crc = crc32c::crc32c_append(crc, list);
-        crc = crc32c::crc32c_append(crc, &body[..data_off]);
-        crc = crc32c::crc32c_append(crc, &body[data_off + data_len..]);
+        if data_len == 0 {
+            crc = crc32c::crc32c_append(crc, body);
+        } else {
+            crc = crc32c::crc32c_append(crc, list);
+            crc = crc32c::crc32c_append(crc, &body[..data_off]);
+            crc = crc32c::crc32c_append(crc, &body[data_off + data_len..]);
+        }
         if crc != want {
             return Err(WireError::Checksum { got: crc, want });
         }
-        let crcs: Arc<[u32]> = list
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let region = &body[data_off..data_off + data_len];
-        for (block, (data, &want)) in region.chunks(DATA_BLOCK_BYTES).zip(crcs.iter()).enumerate() {
-            let got = crc32c::crc32c(data);
-            if got != want {
-                return Err(WireError::DataChecksum { block, got, want });
-            }
-        }
+        let region = match data_len {
+            0 => None,
+            _ => Some(verify_region(list, &body[data_off..data_off + data_len])?),
+        };
         self.publish_missing(0);
         src.advance(HEADER_LEN + list_bytes);
         let mut payload: Payload = src.split_to(len).freeze().into();
-        if data_len > 0 {
-            payload.data = Some(DataRegion {
-                offset: data_off,
-                len: data_len,
-                crcs,
-            });
-        }
+        payload.data = region.map(|crcs| DataRegion {
+            offset: data_off,
+            len: data_len,
+            crcs,
+        });
         Ok(Some(Frame { kind, tag, payload }))
     }
+}
+
+/// Checks each block of a data region against its crc in `list` (4 bytes LE each); the
+/// crcs, once they all match.
+fn verify_region(list: &[u8], region: &[u8]) -> Result<Arc<[u32]>, WireError> {
+    let crcs: Arc<[u32]> = list
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    for (block, (data, &want)) in region.chunks(DATA_BLOCK_BYTES).zip(crcs.iter()).enumerate() {
+        let got = crc32c::crc32c(data);
+        if got != want {
+            return Err(WireError::DataChecksum { block, got, want });
+        }
+    }
+    Ok(crcs)
 }
 
 /// Refuses the start of a frame whose magic or version is already wrong.
