@@ -362,7 +362,7 @@ impl ObjectClient {
             .on_object(pool_id, object, ClientOpKind::Read { offset, len })
             .await?
         {
-            OsdResponse::Data(d) => Ok(d),
+            OsdResponse::Data(d) => Ok(d.into_bytes()),
             other => Err(unexpected(&other)),
         }
     }

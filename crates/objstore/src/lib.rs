@@ -116,6 +116,17 @@ pub trait ObjectStore: Send + Sync + 'static {
         offset: u64,
         len: usize,
     ) -> impl Future<Output = Result<Bytes, ObjError>> + Send;
+    /// Like [`ObjectStore::read`], with the crc32c of each 4 KiB block of what is returned
+    /// when the store has them at hand (those it verified the blocks against), so the
+    /// reply's frame need not compute them again.
+    fn read_data(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<BlockData, ObjError>> + Send {
+        async move { self.read(id, offset, len).await.map(BlockData::from) }
+    }
     /// Zeroes a range, freeing every whole block in it; durable on return.
     fn zero(
         &self,

@@ -1660,6 +1660,12 @@ impl<D: BlockDevice> BlockStore<D> {
 }
 
 /// Logical blocks `b0..b1` covering `offset..offset+len` (len > 0).
+/// The crc32c of a block of zeros (a hole reads as one).
+fn zero_block_crc() -> u32 {
+    static CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; BLOCK_SIZE]))
+}
+
 fn block_span(offset: u64, len: u64) -> (u32, u32) {
     let bs = BLOCK_SIZE as u64;
     ((offset / bs) as u32, (offset + len).div_ceil(bs) as u32)
@@ -1750,6 +1756,15 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
     }
 
     async fn read(&self, id: &ObjectId, offset: u64, len: usize) -> Result<Bytes, ObjError> {
+        Ok(self.read_data(id, offset, len).await?.into_bytes())
+    }
+
+    async fn read_data(
+        &self,
+        id: &ObjectId,
+        offset: u64,
+        len: usize,
+    ) -> Result<BlockData, ObjError> {
         Self::check_range(
             id,
             offset.min(MAX_OBJECT_BYTES),
@@ -1761,24 +1776,39 @@ impl<D: BlockDevice> ObjectStore for BlockStore<D> {
             .get_meta(&okey)?
             .ok_or_else(|| ObjError::NotFound(id.to_string()))?;
         if offset >= meta.size || len == 0 {
-            return Ok(Bytes::new());
+            return Ok(BlockData::default());
         }
         let len = (len.min(MAX_IO_BYTES) as u64).min(meta.size - offset);
         let (b0, b1) = block_span(offset, len);
         let refs = self.block_refs(&okey, b0, b1)?;
         let got = self.read_blocks(id, b0, &refs).await?;
         let start = (offset - b0 as u64 * BLOCK_SIZE as u64) as usize;
-        // One device read covered the range: hand out its buffer as it is.
-        if let Some(whole) = got.whole {
-            return Ok(whole.slice(start..start + len as usize));
-        }
-        let mut out = BytesMut::zeroed(((b1 - b0) as usize) * BLOCK_SIZE);
-        for (i, b) in got.blocks.iter().enumerate() {
-            if let Some(b) = b {
-                out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(b);
+        let bytes = match got.whole {
+            // One device read covered the range: hand out its buffer as it is.
+            Some(whole) => whole.slice(start..start + len as usize),
+            None => {
+                let mut out = BytesMut::zeroed(((b1 - b0) as usize) * BLOCK_SIZE);
+                for (i, b) in got.blocks.iter().enumerate() {
+                    if let Some(b) = b {
+                        out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].copy_from_slice(b);
+                    }
+                }
+                out.freeze().slice(start..start + len as usize)
             }
+        };
+        if start != 0 {
+            return Ok(bytes.into());
         }
-        Ok(out.freeze().slice(start..start + len as usize))
+        // The crcs the blocks were just verified against (a hole's is a zero block's); a
+        // short last block, cut at the end of the object, gets its own.
+        let whole_blocks = bytes.len() / BLOCK_SIZE;
+        let mut crcs: Vec<u32> = (refs[..whole_blocks].iter())
+            .map(|r| r.map_or_else(zero_block_crc, |r| r.crc))
+            .collect();
+        if whole_blocks * BLOCK_SIZE < bytes.len() {
+            crcs.push(crc32c::crc32c(&bytes[whole_blocks * BLOCK_SIZE..]));
+        }
+        Ok(BlockData::with_block_crcs(bytes, crcs))
     }
 
     async fn zero(

@@ -638,6 +638,28 @@ async fn data_with_block_crcs_reads_back<D: Open>() {
         let back = s.read(&id(name), *offset, bytes.len()).await.unwrap();
         assert_eq!(back, bytes, "{name}");
     }
+    // Reads from a block boundary come with the crcs the blocks were verified against:
+    // holes (the first 8 blocks of "aligned-small") and a short last block included.
+    let reads = [
+        ("aligned-64", 0, 64 * BLOCK_SIZE),
+        ("aligned-small", 0, 10 * BLOCK_SIZE),
+        ("partial-last", 4 * BLOCK_SIZE as u64, 5 * BLOCK_SIZE + 300),
+        ("partial-last", 0, MIB as usize),
+    ];
+    for (name, offset, len) in reads {
+        let got = s.read_data(&id(name), offset, len).await.unwrap();
+        let crcs = got.block_crcs().expect("crcs of an aligned read");
+        assert_eq!(
+            crcs,
+            store_types::wire::block_crcs(&got),
+            "{name} at {offset}"
+        );
+    }
+    let unaligned = s
+        .read_data(&id("aligned-64"), 100, BLOCK_SIZE)
+        .await
+        .unwrap();
+    assert_eq!(unaligned.block_crcs(), None);
     // The aligned source stays as it was (the store never writes into shared bytes).
     assert_eq!(cases[0].2, aligned(1, 64));
     drop(s);

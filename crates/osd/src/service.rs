@@ -824,9 +824,9 @@ impl<S: ObjectStore> OsdService<S> {
         };
         let res = match op {
             ClientOpKind::Read { offset, len } => {
-                match self.store.read(&id, offset, len as usize).await {
+                match self.store.read_data(&id, offset, len as usize).await {
                     Err(ObjError::Checksum { .. }) => match self.repair(pg, &id).await {
-                        Ok(()) => self.store.read(&id, offset, len as usize).await,
+                        Ok(()) => self.store.read_data(&id, offset, len as usize).await,
                         Err(e) => return OsdResponse::Error(e),
                     },
                     other => other,

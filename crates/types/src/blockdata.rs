@@ -33,6 +33,21 @@ impl BlockData {
         }
     }
 
+    /// The bytes with block crcs their caller vouches for, such as a store's for blocks
+    /// it has just verified against them (debug builds check them). Crcs of the wrong
+    /// count are dropped: they would be computed again where needed.
+    pub fn with_block_crcs(bytes: Bytes, crcs: Vec<u32>) -> Self {
+        if crcs.len() != bytes.len().div_ceil(wire::DATA_BLOCK_BYTES) {
+            debug_assert!(false, "{} crcs for {} bytes", crcs.len(), bytes.len());
+            return bytes.into();
+        }
+        debug_assert_eq!(crcs, wire::block_crcs(&bytes));
+        BlockData {
+            bytes,
+            crcs: Some(crcs.into()),
+        }
+    }
+
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
     }

@@ -177,7 +177,8 @@ pub enum OsdResponse {
     Committed {
         version: ObjVersion,
     },
-    Data(#[serde(with = "crate::wire::shared_bytes")] Bytes),
+    /// With the block crcs the OSD verified the data against, when it read whole blocks.
+    Data(BlockData),
     Stat(Option<ObjStat>),
     /// Answer to `Allocated`: (offset, length) ranges; None if the object does not exist.
     Extents(Option<Vec<(u64, u64)>>),
