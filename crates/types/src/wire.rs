@@ -261,31 +261,21 @@ impl Decoder for FrameCodec {
     type Error = WireError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        // Magic and version first, as soon as their bytes are there: a peer that speaks
+        // something else is refused at once, not once it has sent a whole header's worth.
+        check_prefix(src)?;
         if src.len() < HEADER_LEN {
-            // A peer that speaks something else is refused at once, not once it has sent
-            // a whole header's worth.
-            check_prefix(src)?;
             self.publish_missing(HEADER_LEN - src.len());
             return Ok(None);
         }
-        let mut h = &src[..HEADER_LEN];
-        let magic = h.get_u32_le();
-        let version = h.get_u16_le();
+        // Magic and version: checked above.
+        let mut h = &src[6..HEADER_LEN];
         let kind = h.get_u16_le();
         let tag = h.get_u64_le();
         let len = h.get_u32_le() as usize;
         let data_off = h.get_u32_le() as usize;
         let data_len = h.get_u32_le() as usize;
         let want = h.get_u32_le();
-        if magic != FRAME_MAGIC {
-            return Err(WireError::Magic(magic));
-        }
-        if version != WIRE_VERSION {
-            return Err(WireError::Version {
-                peer: version,
-                ours: WIRE_VERSION,
-            });
-        }
         let kind = FrameKind::from_u16(kind).ok_or(WireError::Kind(kind))?;
         if len > self.max_frame_bytes {
             return Err(WireError::TooLarge {
@@ -359,7 +349,7 @@ fn verify_region(list: &[u8], region: &[u8]) -> Result<Arc<[u32]>, WireError> {
     Ok(crcs)
 }
 
-/// Refuses the start of a frame whose magic or version is already wrong.
+/// Refuses the start of a frame whose magic or version (as far as it has arrived) is wrong.
 fn check_prefix(src: &[u8]) -> Result<(), WireError> {
     if let Some(m) = src.get(..4) {
         let magic = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
@@ -451,7 +441,7 @@ impl Encoder<Frame> for FrameCodec {
 
 /// Payloads from this size on are sent from their own buffers (a vectored write) rather
 /// than copied behind their header.
-const SEND_IN_PLACE_BYTES: usize = 16 << 10;
+pub const SEND_IN_PLACE_BYTES: usize = 16 << 10;
 /// Chunks one [`FrameBatch`] holds at most (the iovec count of one write is bounded too).
 const BATCH_MAX_CHUNKS: usize = 64;
 
@@ -978,19 +968,25 @@ mod tests {
         assert_eq!(buf.capacity(), cap_before);
     }
 
-    #[test]
-    fn flipped_bits_are_caught() {
-        let clean = encoded(frame(b"payload bytes"));
-        for byte in 0..clean.len() {
+    /// Flips `mask` in each of `bytes` of an encoded frame in turn: no flip may be
+    /// accepted (a flip in a length field may make the frame look incomplete: also not
+    /// accepted).
+    fn assert_flips_caught(clean: &BytesMut, bytes: impl Iterator<Item = usize>, mask: u8) {
+        for byte in bytes {
             let mut buf = clean.clone();
-            buf[byte] ^= 0x10;
+            buf[byte] ^= mask;
             let res = FrameCodec::default().decode(&mut buf);
-            // A flip in the length field may make the frame look incomplete: also not accepted.
             assert!(
                 !matches!(res, Ok(Some(_))),
                 "flip at byte {byte} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn flipped_bits_are_caught() {
+        let clean = encoded(frame(b"payload bytes"));
+        assert_flips_caught(&clean, 0..clean.len(), 0x10);
     }
 
     /// A frame whose payload has a data region (a spliced field), encoded.
@@ -1036,15 +1032,7 @@ mod tests {
         let (_, clean) = frame_with_region();
         // Every byte of the header and the crc list, and a spread of the payload's.
         let bytes = (0..HEADER_LEN + 24).chain((HEADER_LEN + 24..clean.len()).step_by(97));
-        for byte in bytes {
-            let mut buf = clean.clone();
-            buf[byte] ^= 0x04;
-            let res = FrameCodec::default().decode(&mut buf);
-            assert!(
-                !matches!(res, Ok(Some(_))),
-                "flip at byte {byte} was accepted"
-            );
-        }
+        assert_flips_caught(&clean, bytes, 0x04);
         // A flip inside the region is reported as its block's.
         let mut buf = clean.clone();
         let at = buf.len() - 10;
