@@ -1630,12 +1630,14 @@ impl<S: ObjectStore> OsdService<S> {
                 let engine = s.engine.lock().expect("engine lock");
                 let (phase, epoch) = engine.phase()?;
                 let (objects_left, misplaced) = engine.recovery_left();
-                let waiting = matches!(
+                // Backfilling only while it holds one of the OSD's backfill slots: a PG
+                // that has just asked for one (its reservation task not yet run) waits.
+                let held = matches!(
                     *s.backfill.lock().expect("backfill lock"),
-                    Backfill::Waiting
+                    Backfill::Held(_)
                 );
                 let phase = match phase {
-                    PgPhase::Backfilling if waiting => PgPhase::BackfillWait,
+                    PgPhase::Backfilling if !held => PgPhase::BackfillWait,
                     p => p,
                 };
                 (phase != PgPhase::Active).then_some(PgReport {
