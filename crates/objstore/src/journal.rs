@@ -60,9 +60,13 @@ use crate::BLOCK_SIZE;
 const ENTRY_MAGIC: [u8; 8] = *b"STJRNL01";
 /// Bytes before an entry's payload: magic, header length, header, header checksum.
 const HEADER_AREA: usize = 64;
-/// Entries of version 1 hold batches only; version 2 entries hold (batch, side data) pairs.
+/// Entries of version 1 hold batches only; version 2 entries hold (batch, side data) pairs;
+/// version 3 entries add, after the pairs, the checks of their unflushed data.
 const ENTRY_V1: u16 = 1;
-const ENTRY_V: u16 = 2;
+const ENTRY_V2: u16 = 2;
+const ENTRY_V: u16 = 3;
+/// The version of an entry's list of [`CheckRun`]s.
+const CHECKS_V: u16 = 1;
 const HEAD_V1: u16 = 1;
 const HEAD_V: u16 = 2;
 /// Batches in one entry at most.
@@ -231,15 +235,39 @@ fn entry_blocks(payload_bytes: usize) -> u64 {
 /// one after the other; empty when there is none).
 type Item<'a> = (&'a [u8], &'a [Bytes]);
 
+/// Blocks a commit's batch names whose data was written to the device but not flushed:
+/// `crcs[i]` is the crc32c of device block `start + i`. The journal write's own flush
+/// (RWF_DSYNC) makes that data durable with the entry, so such a commit needs no flush
+/// of its own before it; replay checks them for the last entry (see [`Journal::recover`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRun {
+    pub start: u64,
+    pub crcs: Vec<u32>,
+}
+
 /// Payload bytes of `item`, lengths included.
 fn item_bytes((batch, side): &Item<'_>) -> usize {
     8 + batch.len() + side.iter().map(|p| p.len()).sum::<usize>()
 }
 
+/// At most the encoded size of `checks` (varints: a block number takes at most 10 bytes,
+/// a crc or a length 5), its length field included.
+fn checks_bytes_bound(checks: &[CheckRun]) -> usize {
+    16 + checks.iter().map(|c| 15 + 5 * c.crcs.len()).sum::<usize>()
+}
+
 /// Encodes one entry holding `items`, in whole blocks: per item, the batch and then the
-/// side data, each after its u32 length.
-fn encode_entry(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> AlignedBuf {
-    let payload_bytes: usize = items.iter().map(item_bytes).sum();
+/// side data, each after its u32 length; then `checks` (a versioned record) after its
+/// length.
+fn encode_entry(
+    journal_id: u64,
+    gen: u64,
+    seq: u64,
+    items: &[Item<'_>],
+    checks: &[CheckRun],
+) -> AlignedBuf {
+    let checks = encode_record(CHECKS_V, &checks);
+    let payload_bytes: usize = items.iter().map(item_bytes).sum::<usize>() + 4 + checks.len();
     let blocks = entry_blocks(payload_bytes) as usize;
     let mut buf = AlignedBuf::zeroed(blocks);
     let mut at = HEADER_AREA;
@@ -255,6 +283,8 @@ fn encode_entry(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> Alig
             at += part.len();
         }
     }
+    buf[at..at + 4].copy_from_slice(&(checks.len() as u32).to_le_bytes());
+    buf[at + 4..at + 4 + checks.len()].copy_from_slice(&checks);
     seal(&mut buf, ENTRY_V, (journal_id, gen, seq), payload_bytes);
     buf
 }
@@ -300,21 +330,20 @@ fn decode_header(block0: &[u8]) -> Option<(EntryHeader, u16)> {
         return None;
     }
     let raw = &block0[10..10 + len];
-    let (h, version): (EntryHeader, u16) = match decode_record(ENTRY_V, raw) {
-        Ok(h) => (h, ENTRY_V),
-        Err(_) => (decode_record(ENTRY_V1, raw).ok()?, ENTRY_V1),
-    };
+    let (h, version): (EntryHeader, u16) = [ENTRY_V, ENTRY_V2, ENTRY_V1]
+        .into_iter()
+        .find_map(|v| decode_record(v, raw).ok().map(|h| (h, v)))?;
     let fits = HEADER_AREA + h.payload_bytes as usize <= h.blocks as usize * BLOCK_SIZE;
     (h.blocks > 0 && fits).then_some((h, version))
 }
 
-/// The (batch, side data) pairs of a whole entry whose header is `h` (of `version`), if
-/// its payload is intact. Version 1 entries have no side data.
-fn decode_payload<'a>(
-    entry: &'a [u8],
-    h: &EntryHeader,
-    version: u16,
-) -> Option<Vec<(&'a [u8], &'a [u8])>> {
+/// A decoded entry's commits, (batch, side data) pairs, and the checks of its unflushed
+/// data.
+type Decoded<'a> = (Vec<(&'a [u8], &'a [u8])>, Vec<CheckRun>);
+
+/// The commits and checks of a whole entry whose header is `h` (of `version`), if its
+/// payload is intact. Version 1 entries have no side data, versions 1 and 2 no checks.
+fn decode_payload<'a>(entry: &'a [u8], h: &EntryHeader, version: u16) -> Option<Decoded<'a>> {
     let payload = entry.get(HEADER_AREA..HEADER_AREA + h.payload_bytes as usize)?;
     if crc32c::crc32c(payload) != h.payload_crc {
         return None;
@@ -327,21 +356,30 @@ fn decode_payload<'a>(
         at += 4 + len;
     }
     if version == ENTRY_V1 {
-        return Some(fields.into_iter().map(|b| (b, &[][..])).collect());
+        return Some((
+            fields.into_iter().map(|b| (b, &[][..])).collect(),
+            Vec::new(),
+        ));
     }
+    let checks = match version {
+        ENTRY_V2 => Vec::new(),
+        _ => decode_record(CHECKS_V, fields.pop()?).ok()?,
+    };
     if fields.len() % 2 != 0 {
         return None;
     }
-    Some(fields.chunks(2).map(|p| (p[0], p[1])).collect())
+    Some((fields.chunks(2).map(|p| (p[0], p[1])).collect(), checks))
 }
 
-/// A batch waiting for the journal, its side data and hold id, and who waits for it.
-type Queued = (
-    WriteBatch,
-    Vec<Bytes>,
-    Option<u64>,
-    oneshot::Sender<Result<(), String>>,
-);
+/// A batch waiting for the journal, its side data, hold id and unflushed data's checks,
+/// and who waits for it.
+struct Queued {
+    batch: WriteBatch,
+    side: Vec<Bytes>,
+    hold: Option<u64>,
+    checks: Vec<CheckRun>,
+    tx: oneshot::Sender<Result<(), String>>,
+}
 
 /// Which entries hold side data not yet released.
 #[derive(Default)]
@@ -514,6 +552,8 @@ impl<D: BlockDevice> Journal<D> {
 pub struct Replayed {
     pub entries: u64,
     pub batches: u64,
+    /// 1 when the last entry was left out: its unflushed data was not on the device.
+    pub dropped: u64,
 }
 
 /// A journal whose entries are applied again, not yet taking commits: the store first
@@ -580,6 +620,7 @@ impl<D: BlockDevice> Journal<D> {
         let mut replayed = Replayed {
             entries: 0,
             batches: 0,
+            dropped: 0,
         };
         let mut sides = Vec::new();
         // From the oldest held entry: its side data and that of every later entry, and
@@ -590,26 +631,50 @@ impl<D: BlockDevice> Journal<D> {
             ..head
         };
         let start = head.data_from;
-        while let Some((at, entry)) = Self::find_next(dev, region, &at_head, start).await? {
-            let (h, v) = decode_header(&entry[..BLOCK_SIZE]).ok_or("journal entry changed")?;
-            let items = decode_payload(&entry, &h, v).ok_or("journal entry changed")?;
-            let in_db = h.seq <= head.seq;
-            for (batch, side) in &items {
+        // The last entry applied; `at_head`, the last found. An entry is applied once the
+        // next is found, or once its unflushed data is checked when it is the last.
+        let mut applied = at_head;
+        let mut found: Option<AlignedBuf> = None;
+        loop {
+            let next = Self::find_next(dev, region, &at_head, start).await?;
+            if let Some(entry) = found.take() {
+                let (h, v) = decode_header(&entry[..BLOCK_SIZE]).ok_or("journal entry changed")?;
+                let (items, checks) =
+                    decode_payload(&entry, &h, v).ok_or("journal entry changed")?;
+                let in_db = h.seq <= head.seq;
+                // A later entry was written only after this one's write, and so its flush,
+                // completed: only the last one's unflushed data can be missing.
+                if next.is_none() && !in_db && !unflushed_data_present(dev, &checks).await? {
+                    tracing::warn!(
+                        entry = h.seq,
+                        commits = items.len(),
+                        "the journal's last entry names data that never reached the device (a crash before its flush: none of its commits was acknowledged); it is not applied"
+                    );
+                    replayed.dropped = 1;
+                    break;
+                }
+                for (batch, side) in &items {
+                    if !in_db {
+                        db.write_opt(WriteBatch::from_data(batch), &no_wal())
+                            .map_err(|e| format!("applying journal entry {}: {e}", h.seq))?;
+                    }
+                    if !side.is_empty() {
+                        sides.push(side.to_vec());
+                    }
+                }
                 if !in_db {
-                    db.write_opt(WriteBatch::from_data(batch), &no_wal())
-                        .map_err(|e| format!("applying journal entry {}: {e}", h.seq))?;
+                    replayed.entries += 1;
+                    replayed.batches += items.len() as u64;
                 }
-                if !side.is_empty() {
-                    sides.push(side.to_vec());
-                }
+                applied = at_head;
             }
-            if !in_db {
-                replayed.entries += 1;
-                replayed.batches += items.len() as u64;
-            }
+            let Some((at, entry)) = next else { break };
+            let (h, _) = decode_header(&entry[..BLOCK_SIZE]).ok_or("journal entry changed")?;
             at_head.seq = h.seq;
             at_head.next = at + u64::from(h.blocks);
+            found = Some(entry);
         }
+        let at_head = applied;
         if at_head.seq < head.seq {
             return Err(format!(
                 "the journal lacks entries {}..={} holding data not yet on its blocks (the journal is damaged)",
@@ -741,7 +806,18 @@ impl<D: BlockDevice> Journal<D> {
     /// Commits `batch` durably: it is in the journal when this returns Ok, and applied to
     /// the memtables (readable).
     pub async fn commit(&self, batch: WriteBatch) -> Result<(), String> {
-        self.commit_with(batch, Vec::new(), None).await
+        self.enqueue(batch, Vec::new(), None, Vec::new()).await
+    }
+
+    /// Commits `batch`, which names the blocks of `checks` whose data was written but not
+    /// flushed: the entry's own flush makes that data durable before this returns, and
+    /// replay keeps the entry only if the data is there (see [`Self::recover`]).
+    pub async fn commit_unflushed(
+        &self,
+        batch: WriteBatch,
+        checks: Vec<CheckRun>,
+    ) -> Result<(), String> {
+        self.enqueue(batch, Vec::new(), None, checks).await
     }
 
     /// Commits `batch` with side data (in parts): both are durable when this returns, and
@@ -753,6 +829,16 @@ impl<D: BlockDevice> Journal<D> {
         side: Vec<Bytes>,
         hold: Option<u64>,
     ) -> Result<(), String> {
+        self.enqueue(batch, side, hold, Vec::new()).await
+    }
+
+    async fn enqueue(
+        &self,
+        batch: WriteBatch,
+        side: Vec<Bytes>,
+        hold: Option<u64>,
+        checks: Vec<CheckRun>,
+    ) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         let lead_now = {
             if let Some(e) = self.inner.holds.failure() {
@@ -762,7 +848,13 @@ impl<D: BlockDevice> Journal<D> {
             if let Some(e) = &st.failed {
                 return Err(e.clone());
             }
-            st.queue.push((batch, side, hold, tx));
+            st.queue.push(Queued {
+                batch,
+                side,
+                hold,
+                checks,
+                tx,
+            });
             !std::mem::replace(&mut st.leading, true)
         };
         if lead_now {
@@ -772,6 +864,33 @@ impl<D: BlockDevice> Journal<D> {
         rx.await
             .map_err(|_| "the journal dropped a commit".to_string())?
     }
+}
+
+/// Blocks read at once when checking unflushed data.
+const CHECK_READ_BLOCKS: usize = 256;
+
+/// Whether every block of `checks` holds the data its crc names (reads in runs).
+async fn unflushed_data_present<D: BlockDevice>(
+    dev: &D,
+    checks: &[CheckRun],
+) -> Result<bool, String> {
+    for run in checks {
+        for (i, crcs) in run.crcs.chunks(CHECK_READ_BLOCKS).enumerate() {
+            let first = run.start + (i * CHECK_READ_BLOCKS) as u64;
+            let data = dev
+                .read(first, crcs.len())
+                .await
+                .map_err(|e| format!("reading blocks {first}.. named by the journal: {e}"))?;
+            let intact = data
+                .chunks(BLOCK_SIZE)
+                .zip(crcs)
+                .all(|(block, crc)| crc32c::crc32c(block) == *crc);
+            if !intact {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, String> {
@@ -790,12 +909,12 @@ fn take_group<D>(inner: &Inner<D>, answers: &mut Vec<Answer>) -> Result<Vec<Queu
     let mut payload = 0;
     let mut n = 0;
     while n < st.queue.len().min(GROUP_MAX_BATCHES) {
-        let (batch, side, _, _) = &st.queue[n];
-        let more = payload + item_bytes(&(batch.data(), side));
+        let q = &st.queue[n];
+        let more = payload + item_bytes(&(q.batch.data(), &q.side)) + checks_bytes_bound(&q.checks);
         if entry_blocks(more) > max_blocks {
             if n == 0 {
                 // Nothing was written: fail only this commit.
-                let (_, _, _, tx) = st.queue.remove(0);
+                let tx = st.queue.remove(0).tx;
                 let why = format!(
                     "a commit of {more} bytes does not fit in one entry of the journal of {} blocks",
                     inner.region.blocks
@@ -850,17 +969,9 @@ fn fail<D>(inner: &Inner<D>, group: Vec<Queued>, why: String, answers: &mut Vec<
     tracing::error!("journal commit failed; the store refuses commits until reopened: {why}");
     if let Ok(mut st) = inner.state.lock() {
         st.failed.get_or_insert_with(|| why.clone());
-        answers.extend(
-            st.queue
-                .drain(..)
-                .map(|(_, _, _, tx)| (tx, Err(why.clone()))),
-        );
+        answers.extend(st.queue.drain(..).map(|q| (q.tx, Err(why.clone()))));
     }
-    answers.extend(
-        group
-            .into_iter()
-            .map(|(_, _, _, tx)| (tx, Err(why.clone()))),
-    );
+    answers.extend(group.into_iter().map(|q| (q.tx, Err(why.clone()))));
 }
 
 /// Writes one entry holding `group`, then applies its batches to the memtables; their
@@ -878,9 +989,10 @@ async fn write_entry<D: BlockDevice>(
     let entry = {
         let items: Vec<Item<'_>> = group
             .iter()
-            .map(|(b, side, _, _)| (b.data(), &side[..]))
+            .map(|q| (q.batch.data(), &q.side[..]))
             .collect();
-        encode_entry(region.id, gen, seq, &items)
+        let checks: Vec<CheckRun> = group.iter().flat_map(|q| q.checks.clone()).collect();
+        encode_entry(region.id, gen, seq, &items, &checks)
     };
     let n = entry.blocks() as u64;
     let at = match reserve(inner, n).await {
@@ -890,7 +1002,7 @@ async fn write_entry<D: BlockDevice>(
     if let Err(e) = inner.dev.write(region.device_block(at), entry).await {
         return fail(inner, group, format!("journal write: {e}"), answers);
     }
-    let ids = group.iter().filter_map(|(_, _, hold, _)| *hold);
+    let ids = group.iter().filter_map(|q| q.hold);
     if let Err(e) = inner.holds.hold(seq, at, ids) {
         return fail(inner, group, e, answers);
     }
@@ -913,12 +1025,12 @@ async fn write_entry<D: BlockDevice>(
         Ok(oldest) => JournalHead::with_holds(gen, seq, at + n, oldest),
         Err(e) => return fail(inner, group, e, answers),
     };
-    if let Some((last, _, _, _)) = group.last_mut() {
-        last.put_cf(cf, inner.head_key, head.encode());
+    if let Some(last) = group.last_mut() {
+        last.batch.put_cf(cf, inner.head_key, head.encode());
     }
     let wo = no_wal();
     let mut group = group.into_iter();
-    while let Some((batch, _, _, tx)) = group.next() {
+    while let Some(Queued { batch, tx, .. }) = group.next() {
         if let Err(e) = inner.db.write_opt(batch, &wo) {
             // The batches before this one are durable and applied: they succeeded.
             answers.push((tx, Err(e.to_string())));
@@ -1093,14 +1205,10 @@ mod tests {
     async fn replay_finds_only_the_next_whole_entry_of_this_generation() {
         let (_tmp, path, _) = crate::test_store_paths(64 * BLOCK_SIZE as u64);
         let dev = FileDevice::open(&path).expect("open");
-        let region = JournalRegion {
-            start: 1,
-            blocks: 12,
-            id: 77,
-        };
+        let region = TEST_REGION;
         let big = vec![9u8; 2 * BLOCK_SIZE];
         let head = |gen, seq, next| JournalHead::with_holds(gen, seq, next, None);
-        let e = |seq, data: &[u8]| encode_entry(77, 5, seq, &[(data, &[][..])]);
+        let e = |seq, data: &[u8]| encode_entry(77, 5, seq, &[(data, &[][..])], &[]);
         let found = |h: JournalHead| {
             let dev = &dev;
             async move {
@@ -1120,7 +1228,7 @@ mod tests {
         assert_eq!(found(head(6, 0, 0)).await, None, "an earlier generation's");
         assert_eq!(found(head(5, 1, 0)).await, None, "not the next sequence");
         // Another store's journal (a reused device): same generation and sequence.
-        dev.write(5, encode_entry(78, 5, 3, &[(b"b", &[][..])]))
+        dev.write(5, encode_entry(78, 5, 3, &[(b"b", &[][..])], &[]))
             .await
             .expect("w");
         assert_eq!(found(head(5, 2, 4)).await, None, "another journal's entry");
@@ -1145,6 +1253,100 @@ mod tests {
         buf
     }
 
+    /// The journal of the tests: blocks 1..13 of the device, id 77.
+    const TEST_REGION: JournalRegion = JournalRegion {
+        start: 1,
+        blocks: 12,
+        id: 77,
+    };
+
+    /// A 64-block device file and a RocksDB with a `meta` column family.
+    fn device_and_db() -> (tempfile::TempDir, FileDevice, DB) {
+        let (tmp, path, db_path) = crate::test_store_paths(64 * BLOCK_SIZE as u64);
+        let dev = FileDevice::open(&path).expect("open");
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf(&opts, &db_path, ["meta"]).expect("db");
+        (tmp, dev, db)
+    }
+
+    /// An entry as version 2 wrote it: (batch, side data) pairs, no checks.
+    fn encode_entry_v2(journal_id: u64, gen: u64, seq: u64, items: &[Item<'_>]) -> AlignedBuf {
+        let payload_bytes: usize = items.iter().map(item_bytes).sum();
+        let mut buf = AlignedBuf::zeroed(entry_blocks(payload_bytes) as usize);
+        let mut at = HEADER_AREA;
+        for (batch, side) in items {
+            let side: Vec<u8> = side.concat();
+            for field in [&batch[..], &side[..]] {
+                buf[at..at + 4].copy_from_slice(&(field.len() as u32).to_le_bytes());
+                buf[at + 4..at + 4 + field.len()].copy_from_slice(field);
+                at += 4 + field.len();
+            }
+        }
+        seal(&mut buf, ENTRY_V2, (journal_id, gen, seq), payload_bytes);
+        buf
+    }
+
+    /// The last entry is applied only if the data it names as unflushed is on the device
+    /// (a crash before its flush may have kept the entry but not the data); an entry
+    /// followed by another is applied without a check: the later one was written only
+    /// after this one's flush.
+    #[tokio::test]
+    async fn the_last_entry_is_applied_only_with_its_unflushed_data() {
+        let (_tmp, dev, db) = device_and_db();
+        let cf = db.cf_handle("meta").expect("cf");
+        let region = TEST_REGION;
+        let head = JournalHead::with_holds(4, 2, 3, None);
+        db.put_cf(cf, b"journal", head.encode()).expect("head");
+        // Data blocks 40..43: what the entries say was written there.
+        let data = AlignedBuf::with_data(3, 0, &[5u8; 3 * BLOCK_SIZE]);
+        let crcs: Vec<u32> = (0..3).map(|i| crc32c::crc32c(data.block(i))).collect();
+        let checks = |start: u64| {
+            vec![CheckRun {
+                start,
+                crcs: crcs.clone(),
+            }]
+        };
+        let put = |k: &[u8]| {
+            let mut b = WriteBatch::default();
+            b.put_cf(cf, k, b"v");
+            b
+        };
+        let (b3, b4) = (put(b"k3"), put(b"k4"));
+        // Entry 3 names blocks 20..23, which never got their data, but entry 4 follows it.
+        let e3 = encode_entry(77, 4, 3, &[(b3.data(), &[][..])], &checks(20));
+        let at4 = 3 + e3.blocks() as u64;
+        dev.write(region.device_block(3), e3).await.expect("w");
+        let e4 = encode_entry(77, 4, 4, &[(b4.data(), &[][..])], &checks(40));
+        let after4 = at4 + e4.blocks() as u64;
+        dev.write(region.device_block(at4), e4).await.expect("w");
+        let recover = || Journal::recover(&dev, &db, region, "meta", b"journal");
+
+        // Entry 4's data is not on the device: entry 3 is applied, entry 4 is not.
+        let got = recover().await.expect("recover");
+        let r = &got.replayed;
+        assert_eq!((r.entries, r.batches, r.dropped), (1, 1, 1));
+        assert_eq!(got.head, JournalHead::with_holds(4, 3, at4, None));
+        assert!(db.get_cf(cf, b"k3").expect("get").is_some());
+        assert!(db.get_cf(cf, b"k4").expect("get").is_none());
+
+        // One block of three is wrong: still not applied.
+        let mut partial = AlignedBuf::with_data(3, 0, &data);
+        partial.block_mut(2).fill(6);
+        dev.write(40, partial).await.expect("w");
+        let got = recover().await.expect("recover");
+        assert_eq!((got.replayed.entries, got.replayed.dropped), (1, 1));
+        assert!(db.get_cf(cf, b"k4").expect("get").is_none());
+
+        // With the data there, both are applied.
+        dev.write(40, data).await.expect("w");
+        let got = recover().await.expect("recover");
+        assert_eq!((got.replayed.entries, got.replayed.dropped), (2, 0));
+        assert_eq!(got.head, JournalHead::with_holds(4, 4, after4, None));
+        assert!(db.get_cf(cf, b"k4").expect("get").is_some());
+    }
+
     /// A journal written before side data existed (a version 1 head, version 1 entries of
     /// batches only) is replayed: its batches are applied and no side data is found.
     #[tokio::test]
@@ -1155,12 +1357,7 @@ mod tests {
             seq: u64,
             next: u64,
         }
-        let (_tmp, path, db_path) = crate::test_store_paths(64 * BLOCK_SIZE as u64);
-        let dev = FileDevice::open(&path).expect("open");
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let db = DB::open_cf(&opts, &db_path, ["meta"]).expect("db");
+        let (_tmp, dev, db) = device_and_db();
         let cf = db.cf_handle("meta").expect("cf");
         let head = V1 {
             gen: 4,
@@ -1169,11 +1366,7 @@ mod tests {
         };
         db.put_cf(cf, b"journal", encode_record(HEAD_V1, &head))
             .expect("head");
-        let region = JournalRegion {
-            start: 1,
-            blocks: 12,
-            id: 77,
-        };
+        let region = TEST_REGION;
         let mut batch = WriteBatch::default();
         batch.put_cf(cf, b"k", b"v");
         let entry = encode_entry_v1(77, 4, 3, batch.data());
@@ -1194,15 +1387,37 @@ mod tests {
         let a = vec![7u8; 5000];
         let b = b"second".to_vec();
         let side = [Bytes::from_static(b"side "), Bytes::from_static(b"data")];
-        let e = encode_entry(9, 3, 42, &[(&a, &side), (&b, &[])]);
+        let checks = vec![
+            CheckRun {
+                start: 1 << 40,
+                crcs: vec![u32::MAX, 0, 7],
+            },
+            CheckRun {
+                start: 5,
+                crcs: vec![1],
+            },
+        ];
+        let e = encode_entry(9, 3, 42, &[(&a, &side), (&b, &[])], &checks);
         assert_eq!(e.blocks(), 2);
         let (h, v) = decode_header(&e[..BLOCK_SIZE]).expect("header");
         assert_eq!(
             (h.journal_id, h.gen, h.seq, h.blocks, v),
             (9, 3, 42, 2, ENTRY_V)
         );
-        let got = decode_payload(&e, &h, v).expect("payload");
+        let (got, got_checks) = decode_payload(&e, &h, v).expect("payload");
         assert_eq!(got, vec![(&a[..], &b"side data"[..]), (&b[..], &[][..])]);
+        assert_eq!(got_checks, checks);
+        assert!(
+            checks_bytes_bound(&checks) >= 4 + encode_record(CHECKS_V, &checks).len(),
+            "the bound take_group counts with"
+        );
+        // A version 2 entry (no checks field) still decodes.
+        let v2 = encode_entry_v2(9, 3, 43, &[(&b[..], &side[..])]);
+        let (h2, v) = decode_header(&v2[..BLOCK_SIZE]).expect("v2 header");
+        assert_eq!(v, ENTRY_V2);
+        let (got, got_checks) = decode_payload(&v2, &h2, v).expect("v2 payload");
+        assert_eq!(got, vec![(&b[..], &b"side data"[..])]);
+        assert!(got_checks.is_empty());
         // A torn entry (second block never written) fails its payload checksum.
         let mut torn = AlignedBuf::with_data(e.blocks(), 0, &e);
         torn.block_mut(1).fill(0);

@@ -33,7 +33,7 @@ use crate::alloc::{Allocator, Extent};
 use crate::blockmap::{self, BlockRef, ChunkCache, MapSpan};
 use crate::cache::GenCache;
 use crate::device::BlockDevice;
-use crate::journal::{Holds, Journal, JournalRegion};
+use crate::journal::{CheckRun, Holds, Journal, JournalRegion};
 use crate::{
     LogOp, ObjError, ObjectId, ObjectStat, ObjectStore, PgCopyState, PgLogEntry, Usage, Version,
     BLOCK_SIZE, MAX_IO_BYTES, MAX_OBJECT_BYTES, PG_LOG_MAX_ENTRIES,
@@ -531,6 +531,23 @@ async fn apply_batch<D: BlockDevice>(dev: Arc<D>, jobs: Vec<ApplyJob>) -> Vec<(A
         }
     }
     jobs.into_iter().zip(ok).collect()
+}
+
+/// The checks of blocks written over `extents`, in order, whose crcs are `crcs`.
+fn check_runs(extents: &[Extent], crcs: &[u32]) -> Vec<CheckRun> {
+    let mut at = 0;
+    extents
+        .iter()
+        .map(|e| {
+            let n = (e.len as usize).min(crcs.len().saturating_sub(at));
+            let run = CheckRun {
+                start: e.start,
+                crcs: crcs[at..at + n].to_vec(),
+            };
+            at += n;
+            run
+        })
+        .collect()
 }
 
 fn meta_err(e: impl std::fmt::Display) -> ObjError {
@@ -1231,6 +1248,26 @@ impl<D: BlockDevice> BlockStore<D> {
             .map_err(meta_err)
     }
 
+    /// Commits `batch`, which names the unflushed blocks of `checks`. With a journal, the
+    /// entry's own flush makes them durable (one device flush per commit instead of two),
+    /// and replay checks them if the entry is the last. Without one, a flush shared with
+    /// concurrent writers comes first: the block map never names data that is not durable.
+    /// Sets `commit_sent` once the commit is sent.
+    async fn commit_written(
+        &self,
+        batch: WriteBatch,
+        checks: Vec<CheckRun>,
+        commit_sent: &mut bool,
+    ) -> Result<(), ObjError> {
+        if let Some(Committer::Journal(j)) = &self.committer {
+            *commit_sent = true;
+            return j.commit_unflushed(batch, checks).await.map_err(meta_err);
+        }
+        self.flush_device().await?;
+        *commit_sent = true;
+        self.commit(batch).await
+    }
+
     /// Writes new contents for logical blocks `b0..` (copy-on-write) and commits the block
     /// map, the object metadata and the PG log entry in one batch. Small writes are
     /// deferred (see [`DEFERRED_MAX_BLOCKS`]): their data rides in the commit, and the
@@ -1291,16 +1328,11 @@ impl<D: BlockDevice> BlockStore<D> {
             self.commit_deferred(batch, okey, b0, device_blocks, contents)
                 .await
         } else {
-            // Unflushed writes, then one flush shared with concurrent writers, then the
-            // commit: the block map never names data that is not durable.
             match self.write_extents(&extents, contents, false).await {
-                Ok(()) => match self.flush_device().await {
-                    Ok(()) => {
-                        commit_sent = true;
-                        self.commit(batch).await
-                    }
-                    Err(e) => Err(e),
-                },
+                Ok(()) => {
+                    let checks = check_runs(&extents, &crcs);
+                    self.commit_written(batch, checks, &mut commit_sent).await
+                }
                 Err(e) => Err(e),
             }
         };
