@@ -323,7 +323,9 @@ const APPLY_BATCH_JOBS: usize = 64;
 const APPLY_MERGE_MAX_BLOCKS: usize = 256;
 /// Deferred writes gathered before they go to the device as one batch: each batch's
 /// completion wakes the runtime, and at QD1 that was one wake-up per write on every OSD.
-const APPLY_GATHER_JOBS: usize = 8;
+/// 32 rather than 8: at QD32, 0.28 fewer device writes per client write (each a doorbell,
+/// a trap to the hypervisor on a VM) and ~4% less daemon CPU per write (2026-12-02).
+const APPLY_GATHER_JOBS: usize = 32;
 /// How long gathered writes wait at most when no more come (their data is served from
 /// memory meanwhile, and stays durable in its record).
 const APPLY_GATHER_MAX_MS: u64 = 10;
