@@ -987,11 +987,14 @@ async fn write_entry<D: BlockDevice>(
         Err(e) => return fail(inner, group, e, answers),
     };
     let entry = {
+        let checks: Vec<CheckRun> = group
+            .iter_mut()
+            .flat_map(|q| std::mem::take(&mut q.checks))
+            .collect();
         let items: Vec<Item<'_>> = group
             .iter()
             .map(|q| (q.batch.data(), &q.side[..]))
             .collect();
-        let checks: Vec<CheckRun> = group.iter().flat_map(|q| q.checks.clone()).collect();
         encode_entry(region.id, gen, seq, &items, &checks)
     };
     let n = entry.blocks() as u64;
