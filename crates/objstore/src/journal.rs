@@ -552,8 +552,8 @@ impl<D: BlockDevice> Journal<D> {
 pub struct Replayed {
     pub entries: u64,
     pub batches: u64,
-    /// 1 when the last entry was left out: its unflushed data was not on the device.
-    pub dropped: u64,
+    /// The last entry was left out: its unflushed data was not on the device.
+    pub dropped_last: bool,
 }
 
 /// A journal whose entries are applied again, not yet taking commits: the store first
@@ -620,7 +620,7 @@ impl<D: BlockDevice> Journal<D> {
         let mut replayed = Replayed {
             entries: 0,
             batches: 0,
-            dropped: 0,
+            dropped_last: false,
         };
         let mut sides = Vec::new();
         // From the oldest held entry: its side data and that of every later entry, and
@@ -650,7 +650,7 @@ impl<D: BlockDevice> Journal<D> {
                         commits = items.len(),
                         "the journal's last entry names data that never reached the device (a crash before its flush: none of its commits was acknowledged); it is not applied"
                     );
-                    replayed.dropped = 1;
+                    replayed.dropped_last = true;
                     break;
                 }
                 for (batch, side) in &items {
@@ -1329,7 +1329,7 @@ mod tests {
         // Entry 4's data is not on the device: entry 3 is applied, entry 4 is not.
         let got = recover().await.expect("recover");
         let r = &got.replayed;
-        assert_eq!((r.entries, r.batches, r.dropped), (1, 1, 1));
+        assert_eq!((r.entries, r.batches, r.dropped_last), (1, 1, true));
         assert_eq!(got.head, JournalHead::with_holds(4, 3, at4, None));
         assert!(db.get_cf(cf, b"k3").expect("get").is_some());
         assert!(db.get_cf(cf, b"k4").expect("get").is_none());
@@ -1339,13 +1339,16 @@ mod tests {
         partial.block_mut(2).fill(6);
         dev.write(40, partial).await.expect("w");
         let got = recover().await.expect("recover");
-        assert_eq!((got.replayed.entries, got.replayed.dropped), (1, 1));
+        assert_eq!((got.replayed.entries, got.replayed.dropped_last), (1, true));
         assert!(db.get_cf(cf, b"k4").expect("get").is_none());
 
         // With the data there, both are applied.
         dev.write(40, data).await.expect("w");
         let got = recover().await.expect("recover");
-        assert_eq!((got.replayed.entries, got.replayed.dropped), (2, 0));
+        assert_eq!(
+            (got.replayed.entries, got.replayed.dropped_last),
+            (2, false)
+        );
         assert_eq!(got.head, JournalHead::with_holds(4, 4, after4, None));
         assert!(db.get_cf(cf, b"k4").expect("get").is_some());
     }

@@ -535,8 +535,13 @@ async fn apply_batch<D: BlockDevice>(dev: Arc<D>, jobs: Vec<ApplyJob>) -> Vec<(A
     jobs.into_iter().zip(ok).collect()
 }
 
-/// The checks of blocks written over `extents`, in order, whose crcs are `crcs`.
+/// The checks of blocks written over `extents`, in order, whose crcs are `crcs` (one per
+/// block of the extents).
 fn check_runs(extents: &[Extent], crcs: &[u32]) -> Vec<CheckRun> {
+    debug_assert_eq!(
+        extents.iter().map(|e| e.len as usize).sum::<usize>(),
+        crcs.len()
+    );
     let mut at = 0;
     extents
         .iter()

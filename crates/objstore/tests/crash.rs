@@ -310,6 +310,14 @@ fn sigkill_rounds(test_name: &str, journal: bool) {
 const LOST_DATA_STEP_ENV: &str = "OBJSTORE_LOST_DATA_STEP";
 const BIG_BLOCKS: usize = 64;
 
+fn big_id() -> ObjectId {
+    ObjectId {
+        pool: 1,
+        pg: 0,
+        name: "big".into(),
+    }
+}
+
 fn big_version(n: u8) -> Bytes {
     Bytes::from(
         (0..BIG_BLOCKS * BLOCK_SIZE)
@@ -324,11 +332,7 @@ fn big_version(n: u8) -> Bytes {
 async fn lost_data_child(dir: PathBuf, step: &str) {
     let dev = UringDevice::open(&dir.join("dev.img")).expect("device");
     let db = dir.join("db");
-    let big = ObjectId {
-        pool: 1,
-        pg: 0,
-        name: "big".into(),
-    };
+    let big = big_id();
     let v = |seq| Version { epoch: 1, seq };
     if step == "first" {
         let store = BlockStore::create_with(dev, &db, FSID, "u", true)
@@ -418,13 +422,8 @@ fn a_large_write_whose_data_was_lost_before_its_flush_is_not_applied() {
             let store = BlockStore::open(dev, &tmp.path().join("db"), FSID)
                 .await
                 .expect("reopen");
-            let big = ObjectId {
-                pool: 1,
-                pg: 0,
-                name: "big".into(),
-            };
             store
-                .read(&big, 0, BIG_BLOCKS * BLOCK_SIZE)
+                .read(&big_id(), 0, BIG_BLOCKS * BLOCK_SIZE)
                 .await
                 .expect("read after the replay")
         });
