@@ -6,7 +6,10 @@ Runs the same fio jobs against three targets on the same disk, in one run:
   qemu-nbd  qemu-nbd serving a raw file with --cache=none --aio=io_uring (the
             unreplicated NBD ceiling);
   file      fio io_uring O_DIRECT on a plain file (the device ceiling);
-plus the disk's fsync latency (4 KiB write + fdatasync, QD1). Each job runs REPEAT times.
+plus the disk's fsync latency (4 KiB write + fdatasync, QD1) and the machine's wake-up
+round trip (two processes passing a byte over pipes, on two CPUs and on one): on a VM the
+latter varies several-fold between machines of one kind, and every hop of a write between
+our daemons pays it. Each job runs REPEAT times.
 Prints a table (IOPS, MB/s, mean and p99 latency, store/qemu-nbd ratio, daemon CPU per I/O,
 in all and per daemon) and writes the same as JSON.
 
@@ -29,6 +32,7 @@ JOBS = [
     ("1M read QD8", "read", "1M", 8),
 ]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ALL_CPUS = os.sched_getaffinity(0)
 
 
 def cpu_seconds(pids):
@@ -95,6 +99,42 @@ def fsync_latency(path, runtime):
             "write_mean_us": write_us, "sync_mean_us": sync_us}
 
 
+def wake_round_trip_us(cpus, rounds=20000):
+    """Mean round trip, in µs, of one byte passed back and forth between two processes over
+    pipes, the parent pinned to cpus[0] and the child to cpus[-1] (the same CPU if one)."""
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.sched_setaffinity(0, {cpus[-1]})
+            for _ in range(rounds):
+                os.read(a_r, 1)
+                os.write(b_w, b"x")
+        finally:
+            os._exit(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        os.write(a_w, b"x")
+        os.read(b_r, 1)
+    elapsed = time.perf_counter() - t0
+    os.waitpid(pid, 0)
+    os.sched_setaffinity(0, ALL_CPUS)
+    for fd in (a_r, a_w, b_r, b_w):
+        os.close(fd)
+    return elapsed * 1e6 / rounds
+
+
+def machine_figures():
+    """What this machine's wake-ups cost: the round trip across two CPUs and on one."""
+    cpus = sorted(ALL_CPUS)
+    out = {"cpus": len(cpus), "wake_rtt_one_cpu_us": wake_round_trip_us(cpus[:1])}
+    if len(cpus) > 1:
+        out["wake_rtt_cross_cpu_us"] = wake_round_trip_us(cpus[:2])
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--store-uri", required=True)
@@ -125,6 +165,11 @@ def main():
     fsync = fsync_latency(args.file, args.runtime)
     print("disk fsync latency (4 KiB write + fdatasync, QD1): %.0f us (write %.0f + fdatasync %.0f)"
           % (fsync["mean_us"], fsync["write_mean_us"], fsync["sync_mean_us"]), flush=True)
+
+    machine = machine_figures()
+    print("wake-up round trip (pipes, two processes): %s us across two CPUs, %.1f us on one"
+          % ("%.1f" % machine["wake_rtt_cross_cpu_us"] if "wake_rtt_cross_cpu_us" in machine
+             else "-", machine["wake_rtt_one_cpu_us"]), flush=True)
 
     results = []
     for name, rw, bs, depth in jobs:
@@ -162,7 +207,7 @@ def main():
                     if s else "")
             print("%-18s %-5d %s %s %s %s %s" % (name, run, iops(s), iops(q), iops(f), ratio, ours))
     with open(args.json, "w") as out:
-        json.dump({"fsync": fsync, "results": results, "runtime_s": args.runtime,
+        json.dump({"fsync": fsync, "machine": machine, "results": results, "runtime_s": args.runtime,
                    "size_bytes": args.size}, out, indent=1)
     print("\nJSON: " + args.json)
 
