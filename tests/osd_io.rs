@@ -94,11 +94,8 @@ fn damaged_copies_are_repaired_from_replicas_and_never_returned() {
         .block_on(cl.read(pool.id, "victim", 0, data.len() as u32))
         .expect("read");
     assert_eq!(got, data, "a damaged copy must never be returned");
-    let log = std::fs::read_to_string(c.log_path(&TestCluster::osd_name(dev))).expect("log");
-    assert!(
-        log.contains("repaired a damaged local copy"),
-        "the repair is logged"
-    );
+    // The repair is logged.
+    c.wait_log(&TestCluster::osd_name(dev), "repaired a damaged local copy");
     // The repaired copy reads clean, and health stays OK once repaired.
     assert_eq!(
         rt.block_on(cl.read(pool.id, "victim", 0, data.len() as u32))
@@ -177,11 +174,8 @@ fn garbage_on_the_osd_port_closes_only_that_connection() {
     let pool = cl.pool("p").expect("pool");
     rt.block_on(cl.write(pool.id, "still-works", 0, Bytes::from_static(b"yes")))
         .expect("the OSD keeps serving");
-    let log = std::fs::read_to_string(c.log_path(&TestCluster::osd_name(0))).expect("log");
-    assert!(
-        log.contains("closing connection"),
-        "malformed input is logged"
-    );
+    // Malformed input is logged.
+    c.wait_log(&TestCluster::osd_name(0), "closing connection");
     c.check_logs();
 }
 

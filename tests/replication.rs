@@ -322,11 +322,8 @@ fn a_returning_osd_serves_correct_data_while_it_catches_up() {
         "FIGURE returning OSD recovered and all reads correct {:?} after restart",
         t0.elapsed()
     );
-    let log = std::fs::read_to_string(c.log_path(&TestCluster::osd_name(0))).expect("log");
-    assert!(
-        log.contains("recovery planned"),
-        "the returning OSD's PGs planned no recovery"
-    );
+    // The returning OSD's PGs planned recovery.
+    c.wait_log(&TestCluster::osd_name(0), "recovery planned");
     wait_for(Duration::from_secs(60), "HEALTH_OK", || {
         (c.try_status()?["health"]["status"] == "HEALTH_OK").then_some(())
     });
