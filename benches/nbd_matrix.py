@@ -6,7 +6,8 @@ Runs the same fio jobs against three targets on the same disk, in one run:
   qemu-nbd  qemu-nbd serving a raw file with --cache=none --aio=io_uring (the
             unreplicated NBD ceiling);
   file      fio io_uring O_DIRECT on a plain file (the device ceiling);
-plus the disk's fsync latency (4 KiB write + fdatasync, QD1) and the machine's wake-up
+plus the disk's fsync latency (4 KiB write + fdatasync, QD1), its bandwidth for durable
+1 MiB writes in three streams (the most a three-copy store can write here) and the machine's wake-up
 round trip (two processes passing a byte over pipes, on two CPUs and on one): on a VM the
 latter varies several-fold between machines of one kind, and every hop of a write between
 our daemons pays it. Each job runs REPEAT times; before each read job every target is read
@@ -114,6 +115,31 @@ def fsync_latency(path, runtime):
             "write_mean_us": write_us, "sync_mean_us": sync_us}
 
 
+def durable_write_ceiling(path, runtime):
+    """The disk's bandwidth for 1 MiB writes each made durable (fdatasync after every write,
+    QD8), in three streams at once as three OSDs write: what a three-copy store that flushes
+    before it acknowledges can write at most, per copy. The baselines never flush (fio does
+    not ask them to), so where the host caches the disk's writes their 1 MiB writes can run
+    several times faster than any durable store on the same disk."""
+    directory = os.path.dirname(os.path.abspath(path))
+    cmd = ["fio", "--name=durable-ceiling", "--directory=" + directory, "--numjobs=3",
+           "--rw=randwrite", "--bs=1M", "--iodepth=8", "--ioengine=io_uring", "--direct=1",
+           "--fdatasync=1", "--size=1G", "--time_based", "--runtime=%d" % runtime,
+           "--group_reporting", "--output-format=json"]
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    finally:
+        for i in range(3):
+            try:
+                os.unlink(os.path.join(directory, "durable-ceiling.%d.0" % i))
+            except FileNotFoundError:
+                pass
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    total = job["write"]["bw_bytes"] / 1e6
+    return {"total_mb_s": total, "per_stream_mb_s": total / 3,
+            "sync_mean_us": job["sync"]["lat_ns"]["mean"] / 1e3}
+
+
 def wake_round_trip_us(cpus, rounds=20000):
     """Mean round trip, in µs, of one byte passed back and forth between two processes over
     pipes, the parent pinned to cpus[0] and the child to cpus[-1] (the same CPU if one)."""
@@ -196,6 +222,11 @@ def main():
     print("disk fsync latency (4 KiB write + fdatasync, QD1): %.0f us (write %.0f + fdatasync %.0f)"
           % (fsync["mean_us"], fsync["write_mean_us"], fsync["sync_mean_us"]), flush=True)
 
+    durable = durable_write_ceiling(args.file, args.runtime)
+    print("disk durable 1 MiB writes (fdatasync each, QD8, three streams): %.0f MB/s, %.0f MB/s"
+          " per stream, fdatasync %.1f ms" % (durable["total_mb_s"], durable["per_stream_mb_s"],
+                                              durable["sync_mean_us"] / 1e3), flush=True)
+
     machine = machine_figures()
     print("wake-up round trip (pipes, two processes): %s us across two CPUs, %.1f us on one"
           % ("%.1f" % machine["wake_rtt_cross_cpu_us"] if "wake_rtt_cross_cpu_us" in machine
@@ -244,7 +275,7 @@ def main():
                     if s else "")
             print("%-18s %-5d %s %s %s %s %s" % (name, run, iops(s), iops(q), iops(f), ratio, ours))
     with open(args.json, "w") as out:
-        json.dump({"fsync": fsync, "machine": machine, "results": results, "runtime_s": args.runtime,
+        json.dump({"fsync": fsync, "durable_1m_write": durable, "machine": machine, "results": results, "runtime_s": args.runtime,
                    "size_bytes": args.size}, out, indent=1)
     print("\nJSON: " + args.json)
 
