@@ -275,8 +275,9 @@ def main():
                     if s else "")
             print("%-18s %-5d %s %s %s %s %s" % (name, run, iops(s), iops(q), iops(f), ratio, ours))
     with open(args.json, "w") as out:
-        json.dump({"fsync": fsync, "durable_1m_write": durable, "machine": machine, "results": results, "runtime_s": args.runtime,
-                   "size_bytes": args.size}, out, indent=1)
+        json.dump({"fsync": fsync, "durable_1m_write": durable, "machine": machine,
+                   "results": results, "runtime_s": args.runtime, "size_bytes": args.size},
+                  out, indent=1)
     print("\nJSON: " + args.json)
 
 

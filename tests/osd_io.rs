@@ -86,7 +86,7 @@ fn damaged_copies_are_repaired_from_replicas_and_never_returned() {
         .primary
         .expect("primary");
     let dev = (0..3)
-        .find(|i| c.osd_id(*i) == Some(primary))
+        .find(|i| c.osd_id(*i) == primary)
         .expect("the primary's device");
     let device = c.dir.path().join(TestCluster::osd_name(dev)).join("block");
     assert_eq!(damage(&device, marker), 1);

@@ -80,7 +80,7 @@ fn a_new_osd_is_filled_while_the_old_ones_serve_and_strays_are_removed() {
         .collect();
     assert_eq!(checks, vec!["OSDMAP_FLAGS"], "{s}");
     let map = c.map();
-    let new_osd = c.osd_id(3).expect("new osd id");
+    let new_osd = c.osd_id(3);
     let temp: usize = map.pg_temp.values().map(|p| p.len()).sum();
     assert!(temp > 0 && temp as u64 == s["pgmap"]["pgs_remapped"].as_u64().unwrap_or(0));
     for entries in map.pg_temp.values() {
@@ -230,7 +230,7 @@ fn a_pg_whose_last_active_osds_are_down_waits_for_them_or_for_osd_lost() {
             .collect()
     };
     let (a, b) = (TestCluster::osd_name(0), TestCluster::osd_name(1));
-    let id_a = c.osd_id(0).expect("id");
+    let id_a = c.osd_id(0);
     let up = |c: &TestCluster, n: u64| {
         wait_for(Duration::from_secs(30), "OSDs up", || {
             (c.try_status()?["osdmap"]["num_up_osds"] == n).then_some(())

@@ -250,9 +250,7 @@ fn client_io_goes_on_while_recovery_is_held_and_touched_objects_are_recovered_fi
     let primary = store_placement::map_pg(&map, &pool, object_to_pg(&pool, "x"))
         .primary
         .expect("primary");
-    let victim = (0..3)
-        .find(|i| c.osd_id(*i) != Some(primary))
-        .expect("a replica");
+    let victim = (0..3).find(|i| c.osd_id(*i) != primary).expect("a replica");
     let mut model: BTreeMap<String, Bytes> = BTreeMap::new();
     let write = |model: &mut BTreeMap<String, Bytes>, objects: std::ops::Range<u64>, round| {
         rt.block_on(async {
@@ -352,7 +350,7 @@ fn short_outages_recover_from_the_log_and_long_ones_are_backfilled() {
     let primary = store_placement::map_pg(&map, &pool, object_to_pg(&pool, "x"))
         .primary
         .expect("primary");
-    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == Some(id)).expect("daemon");
+    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == id).expect("daemon");
     let primary_daemon = daemon(primary);
     let victim = (0..3).find(|i| *i != primary_daemon).expect("a replica");
     let mut model: BTreeMap<String, Bytes> = BTreeMap::new();
@@ -440,7 +438,7 @@ fn a_divergent_replica_converges_with_the_others() {
     let map = c.map();
     let pgid = object_to_pg(&pool, name);
     let up = store_placement::map_pg(&map, &pool, pgid).up;
-    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == Some(id)).expect("daemon");
+    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == id).expect("daemon");
     let (p, r2) = (daemon(up[0]), daemon(up[2]));
     c.ctl_ok(&["osd", "set", "noout"]);
     c.kill(&TestCluster::osd_name(r2));

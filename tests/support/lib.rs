@@ -327,18 +327,18 @@ impl TestCluster {
         ]
     }
 
-    /// Waits up to 10 s for daemon `name` to log a line containing `pattern`, and
-    /// returns its log. A daemon logs an action after its effect can be seen
-    /// (an object removed, a reply sent), so a test that saw the effect must not
-    /// expect the line at that same instant.
-    pub fn wait_log(&self, name: &str, pattern: &str) -> String {
+    /// Waits up to 10 s for daemon `name` to log a line containing `pattern`. A
+    /// daemon logs an action after its effect can be seen (an object removed, a
+    /// reply sent), so a test that saw the effect must not expect the line at that
+    /// same instant.
+    pub fn wait_log(&self, name: &str, pattern: &str) {
         let path = self.log_path(name);
         wait_for(
             Duration::from_secs(10),
             &format!("{name} to log {pattern:?}"),
             || {
                 let log = std::fs::read_to_string(&path).ok()?;
-                log.contains(pattern).then_some(log)
+                log.contains(pattern).then_some(())
             },
         )
     }
@@ -346,15 +346,12 @@ impl TestCluster {
     /// The OSD id that daemon `osd-devN` booted as (from its log). The monitor
     /// marks an OSD up before the daemon logs its boot, so a status that counts
     /// it does not mean the line is written yet: wait for it up to 30 s.
-    pub fn osd_id(&self, i: usize) -> Option<u32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let id = self.logged_osd_id(i);
-            if id.is_some() || Instant::now() >= deadline {
-                return id;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn osd_id(&self, i: usize) -> u32 {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{} to log its OSD id", Self::osd_name(i)),
+            || self.logged_osd_id(i),
+        )
     }
 
     fn logged_osd_id(&self, i: usize) -> Option<u32> {
