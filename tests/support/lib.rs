@@ -273,7 +273,7 @@ impl TestCluster {
             .arg("--conf")
             .arg(self.conf())
             .args(args)
-            .env("STORE_LOG", "info,openraft=off")
+            .env("STORE_LOG", "info,openraft=warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -363,6 +363,35 @@ impl TestCluster {
             .next()?
             .parse()
             .ok()
+    }
+
+    /// Waits up to `timeout` for a daemon to exit by itself; returns how it ended (None
+    /// if it still runs). An exited daemon is forgotten (not killed at the end).
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            let child = self.children.get_mut(name)?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.children.remove(name);
+                return Some(status);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether a daemon's log holds a line containing `pattern` now.
+    pub fn log_has(&self, name: &str, pattern: &str) -> bool {
+        std::fs::read_to_string(self.log_path(name))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(pattern))
     }
 
     pub fn pid(&self, name: &str) -> Option<u32> {

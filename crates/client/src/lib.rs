@@ -8,6 +8,7 @@ pub mod conn;
 pub mod lowat;
 pub mod mon;
 pub mod objects;
+pub mod optrack;
 pub mod server;
 
 pub use conn::RpcConn;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
+use store_client::optrack::OpTracker;
 use store_client::{MonFanout, ObjectClient};
 use store_types::map::{image_lock_key, session_name, SessionId};
 use store_types::msg::{MonRequest, SessionInfo};
@@ -28,7 +29,7 @@ use store_types::osdmsg::Mutation;
 use store_types::wire::{decode_record, encode_record};
 use store_types::{ErrorCode, StoreError};
 use tokio::sync::Notify;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::lock::{LockHandle, LockIdentity};
 
@@ -44,12 +45,27 @@ pub struct ImageContext {
     lock_wait: Duration,
     sessions: Mutex<HashMap<SessionId, SessionInfo>>,
     report_now: Notify,
+    /// The process's operations in hand (a gateway's NBD requests), reported with the
+    /// sessions so the monitors raise SLOW_OPS for blocked ones.
+    ops: Arc<OpTracker>,
 }
 
 impl ImageContext {
     /// `desc` names this process to operators (e.g. `gateway 127.0.0.1:10809 on node1`);
     /// `lock_wait` bounds how long a write waits for the image lock.
     pub fn new(client: Arc<ObjectClient>, desc: String, lock_wait: Duration) -> Arc<Self> {
+        let complaint = store_client::optrack::DEFAULT_COMPLAINT;
+        Self::with_complaint(client, desc, lock_wait, complaint)
+    }
+
+    /// As [`ImageContext::new`], with operations in hand longer than `complaint` reported
+    /// as slow (`osd_op_complaint_time`).
+    pub fn with_complaint(
+        client: Arc<ObjectClient>,
+        desc: String,
+        lock_wait: Duration,
+        complaint: Duration,
+    ) -> Arc<Self> {
         let ctx = Arc::new(ImageContext {
             client,
             desc,
@@ -57,6 +73,7 @@ impl ImageContext {
             lock_wait,
             sessions: Mutex::new(HashMap::new()),
             report_now: Notify::new(),
+            ops: OpTracker::new(complaint),
         });
         tokio::spawn(report_sessions(Arc::downgrade(&ctx)));
         ctx
@@ -64,6 +81,15 @@ impl ImageContext {
 
     pub fn client(&self) -> &Arc<ObjectClient> {
         &self.client
+    }
+
+    pub fn desc(&self) -> &str {
+        &self.desc
+    }
+
+    /// Where this process registers the operations it serves (for SLOW_OPS).
+    pub fn ops(&self) -> &Arc<OpTracker> {
+        &self.ops
     }
 
     fn register(&self, info: SessionInfo) {
@@ -100,9 +126,15 @@ async fn report_sessions(ctx: Weak<ImageContext>) {
             .collect();
         if !sessions.is_empty() {
             let map = c.client.map();
-            fanout
-                .send_all(Some(&map), &MonRequest::ClientHeartbeat { sessions })
-                .await;
+            let slow_ops = c.ops.slow_ops();
+            if slow_ops.count > 0 {
+                warn!(
+                    "{}: {} slow ops, oldest {} in hand for {} ms",
+                    c.desc, slow_ops.count, slow_ops.oldest, slow_ops.oldest_age_ms
+                );
+            }
+            let req = MonRequest::ClientHeartbeat { sessions, slow_ops };
+            fanout.send_all(Some(&map), &req).await;
         }
         let _ = tokio::time::timeout(SESSION_HEARTBEAT, c.report_now.notified()).await;
     }
@@ -110,6 +142,11 @@ async fn report_sessions(ctx: Weak<ImageContext>) {
 
 /// Default object size: 4 MiB, as in RBD.
 pub const DEFAULT_OBJECT_SIZE: u64 = 4 << 20;
+
+/// The shared source of written zeros (static: it costs no allocation per request).
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+/// Zero-writes of up to 1 MiB each in flight at once for one WRITE_ZEROES.
+pub const ZERO_WRITES_IN_FLIGHT: usize = 8;
 const HEADER_PREFIX: &str = "img_header.";
 const HEADER_V: u16 = 1;
 /// Largest image: 1 PiB.
@@ -313,6 +350,11 @@ impl Image {
             .collect())
     }
 
+    /// The process's op tracker (the gateway registers each NBD request in it).
+    pub fn ops(&self) -> &Arc<OpTracker> {
+        self.ctx.ops()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -479,6 +521,34 @@ impl Image {
             })
             .collect();
         self.mutate_locked(ops).await
+    }
+
+    /// Writes allocated zeros over `offset..offset+len` (NBD's WRITE_ZEROES with NO_HOLE)
+    /// without allocating the length: every piece is a slice of one shared zero buffer,
+    /// and at most [`ZERO_WRITES_IN_FLIGHT`] pieces are in flight at once, so a 4 GiB
+    /// request holds no more memory, here or at the OSDs, than a few MiB of writes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let mut ops = Vec::new();
+        for e in self.extents(offset, len)? {
+            let mut at = 0;
+            while at < e.len {
+                let n = (e.len - at).min(ZEROS.len() as u64);
+                ops.push((
+                    self.data_object(e.object_no),
+                    Mutation::Write {
+                        offset: e.offset_in_object + at,
+                        data: Bytes::from_static(&ZEROS[..n as usize]).into(),
+                    },
+                ));
+                at += n;
+            }
+        }
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let batch: Vec<_> = ops.by_ref().take(ZERO_WRITES_IN_FLIGHT).collect();
+            self.mutate_locked(batch).await?;
+        }
+        Ok(())
     }
 
     /// Discards (zeroes) a range: whole objects are removed, parts are zeroed, and every

@@ -404,8 +404,9 @@ impl<C: Consensus> MonitorCore<C> {
                 stat,
                 busy_pgs,
                 pgs_epoch,
+                slow_ops: _,
             } => self.heartbeat(id, &uuid, stat, (pgs_epoch, busy_pgs)),
-            MonRequest::ClientHeartbeat { sessions } => {
+            MonRequest::ClientHeartbeat { sessions, .. } => {
                 if sessions.len() > MAX_SESSIONS_PER_REPORT {
                     Err(StoreError::invalid("too many sessions in one report"))
                 } else {

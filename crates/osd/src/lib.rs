@@ -58,6 +58,9 @@ pub struct OsdSettings {
     pub heartbeat_interval: Duration,
     pub pg_limits: pg::PgLimits,
     pub recovery: service::RecoveryLimits,
+    /// Client operations in hand longer than this are reported as slow (SLOW_OPS;
+    /// Ceph's `osd_op_complaint_time`).
+    pub op_complaint: Duration,
 }
 
 /// Reads or creates the identity record. An empty or missing dir is initialised; a dir with
@@ -215,6 +218,7 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
         settings.pg_limits,
         settings.recovery,
         announcer,
+        store_client::optrack::OpTracker::new(settings.op_complaint),
     );
     tokio::spawn(service.clone().serve(listener));
     tokio::spawn(service.clone().housekeeping());
@@ -325,12 +329,20 @@ async fn heartbeat_loop(
             }
         }
         let (pgs_epoch, busy_pgs) = service.busy_pgs();
+        let slow_ops = service.slow_ops();
+        if slow_ops.count > 0 {
+            warn!(
+                "{} slow ops, oldest one blocked for {} ms: {}",
+                slow_ops.count, slow_ops.oldest_age_ms, slow_ops.oldest
+            );
+        }
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
             stat: stat_of(&store, service.repaired(), service.recovered()),
             busy_pgs,
             pgs_epoch,
+            slow_ops,
         };
         let map = maps.borrow().clone();
         fanout.send_all(map.as_deref(), &req).await;

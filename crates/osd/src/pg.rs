@@ -68,6 +68,12 @@ pub enum PgError {
         waiting_for: Vec<OsdId>,
         waited_ms: u64,
     },
+    /// The PG is active, but the operation was not done within the op timeout: it waited
+    /// for what `waiting_for` says. Never acknowledged; the client may resend it.
+    Blocked { waiting_for: String, waited_ms: u64 },
+    /// The object the operation needs could not be recovered: an OSD refused it (e.g. its
+    /// device is full). Background recovery keeps trying; the operation fails now.
+    RecoveryFailed { object: String, error: StoreError },
 }
 
 impl std::fmt::Display for PgError {
@@ -104,8 +110,32 @@ impl std::fmt::Display for PgError {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            PgError::Blocked {
+                waiting_for,
+                waited_ms,
+            } => write!(
+                f,
+                "operation not done after {waited_ms} ms: waited for {waiting_for}"
+            ),
+            PgError::RecoveryFailed { object, error } => {
+                write!(f, "cannot recover {object} first: {error}")
+            }
         }
     }
+}
+
+/// Why the recovery of an object failed: what the engine does next depends on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecoveryFailure {
+    /// A passing fault (a peer unreachable, a round that ended): retried on a tick.
+    Transient,
+    /// A copy is not at the version the plan says: the plan is stale (a mutation of an
+    /// earlier interval landed after the heads and listings were read). Retrying the same
+    /// plan can never succeed, so the PG peers again, which plans from what is there now.
+    StalePlan,
+    /// An OSD refused the object (e.g. its device is full): the operations waiting for
+    /// it fail at once with this error, and background recovery keeps retrying.
+    Refused(StoreError),
 }
 
 /// What one OSD's copy of an object needs to equal the authoritative copy.
@@ -217,10 +247,11 @@ pub enum Event<P> {
         object: String,
         interval: u64,
     },
-    /// Recovery of an object failed; retried on a tick.
+    /// Recovery of an object failed; what happens next depends on `cause`.
     ObjectFailed {
         object: String,
         interval: u64,
+        cause: RecoveryFailure,
     },
     /// OSD `to` is marked complete again.
     Completed {
@@ -435,6 +466,9 @@ struct InFlight<P> {
     m: Mutation<P>,
     pending: BTreeSet<OsdId>,
     acting: usize,
+    /// The client was already answered (it timed out): it stays in flight only so the
+    /// object's gate and the versions stay right, and is never acknowledged.
+    answered: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -748,11 +782,13 @@ impl<P: Clone> PgPrimary<P> {
                 mode,
             } => self.on_planned(to, interval, fixes, mode, &mut out),
             Event::ObjectRecovered { object, interval } => {
-                self.on_object_done(&object, interval, true, &mut out)
+                self.on_object_done(&object, interval, None, &mut out)
             }
-            Event::ObjectFailed { object, interval } => {
-                self.on_object_done(&object, interval, false, &mut out)
-            }
+            Event::ObjectFailed {
+                object,
+                interval,
+                cause,
+            } => self.on_object_done(&object, interval, Some(cause), &mut out),
             Event::Completed { to, interval } => self.on_completed(to, interval, &mut out),
             Event::Granted { interval } => self.on_granted(interval, &mut out),
             Event::PeerFailed { osd, interval } => self.on_peer_failed(osd, interval),
@@ -870,8 +906,11 @@ impl<P: Clone> PgPrimary<P> {
     /// with new versions, once the PG is active again. Recoveries of the old round are
     /// forgotten (their results are ignored).
     fn requeue_unacknowledged(&mut self) {
+        // Mutations already answered (timed out) are not re-driven: the client has its
+        // error and resends if it still wants the write.
         let mut queue: VecDeque<Queued<P>> = std::mem::take(&mut self.in_flight)
             .into_values()
+            .filter(|f| !f.answered)
             .map(|f| Queued::Mutate(f.m))
             .collect();
         for gate in self.objects.values_mut() {
@@ -1288,8 +1327,13 @@ impl<P: Clone> PgPrimary<P> {
         self.objects.entry(m.object.clone()).or_default().writers += 1;
         let pending = acting.iter().copied().collect();
         let acting = acting.len();
-        self.in_flight
-            .insert(version, InFlight { m, pending, acting });
+        let f = InFlight {
+            m,
+            pending,
+            acting,
+            answered: false,
+        };
+        self.in_flight.insert(version, f);
     }
 
     fn on_read_done(&mut self, op: OpId, out: &mut Vec<Command<P>>) {
@@ -1319,10 +1363,12 @@ impl<P: Clone> PgPrimary<P> {
             "acknowledging {version:?} with {} copies, below min_size {min_size}",
             f.acting
         );
-        out.push(Command::Acked {
-            op: f.m.op,
-            version,
-        });
+        if !f.answered {
+            out.push(Command::Acked {
+                op: f.m.op,
+                version,
+            });
+        }
         if let Some(g) = self.objects.get_mut(&f.m.object) {
             g.writers = g.writers.saturating_sub(1);
         }
@@ -1390,11 +1436,12 @@ impl<P: Clone> PgPrimary<P> {
         self.objects.entry(object).or_default().recovering = true;
     }
 
+    /// A recovery ended: `failure` is None when every OSD of it now holds the object.
     fn on_object_done(
         &mut self,
         object: &str,
         interval: u64,
-        recovered: bool,
+        failure: Option<RecoveryFailure>,
         out: &mut Vec<Command<P>>,
     ) {
         let State::Active { round, rec, .. } = &mut self.state else {
@@ -1406,23 +1453,58 @@ impl<P: Clone> PgPrimary<P> {
         if rec.grant == Grant::Held(object.to_string()) {
             rec.grant = Grant::Idle;
         }
-        if recovered {
-            rec.urgent.remove(object);
-            for osd in rec.missing.remove(object).unwrap_or_default().into_keys() {
-                if let Some(n) = rec.left.get_mut(&osd) {
-                    *n = n.saturating_sub(1);
+        match &failure {
+            None => {
+                rec.urgent.remove(object);
+                for osd in rec.missing.remove(object).unwrap_or_default().into_keys() {
+                    if let Some(n) = rec.left.get_mut(&osd) {
+                        *n = n.saturating_sub(1);
+                    }
                 }
             }
-        } else {
-            rec.failed.insert(object.to_string());
+            Some(_) => {
+                rec.failed.insert(object.to_string());
+            }
         }
         if let Some(g) = self.objects.get_mut(object) {
             g.recovering = false;
         }
-        if recovered {
-            self.drain_gate(object, out);
-        } else {
-            self.pump(out);
+        match failure {
+            None => self.drain_gate(object, out),
+            Some(RecoveryFailure::Transient) => self.pump(out),
+            Some(RecoveryFailure::StalePlan) => self.repeer(out),
+            Some(RecoveryFailure::Refused(error)) => {
+                let object = object.to_string();
+                self.reject_gated(&object, out, |_| PgError::RecoveryFailed {
+                    object: object.clone(),
+                    error: error.clone(),
+                });
+                self.pump(out);
+            }
+        }
+    }
+
+    /// Rejects the operations waiting at `object`'s gate, with the error `why` gives for
+    /// each one's wait in ms.
+    fn reject_gated(
+        &mut self,
+        object: &str,
+        out: &mut Vec<Command<P>>,
+        why: impl Fn(u64) -> PgError,
+    ) {
+        let Some(g) = self.objects.get_mut(object) else {
+            return;
+        };
+        let now_ms = self.now_ms;
+        for q in g.waiting.drain(..) {
+            self.gated -= 1;
+            out.push(Command::Reject {
+                op: q.op(),
+                error: why(now_ms.saturating_sub(q.arrived_ms())),
+            });
+        }
+        if g.idle() {
+            self.objects.remove(object);
         }
     }
 
@@ -1545,6 +1627,7 @@ impl<P: Clone> PgPrimary<P> {
                     .into_iter()
                     .filter(|o| rec.urgent.contains(o))
                     .collect();
+                self.expire_active(now_ms, out);
                 for object in urgent {
                     self.start_urgent(&object, out);
                 }
@@ -1554,13 +1637,81 @@ impl<P: Clone> PgPrimary<P> {
         }
     }
 
+    /// While active, no operation waits past the op timeout: gated operations are
+    /// rejected and dropped from their gate; in-flight mutations are answered (never
+    /// acknowledged) but stay in flight until their copies answer, so the object's
+    /// exclusion and the versions stay right. Each error says what the op waited for.
+    fn expire_active(&mut self, now_ms: u64, out: &mut Vec<Command<P>>) {
+        let timeout = self.limits.op_timeout_ms;
+        let late = |arrived_ms: u64| now_ms.saturating_sub(arrived_ms) >= timeout;
+        for f in self.in_flight.values_mut() {
+            if f.answered || !late(f.m.arrived_ms) {
+                continue;
+            }
+            f.answered = true;
+            let osds: Vec<String> = f.pending.iter().map(|o| format!("osd.{o}")).collect();
+            out.push(Command::Reject {
+                op: f.m.op,
+                error: PgError::Blocked {
+                    waiting_for: format!("{} to make {} durable", osds.join(", "), f.m.object),
+                    waited_ms: now_ms.saturating_sub(f.m.arrived_ms),
+                },
+            });
+        }
+        let blocked: Vec<String> = self
+            .objects
+            .iter()
+            .filter(|(_, g)| g.waiting.iter().any(|q| late(q.arrived_ms())))
+            .map(|(o, _)| o.clone())
+            .collect();
+        for object in blocked {
+            let waiting_for = self.gate_blocker(&object);
+            let g = self.objects.get_mut(&object).expect("listed above");
+            let (expired, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut g.waiting)
+                .into_iter()
+                .partition(|q| late(q.arrived_ms()));
+            g.waiting = keep;
+            self.gated -= expired.len();
+            for q in expired {
+                out.push(Command::Reject {
+                    op: q.op(),
+                    error: PgError::Blocked {
+                        waiting_for: waiting_for.clone(),
+                        waited_ms: now_ms.saturating_sub(q.arrived_ms()),
+                    },
+                });
+            }
+            self.drain_gate(&object, out);
+        }
+    }
+
+    /// What the operations at `object`'s gate wait for, as an error names it.
+    fn gate_blocker(&self, object: &str) -> String {
+        let missing = match &self.state {
+            State::Active { rec, .. } => rec.missing.get(object),
+            _ => None,
+        };
+        let g = self.objects.get(object);
+        match (missing, g) {
+            (Some(m), _) => {
+                let osds: Vec<String> = m.keys().map(|o| format!("osd.{o}")).collect();
+                format!("the recovery of {object} to {}", osds.join(", "))
+            }
+            (None, Some(g)) if g.writers > 0 => format!("a mutation of {object} in flight"),
+            (None, Some(g)) if g.readers > 0 => format!("reads of {object}"),
+            _ => format!("{object}'s earlier operations"),
+        }
+    }
+
     /// Answers an in-flight mutation with an error (never acknowledged) and releases its
     /// object.
     fn fail_mutation(&mut self, version: Version, error: PgError, out: &mut Vec<Command<P>>) {
         let Some(f) = self.in_flight.remove(&version) else {
             return; // already answered, or from an earlier interval
         };
-        out.push(Command::Reject { op: f.m.op, error });
+        if !f.answered {
+            out.push(Command::Reject { op: f.m.op, error });
+        }
         if let Some(g) = self.objects.get_mut(&f.m.object) {
             g.writers = g.writers.saturating_sub(1);
         }

@@ -34,8 +34,10 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::announce::Announcer;
 use crate::pg::{
-    Command, Event, Fix, OpId, PgError, PgLimits, PgPrimary, RecoveryMode, RecoveryPause,
+    Command, Event, Fix, OpId, PgError, PgLimits, PgPrimary, RecoveryFailure, RecoveryMode,
+    RecoveryPause,
 };
+use store_client::optrack::{OpGuard, OpTracker};
 
 /// Requests handled at once per connection.
 const PER_CONN_CONCURRENCY: usize = 256;
@@ -63,8 +65,51 @@ fn pg_err(e: PgError) -> OsdResponse {
             error.code,
             format!("osd.{osd}: {}", error.message),
         )),
+        PgError::RecoveryFailed { ref error, .. } => {
+            OsdResponse::Error(StoreError::new(error.code, e.to_string()))
+        }
+        PgError::Blocked { .. } => {
+            OsdResponse::Error(StoreError::new(ErrorCode::Timeout, e.to_string()))
+        }
         other => OsdResponse::Error(StoreError::new(ErrorCode::Unavailable, other.to_string())),
     }
+}
+
+/// Why the recovery of one object failed, as the engine needs to know it.
+#[derive(Debug, thiserror::Error)]
+enum RecoverError {
+    /// A copy is not at the planned version: the plan is stale.
+    #[error("stale recovery plan: {0}")]
+    Stale(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl RecoverError {
+    fn cause(&self) -> RecoveryFailure {
+        match self {
+            RecoverError::Stale(_) => RecoveryFailure::StalePlan,
+            // An OSD that cannot take the object: waiting operations fail at once.
+            RecoverError::Store(e) if matches!(e.code, ErrorCode::NoSpace | ErrorCode::Corrupt) => {
+                RecoveryFailure::Refused(e.clone())
+            }
+            RecoverError::Store(_) => RecoveryFailure::Transient,
+        }
+    }
+}
+
+/// A client operation as SLOW_OPS names it: `write obj-24 (pg 1.1f)`.
+fn describe_op(op: &ClientOpKind, object: &str, pg: Pg) -> String {
+    let what = match op {
+        ClientOpKind::Mutate(Mutation::Write { .. }) => "write",
+        ClientOpKind::Mutate(Mutation::Zero { .. }) => "zero",
+        ClientOpKind::Mutate(Mutation::Delete) => "delete",
+        ClientOpKind::Read { .. } => "read",
+        ClientOpKind::Stat => "stat",
+        ClientOpKind::Allocated { .. } => "allocated",
+        ClientOpKind::List => "list",
+    };
+    format!("{what} {object} (pg {}.{:x})", pg.pool, pg.seed)
 }
 
 /// A mutation to apply in PG order, and where its result goes.
@@ -114,6 +159,8 @@ struct ReplyTo {
     replier: store_client::server::Replier,
     tag: u64,
     slot: OwnedSemaphorePermit,
+    /// The operation counts as in hand (for SLOW_OPS) until it is answered.
+    _op: OpGuard,
 }
 
 impl ReplyTo {
@@ -171,6 +218,8 @@ pub struct OsdService<S: ObjectStore> {
     primaries_at: AtomicU64,
     /// Activations and finished backfills, for the monitors.
     announce: Arc<Announcer>,
+    /// Client operations in hand, for SLOW_OPS.
+    ops: Arc<OpTracker>,
     /// pg_temp entries announced done, and when: not repeated for a while.
     temp_announced: Mutex<HashMap<Pg, (Vec<OsdId>, Instant)>>,
     /// Copies of PGs this OSD no longer serves, being removed.
@@ -209,6 +258,8 @@ impl Failpoint {
                     object: object.to_string(),
                 })
             }
+            // The daemon's own (see `stored`).
+            _ if v == "panic_after_start" => None,
             _ => {
                 warn!("ignoring unknown STORE_FAILPOINT '{v}'");
                 None
@@ -254,6 +305,7 @@ impl<S: ObjectStore> OsdService<S> {
         limits: PgLimits,
         recovery: RecoveryLimits,
         announce: Arc<Announcer>,
+        ops: Arc<OpTracker>,
     ) -> Arc<Self> {
         Arc::new(OsdService {
             id,
@@ -275,6 +327,7 @@ impl<S: ObjectStore> OsdService<S> {
             failpoint: Mutex::new(Failpoint::from_env()),
             primaries_at: AtomicU64::new(0),
             announce,
+            ops,
             temp_announced: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
         })
@@ -282,6 +335,42 @@ impl<S: ObjectStore> OsdService<S> {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The client operations in hand past the complaint time.
+    pub fn slow_ops(&self) -> store_types::msg::SlowOps {
+        self.ops.slow_ops()
+    }
+
+    /// A released read, answered within the op timeout: a read that repairs from slow
+    /// replicas could otherwise hold its client for one timeout per peer. Past the bound
+    /// the client gets TIMEOUT, and the read still runs to its end (it may be repairing
+    /// the local copy) before its object is released.
+    async fn bounded_read(
+        self: &Arc<Self>,
+        slot: &Arc<PgSlot>,
+        object: String,
+        kind: ClientOpKind,
+        to: ReplyTo,
+    ) {
+        let me = self.clone();
+        let pg = slot.pg;
+        let name = object.clone();
+        let mut read = tokio::spawn(async move { me.local_read(pg, &name, kind).await });
+        let bound = Duration::from_millis(self.limits.op_timeout_ms);
+        match tokio::time::timeout(bound, &mut read).await {
+            Ok(res) => to.send(res.unwrap_or_else(|e| {
+                OsdResponse::Error(StoreError::internal(format!("read task failed: {e}")))
+            })),
+            Err(_) => {
+                warn!(pg = ?pg, object, "read not done within the op timeout; answered TIMEOUT");
+                to.send(OsdResponse::Error(StoreError::new(
+                    ErrorCode::Timeout,
+                    format!("read of {object} not done within {} ms", bound.as_millis()),
+                )));
+                let _ = read.await;
+            }
+        }
     }
 
     fn map(&self) -> Option<Arc<ClusterMap>> {
@@ -459,8 +548,7 @@ impl<S: ObjectStore> OsdService<S> {
                         let me = self.clone();
                         let slot = slot.clone();
                         tokio::spawn(async move {
-                            let resp = me.local_read(slot.pg, &object, kind).await;
-                            to.send(resp);
+                            me.bounded_read(&slot, object, kind, to).await;
                             me.feed(&slot, Event::ReadDone { op });
                         });
                     }
@@ -539,8 +627,13 @@ impl<S: ObjectStore> OsdService<S> {
                         let ev = match res {
                             Ok(()) => Event::ObjectRecovered { object, interval },
                             Err(e) => {
-                                warn!(pg = ?slot.pg, object, "recovery of an object failed, will retry: {e}");
-                                Event::ObjectFailed { object, interval }
+                                warn!(pg = ?slot.pg, object, "recovery of an object failed: {e}");
+                                let cause = e.cause();
+                                Event::ObjectFailed {
+                                    object,
+                                    interval,
+                                    cause,
+                                }
                             }
                         };
                         me.feed(&slot, ev);
@@ -1104,48 +1197,15 @@ impl<S: ObjectStore> OsdService<S> {
         source: OsdId,
         fixes: &[(OsdId, Fix)],
         interval: u64,
-    ) -> Result<(), StoreError> {
-        let pg = slot.pg;
+    ) -> Result<(), RecoverError> {
         let oid = ObjectId {
-            pool: pg.pool,
-            pg: pg.seed,
+            pool: slot.pg.pool,
+            pg: slot.pg.seed,
             name: object.to_string(),
         };
         if let Some((_, fix)) = fixes.iter().find(|(o, _)| *o == self.id) {
-            self.still_round(slot, interval)?;
-            let data = match fix.want {
-                Some(want) => {
-                    let addr = self
-                        .map()
-                        .and_then(|m| m.osds.get(&source).map(|o| o.addr.clone()))
-                        .ok_or_else(|| {
-                            StoreError::not_found(format!("osd.{source} is not in the map"))
-                        })?;
-                    let (data, got) = self.fetch_whole(pg, &oid, &addr).await?;
-                    if got != want {
-                        return Err(StoreError::internal(format!(
-                            "{oid} is at {got:?} on osd.{source}, not {want:?} as planned"
-                        )));
-                    }
-                    Some((data, want))
-                }
-                None => None,
-            };
-            self.still_round(slot, interval)?;
-            if let Some(have) = fix.have {
-                self.store.delete(&oid, have).await.map_err(obj_err)?;
-            }
-            if let Some((data, want)) = data {
-                self.recovered_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                for (off, piece, v) in pieces(&data, want) {
-                    self.store
-                        .write(&oid, off, piece, v)
-                        .await
-                        .map_err(obj_err)?;
-                }
-            }
-            self.recovered.fetch_add(1, Ordering::Relaxed);
+            self.recover_here(slot, &oid, source, *fix, interval)
+                .await?;
         }
         let others: Vec<(OsdId, Fix)> = fixes
             .iter()
@@ -1168,50 +1228,122 @@ impl<S: ObjectStore> OsdService<S> {
         };
         for (to, fix) in others {
             self.still_round(slot, interval)?;
-            let send = |version: ObjVersion, mutation: Mutation| {
-                let req = OsdRequest::Replica {
-                    map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
-                    from: self.id,
-                    pg,
-                    object: object.to_string(),
-                    version,
-                    mutation,
-                };
-                async move {
-                    match self.peer_call(to, &req).await? {
-                        OsdResponse::Committed { .. } => Ok(()),
-                        other => Err(StoreError::internal(format!("unexpected reply {other:?}"))),
+            self.push_copy(slot.pg, &oid, to, fix, data.as_ref())
+                .await?;
+            self.recovered.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Recovery into this OSD: its copy of `oid` becomes `fix.want`, pulled from `source`.
+    async fn recover_here(
+        &self,
+        slot: &PgSlot,
+        oid: &ObjectId,
+        source: OsdId,
+        fix: Fix,
+        interval: u64,
+    ) -> Result<(), RecoverError> {
+        self.still_round(slot, interval)?;
+        let data = match fix.want {
+            Some(want) => {
+                let addr = self
+                    .map()
+                    .and_then(|m| m.osds.get(&source).map(|o| o.addr.clone()))
+                    .ok_or_else(|| {
+                        StoreError::not_found(format!("osd.{source} is not in the map"))
+                    })?;
+                let (data, got) = self.fetch_whole(slot.pg, oid, &addr).await?;
+                if got != want {
+                    return Err(RecoverError::Stale(format!(
+                        "{oid} is at {got:?} on osd.{source}, not {want:?} as planned"
+                    )));
+                }
+                Some((data, want))
+            }
+            None => None,
+        };
+        self.still_round(slot, interval)?;
+        if let Some(have) = fix.have {
+            self.store.delete(oid, have).await.map_err(|e| match e {
+                ObjError::StaleVersion { .. } => RecoverError::Stale(e.to_string()),
+                e => obj_err(e).into(),
+            })?;
+        }
+        if let Some((data, want)) = data {
+            self.recovered_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            for (off, piece, v) in pieces(&data, want) {
+                self.store
+                    .write(oid, off, piece, v)
+                    .await
+                    .map_err(obj_err)?;
+            }
+        }
+        self.recovered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Recovery into OSD `to` from this OSD's copy (`data`: its bytes and version), over
+    /// `to`'s ordered replica path.
+    async fn push_copy(
+        &self,
+        pg: Pg,
+        oid: &ObjectId,
+        to: OsdId,
+        fix: Fix,
+        data: Option<&(Bytes, ObjVersion)>,
+    ) -> Result<(), RecoverError> {
+        let send = |version: ObjVersion, mutation: Mutation| {
+            let req = OsdRequest::Replica {
+                map_epoch: self.map().map(|m| m.epoch).unwrap_or(0),
+                from: self.id,
+                pg,
+                object: oid.name.clone(),
+                version,
+                mutation,
+            };
+            async move {
+                match self.peer_call(to, &req).await? {
+                    OsdResponse::Committed { .. } => Ok(()),
+                    // A replica refuses a removal below what it holds: the plan is stale.
+                    OsdResponse::Error(e) if e.code == ErrorCode::InvalidArgument => {
+                        Err(RecoverError::Stale(format!("osd.{to}: {}", e.message)))
+                    }
+                    OsdResponse::Error(e) => Err(RecoverError::from(StoreError::new(
+                        e.code,
+                        format!("osd.{to}: {}", e.message),
+                    ))),
+                    other => {
+                        Err(StoreError::internal(format!("unexpected reply {other:?}")).into())
                     }
                 }
+            }
+        };
+        if let Some(have) = fix.have {
+            send(have, Mutation::Delete).await?;
+        }
+        let Some(want) = fix.want else {
+            return Ok(());
+        };
+        let Some((data, version)) = data else {
+            return Err(RecoverError::Stale(format!(
+                "{oid} is missing here, but planned at {want:?}"
+            )));
+        };
+        if *version != want {
+            return Err(RecoverError::Stale(format!(
+                "{oid} is at {version:?} here, not {want:?} as planned"
+            )));
+        }
+        self.recovered_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        for (offset, chunk, v) in pieces(data, want) {
+            let mutation = Mutation::Write {
+                offset,
+                data: chunk.into(),
             };
-            if let Some(have) = fix.have {
-                send(have, Mutation::Delete).await?;
-            }
-            if let Some(want) = fix.want {
-                let Some((data, version)) = &data else {
-                    return Err(StoreError::internal(format!(
-                        "{oid} is missing here, but planned at {want:?}"
-                    )));
-                };
-                if *version != want {
-                    return Err(StoreError::internal(format!(
-                        "{oid} is at {version:?} here, not {want:?} as planned"
-                    )));
-                }
-                self.recovered_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                for (offset, chunk, v) in pieces(data, want) {
-                    send(
-                        v,
-                        Mutation::Write {
-                            offset,
-                            data: chunk.into(),
-                        },
-                    )
-                    .await?;
-                }
-            }
-            self.recovered.fetch_add(1, Ordering::Relaxed);
+            send(v, mutation).await?;
         }
         Ok(())
     }
@@ -1914,6 +2046,7 @@ impl<S: ObjectStore> OsdService<S> {
                         replier: replier.clone(),
                         tag,
                         slot: permit,
+                        _op: self.ops.start(describe_op(&op, &object, pg)),
                     };
                     let req = ClientReq {
                         map_epoch,

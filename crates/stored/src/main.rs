@@ -148,9 +148,23 @@ fn recovery_limits(conf: &Config) -> anyhow::Result<store_osd::service::Recovery
     })
 }
 
+/// The log filter when `STORE_LOG` is not set: our info, and the libraries' warnings and
+/// errors (openraft's among them: hiding them would hide consensus failures).
+pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
+
+/// `osd_op_complaint_time` (seconds, default 30, as Ceph): operations an OSD or gateway has
+/// had in hand longer than this are reported as SLOW_OPS.
+fn op_complaint(conf: &Config) -> anyhow::Result<Duration> {
+    let s: f64 = conf.get_parsed("osd", "osd_op_complaint_time", 30.0)?;
+    if !(s.is_finite() && (0.1..=3600.0).contains(&s)) {
+        bail!("osd_op_complaint_time = {s}: must be 0.1 to 3600 seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -158,7 +172,34 @@ fn init_logging() {
         .init();
 }
 
+/// A panic anywhere (any thread, any task) ends the daemon at once, after logging it as
+/// an ERROR with a backtrace. Without this, tokio catches a task's panic and the daemon
+/// limps on: a PG engine whose mutex is poisoned fails every later op while the OSD keeps
+/// heartbeating as up. A daemon that hits a bug must die loudly and be restarted (by
+/// systemd, as Ceph's daemons are), so its peers see it down and take over.
+fn die_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        tracing::error!("panic, aborting the daemon: {info}\n{backtrace}");
+        eprintln!("stored: panic, aborting: {info}");
+        std::process::abort();
+    }));
+}
+
+/// Test-only fault injection: `STORE_FAILPOINT=panic_after_start` makes any daemon panic in
+/// a task shortly after it starts. Nothing is armed unless the variable is set.
+fn failpoints() {
+    if std::env::var("STORE_FAILPOINT").as_deref() == Ok("panic_after_start") {
+        // Proves the panic hook: a panic in a spawned task must end the process.
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            panic!("failpoint panic_after_start");
+        });
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    failpoints();
     let conf = Config::load(cli.conf.as_deref())?;
     match cli.cmd {
         Cmd::Mon { id, addr } => {
@@ -175,10 +216,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mons = store_client::MonClient::new(mons, Default::default());
             let client = store_client::ObjectClient::connect(mons, Duration::from_secs(60)).await?;
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            let ctx = store_image::ImageContext::new(
+            let ctx = store_image::ImageContext::with_complaint(
                 client,
                 format!("gateway {listen} on {}", host.trim()),
                 Duration::from_secs(60),
+                op_complaint(&conf)?,
             );
             tracing::info!(addr = %listener.local_addr()?, "nbd gateway listening");
             let gateway = store_gateway::Gateway::new(ctx);
@@ -242,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 recovery: recovery_limits(&conf)?,
+                op_complaint: op_complaint(&conf)?,
             };
             store_osd::run(settings).await.context("osd")?;
         }
@@ -252,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    die_on_panic();
     let threads = cli.worker_threads.or_else(|| {
         std::env::var("STORE_WORKER_THREADS")
             .ok()
@@ -279,5 +323,50 @@ fn main() -> ExitCode {
             eprintln!("stored: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The consensus library's warnings and errors reach the daemon's log by default (they
+    /// were filtered out with `openraft=off`, so neither operators nor the tests' check for
+    /// ERROR lines could see a consensus failure); its chatter below WARN does not.
+    #[test]
+    fn the_default_filter_keeps_openraft_errors_and_warnings() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "openraft::replication", "raft error seen");
+            tracing::warn!(target: "openraft::core", "raft warning seen");
+            tracing::info!(target: "openraft::core", "raft chatter");
+            tracing::info!(target: "store_mon::server", "our info");
+        });
+        let text = String::from_utf8(out.0.lock().expect("capture").clone()).expect("utf-8");
+        assert!(text.contains("raft error seen"), "{text}");
+        assert!(text.contains("raft warning seen"), "{text}");
+        assert!(!text.contains("raft chatter"), "{text}");
+        assert!(text.contains("our info"), "{text}");
     }
 }

@@ -187,6 +187,19 @@ pub struct OsdStat {
     pub recovered_bytes: u64,
 }
 
+/// The operations a daemon (an OSD or a gateway) has had in hand longer than its
+/// complaint time (`osd_op_complaint_time`), as it reports them in each heartbeat: the
+/// monitors raise `SLOW_OPS` while any daemon reports some (Ceph's SLOW_OPS).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowOps {
+    /// How many operations are blocked past the complaint time now.
+    pub count: u64,
+    /// How long the oldest of them has been in hand.
+    pub oldest_age_ms: u64,
+    /// What the oldest one is, for the operator (e.g. `write obj-24 (pg 1.1f)`).
+    pub oldest: String,
+}
+
 /// Monitor membership changes (through Raft's joint consensus).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MonMembership {
@@ -215,9 +228,15 @@ pub enum MonRequest {
         /// as of map epoch `pgs_epoch` (every PG engine of the OSD had seen that map).
         busy_pgs: Vec<crate::osdmsg::PgReport>,
         pgs_epoch: u64,
+        /// Client operations it has had in hand past `osd_op_complaint_time`.
+        slow_ops: SlowOps,
     },
     /// Client session liveness (image opens); sent to every monitor.
-    ClientHeartbeat { sessions: Vec<SessionInfo> },
+    ClientHeartbeat {
+        sessions: Vec<SessionInfo>,
+        /// The reporting process's operations blocked past its complaint time.
+        slow_ops: SlowOps,
+    },
     /// The client sessions this monitor has heard from recently.
     ClientList,
     /// Add or remove a monitor.

@@ -30,7 +30,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"STOR");
 /// Version of the frame format and of every message carried in it.
-pub const WIRE_VERSION: u16 = 4;
+pub const WIRE_VERSION: u16 = 5;
 pub const HEADER_LEN: usize = 32;
 /// The block a data region's crc32c list covers: an OSD's block.
 pub const DATA_BLOCK_BYTES: usize = 4096;

@@ -870,6 +870,7 @@ fn a_touched_missing_object_is_recovered_first_and_nothing_runs_on_it_meanwhile(
     let c = p.handle(Event::ObjectFailed {
         object: "x".into(),
         interval: 1,
+        cause: RecoveryFailure::Transient,
     });
     assert!(applies(&c).is_empty());
     let c = p.handle(Event::Tick { now_ms: 5 });
@@ -1226,7 +1227,11 @@ impl RecoverySim {
                     self.missing.remove(&object);
                 }
                 if fail {
-                    Event::ObjectFailed { object, interval }
+                    Event::ObjectFailed {
+                        object,
+                        interval,
+                        cause: RecoveryFailure::Transient,
+                    }
                 } else {
                     Event::ObjectRecovered { object, interval }
                 }
@@ -1476,4 +1481,163 @@ fn copies_missing_beyond_the_pool_size_are_misplaced_not_degraded() {
     // Three complete copies of each object exist: both missing copies are misplaced.
     assert_eq!(p.recovery_left(), (2, 2));
     assert_eq!(p.phase(), Some((PgPhase::Recovering, 5)));
+}
+
+/// An active PG with one replica (osd.1) missing "x" at v(2,5); returns the PG.
+fn active_with_x_missing_on(missing_on: OsdId) -> Pg {
+    let mut p = pg();
+    let c = p.handle(map_event(2, &[0, 1], RecoveryPause::default()));
+    let heads: &[(OsdId, Option<Version>)] = if missing_on == 0 {
+        &[(0, Some(v(1, 1))), (1, Some(v(2, 5)))]
+    } else {
+        &[(0, Some(v(2, 5))), (1, Some(v(1, 1)))]
+    };
+    settle_heads_with(&mut p, c, heads);
+    planned(
+        &mut p,
+        missing_on,
+        1,
+        &[("x", Some(v(1, 1)), Some(v(2, 5)))],
+    );
+    assert!(p.is_active());
+    p
+}
+
+fn rejects(cmds: &[Command<u32>]) -> Vec<(OpId, PgError)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Reject { op, error } => Some((*op, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The chaos test's hung write: an operation waits at its object's gate for a recovery
+/// whose plan went stale (a write of the previous interval landed after the heads were
+/// read), so the same recovery fails on every retry. Before: the write waited forever
+/// (no new interval came). Now a stale plan makes the PG peer again, and the replan
+/// lets the write run.
+#[test]
+fn a_stale_recovery_plan_is_replanned_not_retried_forever() {
+    let mut p = active_with_x_missing_on(1);
+    let c = mutate(&mut p, 1, "x", 0);
+    assert!(applies(&c).is_empty(), "waits for the recovery");
+    assert_eq!(recoveries(&c), vec![("x".to_string(), false)]);
+    let c = p.handle(Event::ObjectFailed {
+        object: "x".into(),
+        interval: 1,
+        cause: RecoveryFailure::StalePlan,
+    });
+    // Peering again: every acting OSD is asked for its head.
+    let queried: Vec<OsdId> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::QueryHead { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queried, vec![0, 1]);
+    // The replica has it now (the late write landed): nothing to recover, the write runs.
+    let c = settle_heads_with(&mut p, c, &[(0, Some(v(2, 6))), (1, Some(v(2, 6)))]);
+    assert!(!c.iter().any(|c| matches!(c, Command::Plan { .. })));
+    assert_eq!(applies(&c), vec![(0, v(2, 7)), (1, v(2, 7))]);
+    durable(&mut p, v(2, 7), 0);
+    let c = durable(&mut p, v(2, 7), 1);
+    assert_eq!(
+        c,
+        vec![Command::Acked {
+            op: 1,
+            version: v(2, 7)
+        }]
+    );
+    assert_eq!(p.outstanding(), 0);
+}
+
+/// A recovery that keeps failing for a passing reason never holds an operation past the
+/// op timeout while the PG stays active in the same interval: it is answered with what it
+/// waited for.
+#[test]
+fn an_active_pg_answers_every_gated_op_within_the_op_timeout() {
+    let mut p = active_with_x_missing_on(1);
+    let mut c = mutate(&mut p, 1, "x", 10);
+    assert!(applies(&c).is_empty());
+    let mut answered = Vec::new();
+    for t in (0..=2000).step_by(250) {
+        c.extend(p.handle(Event::Tick { now_ms: t }));
+        for c in &c {
+            if let Command::RecoverObject { interval, .. } = c {
+                let failed = p.handle(Event::ObjectFailed {
+                    object: "x".into(),
+                    interval: *interval,
+                    cause: RecoveryFailure::Transient,
+                });
+                answered.extend(rejects(&failed));
+            }
+        }
+        answered.extend(rejects(&c));
+        c.clear();
+    }
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    let (op, error) = &answered[0];
+    assert_eq!(*op, 1);
+    assert!(
+        matches!(error, PgError::Blocked { waiting_for, waited_ms }
+            if waiting_for.contains("recovery of x") && *waited_ms >= 1000),
+        "{error}"
+    );
+    assert_eq!(p.outstanding(), 0);
+}
+
+/// A mutation whose copy never answers is answered (not acknowledged) at the op timeout;
+/// a late durable report does not acknowledge it any more.
+#[test]
+fn an_in_flight_mutation_is_answered_at_the_op_timeout_and_never_acked_after() {
+    let mut p = pg();
+    map(&mut p, 1, &[0, 1, 2], 2);
+    mutate(&mut p, 7, "a", 0);
+    durable(&mut p, v(1, 1), 0);
+    durable(&mut p, v(1, 1), 1);
+    assert!(rejects(&p.handle(Event::Tick { now_ms: 500 })).is_empty());
+    let r = rejects(&p.handle(Event::Tick { now_ms: 1000 }));
+    assert_eq!(r.len(), 1);
+    assert!(
+        matches!(&r[0].1, PgError::Blocked { waiting_for, .. } if waiting_for.contains("osd.2"))
+    );
+    assert!(
+        rejects(&p.handle(Event::Tick { now_ms: 1500 })).is_empty(),
+        "answered once"
+    );
+    let c = durable(&mut p, v(1, 1), 2);
+    assert!(!c.iter().any(|c| matches!(c, Command::Acked { op: 7, .. })));
+}
+
+/// A read waiting for the recovery of an object this OSD misses fails at once when an OSD
+/// refuses the recovery (its device is full), instead of waiting for a recovery that
+/// cannot finish.
+#[test]
+fn a_refused_recovery_fails_its_waiting_ops_at_once() {
+    let mut p = active_with_x_missing_on(0);
+    let c = read(&mut p, 1, "x");
+    assert_eq!(
+        recoveries(&c),
+        vec![("x".to_string(), false)],
+        "waits for the recovery"
+    );
+    let full = StoreError::new(store_types::ErrorCode::NoSpace, "device full");
+    let c = p.handle(Event::ObjectFailed {
+        object: "x".into(),
+        interval: 1,
+        cause: RecoveryFailure::Refused(full.clone()),
+    });
+    assert_eq!(
+        rejects(&c),
+        vec![(
+            1,
+            PgError::RecoveryFailed {
+                object: "x".into(),
+                error: full
+            }
+        )]
+    );
+    assert_eq!(p.outstanding(), 0);
 }
