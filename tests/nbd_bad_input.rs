@@ -28,6 +28,10 @@ const ENOTSUP: u32 = 95;
 const EXPORT: &str = "vm-pool/disk0";
 const SIZE: u64 = 8 << 20;
 
+fn info_len() -> usize {
+    Raw::info_payload(EXPORT).len()
+}
+
 /// A hand-driven NBD client: exactly the bytes we choose.
 struct Raw(TcpStream);
 
@@ -163,6 +167,27 @@ fn bad_nbd_input_gets_protocol_errors_and_spares_other_connections() {
     s.go();
     s.request(CMD_WRITE, 1, 0, 1 << 20, &[0xee; 1000]);
     drop(s);
+
+    // Unknown client flags: the protocol says the server MUST drop the connection, so
+    // the option after them gets no reply.
+    let mut t = TcpStream::connect(&addr).expect("connect");
+    t.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut hello = [0u8; 18];
+    t.read_exact(&mut hello).expect("greeting");
+    t.write_all(&(3u32 | 1 << 7).to_be_bytes()).expect("flags");
+    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&(info_len() as u32).to_be_bytes());
+    opt.extend_from_slice(&Raw::info_payload(EXPORT));
+    let _ = t.write_all(&opt);
+    let mut buf = [0u8; 64];
+    assert!(
+        match t.read(&mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        },
+        "a handshake with unknown client flags must end the connection"
+    );
 
     // Mutated streams: a valid handshake and request with bytes flipped, cut or repeated.
     let mut valid = Vec::new();

@@ -24,7 +24,7 @@ use store_types::{ErrorCode, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 pub mod proto;
@@ -35,7 +35,16 @@ pub struct Gateway {
     ctx: Arc<ImageContext>,
     /// Open exports and how many connections use each: connections to one image share one
     /// open (one session, one lock), so multi-connection clients never fight over the lock.
-    opens: tokio::sync::Mutex<HashMap<String, (Arc<Image>, usize)>>,
+    /// The map's mutex is never held across an await: an image whose PG is unavailable
+    /// stalls only the connections to that image, never the handshakes of the others.
+    opens: std::sync::Mutex<HashMap<String, OpenExport>>,
+}
+
+/// One export's shared open: the image once opened, and the connections using it
+/// (counted from before the open completes, so a failed open is undone by the last one).
+struct OpenExport {
+    image: Arc<tokio::sync::OnceCell<Arc<Image>>>,
+    users: usize,
 }
 
 /// What the client negotiated before transmission.
@@ -56,17 +65,26 @@ impl Gateway {
     pub fn new(ctx: Arc<ImageContext>) -> Arc<Self> {
         Arc::new(Gateway {
             ctx,
-            opens: tokio::sync::Mutex::new(HashMap::new()),
+            opens: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
     /// Releases every image lock this gateway holds (on shutdown), so other gateways take
     /// them over at once instead of after the session grace.
     pub async fn close_all(&self) {
-        let opens = self.opens.lock().await;
-        for (img, _) in opens.values() {
+        let images: Vec<Arc<Image>> = self
+            .lock_opens()
+            .values()
+            .filter_map(|o| o.image.get().cloned())
+            .collect();
+        for img in images {
             img.close().await;
         }
+    }
+
+    fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<String, OpenExport>> {
+        // Nothing panics while holding it (and daemons abort on panic).
+        self.opens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serves NBD clients until the listener fails.
@@ -104,6 +122,11 @@ impl Gateway {
         hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
         wr.write_all(&hello).await?;
         let client_flags = rd.read_u32().await?;
+        // The protocol: a server MUST drop a client that sets a flag it does not know.
+        if let Some(unknown) = unknown_client_flags(client_flags) {
+            warn!("client sent unknown handshake flags {unknown:#x}; closing");
+            return Ok(());
+        }
         if client_flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
             warn!("client does not speak fixed newstyle; closing");
             return Ok(());
@@ -124,36 +147,53 @@ impl Gateway {
         res
     }
 
-    /// The export's shared open, opening it for the first connection.
+    /// The export's shared open, opening it for the first connection. Connections to the
+    /// same export wait for that one open; others do not wait at all.
     async fn open(&self, export: &str) -> Result<Arc<Image>, StoreError> {
         let Some((pool, name)) = export.split_once('/') else {
             return Err(StoreError::invalid(format!(
                 "export '{export}' is not POOL/IMAGE"
             )));
         };
-        let mut opens = self.opens.lock().await;
-        if let Some((img, users)) = opens.get_mut(export) {
-            *users += 1;
-            return Ok(img.clone());
+        let cell = {
+            let mut opens = self.lock_opens();
+            let entry = opens
+                .entry(export.to_string())
+                .or_insert_with(|| OpenExport {
+                    image: Arc::default(),
+                    users: 0,
+                });
+            entry.users += 1;
+            entry.image.clone()
+        };
+        let opened = cell
+            .get_or_try_init(|| async {
+                let pool = self.ctx.client().pool(pool)?;
+                Ok::<_, StoreError>(Arc::new(Image::open(&self.ctx, pool.id, name).await?))
+            })
+            .await;
+        match opened {
+            Ok(img) => Ok(img.clone()),
+            Err(e) => {
+                self.release(export).await;
+                Err(e)
+            }
         }
-        let pool = self.ctx.client().pool(pool)?;
-        let img = Arc::new(Image::open(&self.ctx, pool.id, name).await?);
-        opens.insert(export.to_string(), (img.clone(), 1));
-        Ok(img)
     }
 
     /// A connection is done with an export; the last one releases its lock.
     async fn release(&self, export: &str) {
-        let mut opens = self.opens.lock().await;
-        let last = match opens.get_mut(export) {
-            Some((_, users)) if *users > 1 => {
-                *users -= 1;
-                None
+        let last = {
+            let mut opens = self.lock_opens();
+            match opens.get_mut(export) {
+                Some(o) if o.users > 1 => {
+                    o.users -= 1;
+                    None
+                }
+                Some(_) => opens.remove(export).and_then(|o| o.image.get().cloned()),
+                None => None,
             }
-            Some(_) => opens.remove(export).map(|(img, _)| img),
-            None => None,
         };
-        drop(opens);
         if let Some(img) = last {
             img.close().await;
         }
@@ -492,18 +532,23 @@ async fn transmission(
     mut rd: BufReader<OwnedReadHalf>,
     mut wr: tokio::net::tcp::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    // Each reply travels with its share of the connection's data budget, released once
+    // the reply is written, so unread replies count against the budget too.
+    let (tx, mut rx) = mpsc::channel::<(Reply, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         // Replies already waiting go out together: header and data of each, in order, in
         // one vectored write where the socket takes it.
         let mut parts: Vec<bytes::Bytes> = Vec::new();
+        let mut held = Vec::new();
         'replies: while let Some(r) = rx.recv().await {
             // Let the other ready requests finish first (the runtime runs the task a
             // reply just woke before the rest), so their replies share this write.
             tokio::task::yield_now().await;
             parts.clear();
+            held.clear();
             let mut next = Some(r);
-            while let Some(r) = next.take() {
+            while let Some((r, permit)) = next.take() {
+                held.push(permit);
                 let (head, data) = r.encode();
                 parts.push(head.freeze());
                 parts.extend(data);
@@ -518,6 +563,9 @@ async fn transmission(
         let _ = wr.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(
+        (MAX_CONN_BUFFERED_BYTES / BUFFER_UNIT_BYTES) as usize,
+    ));
     let mut mark = store_client::lowat::RecvLowWater::new(rd.get_ref().as_ref());
     loop {
         let mut head = [0u8; REQUEST_HEADER_BYTES];
@@ -530,6 +578,10 @@ async fn transmission(
             debug!("client disconnected");
             break;
         }
+        // Taken before the payload is read, so a client cannot make us buffer past it.
+        let Ok(held) = budget.clone().acquire_many_owned(req.buffer_units()).await else {
+            break;
+        };
         let mut payload = None;
         if req.has_payload() {
             if req.len > MAX_REQUEST_BYTES {
@@ -558,10 +610,12 @@ async fn transmission(
         };
         let image = image.clone();
         let tx = tx.clone();
+        let op = image.ops().start(describe(&image, &req));
         tokio::spawn(async move {
             let _permit = permit;
+            let _op = op;
             let reply = serve(&image, neg, req, payload).await;
-            let _ = tx.send(reply).await;
+            let _ = tx.send((reply, held)).await;
         });
     }
     drop(tx);
@@ -569,6 +623,20 @@ async fn transmission(
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
     let _ = writer.await;
     Ok(())
+}
+
+/// A request as SLOW_OPS names it: `write vm-pool/disk0 4096+512`.
+fn describe(image: &Image, req: &RequestHeader) -> String {
+    let what = match req.kind {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_WRITE_ZEROES => "write-zeroes",
+        CMD_BLOCK_STATUS => "block-status",
+        _ => "request",
+    };
+    format!("nbd {what} {} {}+{}", image.name(), req.offset, req.len)
 }
 
 async fn serve(
@@ -639,10 +707,8 @@ async fn serve(
         CMD_FLUSH => ok(None),
         CMD_TRIM | CMD_WRITE_ZEROES => {
             let res = if kind == CMD_WRITE_ZEROES && flags & CMD_FLAG_NO_HOLE != 0 {
-                // Allocated zeros were asked for: write them.
-                image
-                    .write(offset, Bytes::from(vec![0u8; len as usize]))
-                    .await
+                // Allocated zeros were asked for: write them (from a shared zero page).
+                image.write_zeroes(offset, u64::from(len)).await
             } else {
                 image.discard(offset, len as u64).await
             };

@@ -13,6 +13,14 @@ pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
 pub const FLAG_NO_ZEROES: u16 = 2;
 pub const CLIENT_FLAG_FIXED_NEWSTYLE: u32 = 1;
 pub const CLIENT_FLAG_NO_ZEROES: u32 = 2;
+/// Every client flag this server knows.
+pub const CLIENT_FLAGS_KNOWN: u32 = CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES;
+
+/// The client flags of a handshake that this server does not know, if any.
+pub fn unknown_client_flags(flags: u32) -> Option<u32> {
+    let unknown = flags & !CLIENT_FLAGS_KNOWN;
+    (unknown != 0).then_some(unknown)
+}
 
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
@@ -76,6 +84,12 @@ pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 pub const MAX_REQUEST_BYTES: u32 = 32 << 20;
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Data a connection's requests in flight may hold at once (write payloads and read
+/// replies): with [`MAX_IN_FLIGHT`] alone a client could make one connection hold
+/// 64 × 32 MiB. Requests beyond it wait (the client's later requests stay in its socket).
+pub const MAX_CONN_BUFFERED_BYTES: u32 = 128 << 20;
+/// The unit the per-connection data budget is counted in.
+pub const BUFFER_UNIT_BYTES: u32 = 4096;
 
 /// Largest range one BLOCK_STATUS reply describes (a prefix of what was asked).
 pub const BLOCK_STATUS_MAX_BYTES: u64 = 256 << 20;
@@ -110,6 +124,17 @@ impl RequestHeader {
     /// Whether a payload of `len` bytes follows the header.
     pub fn has_payload(&self) -> bool {
         self.kind == CMD_WRITE
+    }
+
+    /// The data this request makes the gateway hold while it is served (its payload, or
+    /// its reply's data), in [`BUFFER_UNIT_BYTES`] units; never more than
+    /// [`MAX_REQUEST_BYTES`]' worth, since larger reads are refused and larger writes end
+    /// the connection. Zeroing, trimming and block status hold no data of their length.
+    pub fn buffer_units(&self) -> u32 {
+        match self.kind {
+            CMD_READ | CMD_WRITE => self.len.min(MAX_REQUEST_BYTES).div_ceil(BUFFER_UNIT_BYTES),
+            _ => 0,
+        }
     }
 }
 
@@ -224,6 +249,7 @@ mod tests {
         ) {
             let h = RequestHeader { flags, kind, handle, offset, len };
             prop_assert_eq!(parse_request(&h.encode()), Some(h));
+            prop_assert!(h.buffer_units() * BUFFER_UNIT_BYTES <= MAX_REQUEST_BYTES);
             if validate(&h, size, true).is_ok() && kind != CMD_FLUSH {
                 prop_assert!(len > 0 && offset.checked_add(u64::from(len)).is_some_and(|e| e <= size));
                 prop_assert!(kind == CMD_TRIM || kind == CMD_BLOCK_STATUS || kind == CMD_WRITE_ZEROES || len <= MAX_REQUEST_BYTES);
