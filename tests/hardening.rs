@@ -5,7 +5,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store_integration::{ClusterOpts, TestCluster};
+use store_image::{Image, ImageContext};
+use store_integration::{run_tool, tool_ok, ClusterOpts, TestCluster};
+use store_types::map::image_data_object;
+use store_types::ErrorCode;
 
 /// A panic in a spawned task (here injected by `STORE_FAILPOINT=panic_after_start`) must
 /// abort the whole daemon with the panic in its log as an ERROR. Without the panic hook,
@@ -36,5 +39,111 @@ fn a_panic_in_any_task_ends_the_daemon_loudly() {
     let pool = client.pool("vm-pool").expect("pool").id;
     rt.block_on(client.write(pool, "still-here", 0, Bytes::from_static(b"ok")))
         .expect("write after the panic");
+    c.check_logs();
+}
+
+/// A write that leaves out its guard cannot slip past the image lock (and so past the
+/// blocklist): while a live session holds an image's lock, OSDs refuse unguarded writes to
+/// its data objects. Other objects, and the lock holder's guarded writes, are unaffected.
+#[test]
+fn unguarded_writes_to_a_locked_images_objects_are_refused() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "8M"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool").id;
+    let ctx = {
+        let _rt = rt.enter();
+        ImageContext::new(
+            client.clone(),
+            "hardening test".into(),
+            Duration::from_secs(30),
+        )
+    };
+    let img = rt.block_on(Image::open(&ctx, pool, "disk0")).expect("open");
+    rt.block_on(img.write(0, Bytes::from_static(b"guarded")))
+        .expect("the lock holder's write");
+    let object = image_data_object(&img.header().id, 0);
+    let err = rt
+        .block_on(client.write(pool, &object, 0, Bytes::from_static(b"sneaky")))
+        .expect_err("an unguarded write to a locked image's object");
+    assert_eq!(err.code, ErrorCode::NotPermitted, "{err}");
+    assert!(err.message.contains("guard"), "{err}");
+    rt.block_on(client.write(pool, "not-an-image", 0, Bytes::from_static(b"free")))
+        .expect("other objects take unguarded writes");
+    let got = rt.block_on(img.read(0, 7)).expect("read");
+    assert_eq!(&got[..], b"guarded");
+    // Removal writes under the lock too, so the holder can still remove the image.
+    rt.block_on(img.remove()).expect("remove");
+    assert_eq!(
+        rt.block_on(client.list(pool)).expect("ls"),
+        vec!["not-an-image".to_string()]
+    );
+    c.check_logs();
+}
+
+/// One image whose PG is unavailable must not stall the gateway's other handshakes: the
+/// gateway-wide table of open images used to stay locked while an image opened.
+#[test]
+fn an_image_that_cannot_open_does_not_stall_other_exports() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 2.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "8M"]);
+    c.ctl_ok(&[
+        "pool",
+        "create",
+        "solo",
+        "--size",
+        "1",
+        "--min_size",
+        "1",
+        "--pg_num",
+        "1",
+    ]);
+    c.wait_pgs_settled();
+    c.ctl_ok(&["image", "create", "solo/stuck", "--size", "8M"]);
+    c.ctl_ok(&["osd", "set", "noout"]);
+    // Stop the one OSD of the solo pool's only PG: its image cannot be opened.
+    let map = c.map();
+    let solo = map.pool_by_name("solo").expect("pool");
+    let osd = store_placement::map_pg(&map, solo, store_placement::PgId::new(solo.id, 0))
+        .primary
+        .expect("the solo PG has an OSD");
+    let victim = (0..3).find(|i| c.osd_id(*i) == osd).expect("a test OSD");
+    c.kill(&TestCluster::osd_name(victim));
+    store_integration::wait_for(Duration::from_secs(30), "the OSD marked down", || {
+        (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == 2).then_some(())
+    });
+    let addr = c.start_gateway("nbd-a");
+    // A client asks for the stuck image and waits...
+    let stuck = std::thread::spawn({
+        let uri = format!("nbd://{addr}/solo/stuck");
+        move || run_tool("timeout", &["12", "nbdinfo", &uri])
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    // ...while another export of the same gateway opens at once.
+    let t0 = std::time::Instant::now();
+    let info = tool_ok(
+        "timeout",
+        &["15", "nbdinfo", &format!("nbd://{addr}/vm-pool/disk0")],
+    );
+    assert!(info.contains("export-size: 8388608"), "{info}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let (ok, _) = stuck.join().expect("stuck client");
+    assert!(!ok, "the stuck image cannot have opened");
     c.check_logs();
 }

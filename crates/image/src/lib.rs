@@ -23,7 +23,7 @@ use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use store_client::optrack::OpTracker;
 use store_client::{MonFanout, ObjectClient};
-use store_types::map::{image_lock_key, session_name, SessionId};
+use store_types::map::{image_data_object, image_lock_key, session_name, SessionId};
 use store_types::msg::{MonRequest, SessionInfo};
 use store_types::osdmsg::Mutation;
 use store_types::wire::{decode_record, encode_record};
@@ -140,6 +140,29 @@ async fn report_sessions(ctx: Weak<ImageContext>) {
     }
 }
 
+/// The writes that put allocated zeros over `extents`: slices of [`ZEROS`], at most
+/// 1 MiB each, so zeroing any length allocates nothing of that length.
+fn zero_writes(extents: &[Extent], object: impl Fn(u64) -> String) -> Vec<(String, Mutation)> {
+    let mut ops = Vec::new();
+    for e in extents {
+        let mut at = 0;
+        while at < e.len {
+            let n = (e.len - at).min(ZEROS.len() as u64);
+            let data = Bytes::from_static(&ZEROS[..n as usize]);
+            let offset = e.offset_in_object + at;
+            ops.push((
+                object(e.object_no),
+                Mutation::Write {
+                    offset,
+                    data: data.into(),
+                },
+            ));
+            at += n;
+        }
+    }
+    ops
+}
+
 /// Default object size: 4 MiB, as in RBD.
 pub const DEFAULT_OBJECT_SIZE: u64 = 4 << 20;
 
@@ -227,7 +250,7 @@ struct Extent {
 
 impl Image {
     fn data_object(&self, object_no: u64) -> String {
-        format!("{}.{object_no:016x}", self.header.id)
+        image_data_object(&self.header.id, object_no)
     }
 
     async fn write_header(
@@ -528,21 +551,8 @@ impl Image {
     /// and at most [`ZERO_WRITES_IN_FLIGHT`] pieces are in flight at once, so a 4 GiB
     /// request holds no more memory, here or at the OSDs, than a few MiB of writes.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        let mut ops = Vec::new();
-        for e in self.extents(offset, len)? {
-            let mut at = 0;
-            while at < e.len {
-                let n = (e.len - at).min(ZEROS.len() as u64);
-                ops.push((
-                    self.data_object(e.object_no),
-                    Mutation::Write {
-                        offset: e.offset_in_object + at,
-                        data: Bytes::from_static(&ZEROS[..n as usize]).into(),
-                    },
-                ));
-                at += n;
-            }
-        }
+        let extents = self.extents(offset, len)?;
+        let ops = zero_writes(&extents, |no| self.data_object(no));
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
             let batch: Vec<_> = ops.by_ref().take(ZERO_WRITES_IN_FLIGHT).collect();
@@ -624,10 +634,16 @@ impl Image {
                 ),
             ));
         }
+        // Under the image's lock, as `rbd rm` takes it: OSDs refuse unguarded writes to
+        // the data objects of an image whose lock a live session holds.
         let n = self.num_objects(self.header.size);
         let names: Vec<String> = (0..n).map(|i| self.data_object(i)).collect();
         for chunk in names.chunks(64) {
-            try_join_all(chunk.iter().map(|o| self.client.delete(self.pool, o))).await?;
+            let ops = chunk
+                .iter()
+                .map(|o| (o.clone(), Mutation::Delete))
+                .collect();
+            self.mutate_locked(ops).await?;
         }
         self.client
             .delete(self.pool, &header_object(&self.name))
@@ -640,5 +656,50 @@ impl Image {
             })
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// WRITE_ZEROES with NO_HOLE used to allocate the request's whole length (up to 4 GiB
+    /// per request, 64 requests per connection); its writes now all point into one static
+    /// zero buffer, 1 MiB at most each, and still cover exactly the range.
+    #[test]
+    fn zero_writes_cover_the_range_without_allocating_it() {
+        let extents = [
+            Extent {
+                object_no: 3,
+                offset_in_object: 4096,
+                len: (4 << 20) - 4096,
+                buf_offset: 0,
+            },
+            Extent {
+                object_no: 4,
+                offset_in_object: 0,
+                len: 1234,
+                buf_offset: (4 << 20) - 4096,
+            },
+        ];
+        let ops = zero_writes(&extents, |no| format!("obj.{no}"));
+        let zeros = ZEROS.as_ptr_range();
+        let mut covered = Vec::new();
+        for (object, m) in &ops {
+            let Mutation::Write { offset, data } = m else {
+                panic!("{m:?} is not a write");
+            };
+            let bytes = data.bytes();
+            assert!(bytes.len() <= 1 << 20);
+            assert!(zeros.contains(&bytes.as_ptr()), "a piece was allocated");
+            covered.push((object.clone(), *offset, bytes.len() as u64));
+        }
+        assert_eq!(covered.len(), 4 + 1);
+        assert_eq!(covered[0], ("obj.3".to_string(), 4096, 1 << 20));
+        assert_eq!(
+            covered[3],
+            ("obj.3".to_string(), 4096 + (3 << 20), (1 << 20) - 4096)
+        );
+        assert_eq!(covered[4], ("obj.4".to_string(), 0, 1234));
     }
 }

@@ -220,6 +220,8 @@ pub struct OsdService<S: ObjectStore> {
     announce: Arc<Announcer>,
     /// Client operations in hand, for SLOW_OPS.
     ops: Arc<OpTracker>,
+    /// Connections kept for peering and recovery calls, by peer address.
+    peer_conns: Mutex<HashMap<String, RpcConn>>,
     /// pg_temp entries announced done, and when: not repeated for a while.
     temp_announced: Mutex<HashMap<Pg, (Vec<OsdId>, Instant)>>,
     /// Copies of PGs this OSD no longer serves, being removed.
@@ -328,6 +330,7 @@ impl<S: ObjectStore> OsdService<S> {
             primaries_at: AtomicU64::new(0),
             announce,
             ops,
+            peer_conns: Mutex::new(HashMap::new()),
             temp_announced: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
         })
@@ -375,6 +378,11 @@ impl<S: ObjectStore> OsdService<S> {
 
     fn map(&self) -> Option<Arc<ClusterMap>> {
         self.maps.borrow().clone()
+    }
+
+    fn current_map(&self) -> Result<Arc<ClusterMap>, StoreError> {
+        self.map()
+            .ok_or_else(|| StoreError::new(ErrorCode::Unavailable, "this OSD has no map yet"))
     }
 
     /// The PG's slot, created on first use with its apply task.
@@ -501,11 +509,12 @@ impl<S: ObjectStore> OsdService<S> {
         guard: Option<&WriteGuard>,
     ) -> Result<(), StoreError> {
         let mut engine = slot.engine.lock().expect("engine lock");
-        if let Some(g) = guard {
-            let map = self.map().ok_or_else(|| {
-                StoreError::new(ErrorCode::Unavailable, "this OSD has no map yet")
-            })?;
-            map.check_write_guard(g)?;
+        match (guard, &event) {
+            (Some(g), _) => self.current_map()?.check_write_guard(g)?,
+            (None, Event::Mutate { object, .. }) => self
+                .current_map()?
+                .check_unguarded_write(slot.pg.pool, object)?,
+            (None, _) => {}
         }
         let mut events: VecDeque<Event<Mutation>> = self.map_event(slot).into_iter().collect();
         events.push_back(event);
@@ -1000,7 +1009,7 @@ impl<S: ObjectStore> OsdService<S> {
         addr: &str,
     ) -> Result<(Bytes, ObjVersion), StoreError> {
         const CHUNK: u32 = 4 << 20;
-        let (conn, _) = RpcConn::connect(addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
+        let conn = self.peer_conn(addr).await?;
         let mut out = bytes::BytesMut::new();
         let mut version = None;
         loop {
@@ -1032,18 +1041,44 @@ impl<S: ObjectStore> OsdService<S> {
         Ok((out.freeze(), version.unwrap_or_default()))
     }
 
-    /// One request to another OSD, on a fresh connection (peering and recovery only).
+    /// One request to another OSD (peering and recovery), on the connection kept for
+    /// that OSD's address: a recovery of many objects, or of one in many 4 MiB pieces,
+    /// does not open a connection per call.
     async fn peer_call(&self, osd: OsdId, req: &OsdRequest) -> Result<OsdResponse, StoreError> {
         let addr = self
             .map()
             .and_then(|m| m.osds.get(&osd).map(|o| o.addr.clone()))
             .ok_or_else(|| StoreError::not_found(format!("osd.{osd} is not in the map")))?;
-        let (conn, _) =
-            RpcConn::connect(&addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
-        match conn.call::<_, OsdResponse>(req, REPLICA_TIMEOUT).await? {
+        let conn = self.peer_conn(&addr).await?;
+        let res = conn.call::<_, OsdResponse>(req, REPLICA_TIMEOUT).await;
+        if res.is_err() {
+            // A connection that failed or timed out may be stuck: the next call opens anew.
+            self.forget_peer_conn(&addr);
+        }
+        match res? {
             OsdResponse::Error(e) => Err(e),
             other => Ok(other),
         }
+    }
+
+    /// The kept connection to `addr`, opened if there is none or it closed. One per peer
+    /// address; those of addresses that leave the map are dropped by housekeeping.
+    async fn peer_conn(&self, addr: &str) -> Result<RpcConn, StoreError> {
+        if let Some(c) = self.peer_conns_lock().get(addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (conn, _) = RpcConn::connect(addr, Duration::from_secs(2), OSD_MAX_FRAME_BYTES).await?;
+        self.peer_conns_lock()
+            .insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn forget_peer_conn(&self, addr: &str) {
+        self.peer_conns_lock().remove(addr);
+    }
+
+    fn peer_conns_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RpcConn>> {
+        self.peer_conns.lock().expect("peer conns lock")
     }
 
     /// An OSD's log head of the PG and the state of its copy.
@@ -1304,17 +1339,17 @@ impl<S: ObjectStore> OsdService<S> {
                 mutation,
             };
             async move {
-                match self.peer_call(to, &req).await? {
-                    OsdResponse::Committed { .. } => Ok(()),
+                match self.peer_call(to, &req).await {
+                    Ok(OsdResponse::Committed { .. }) => Ok(()),
                     // A replica refuses a removal below what it holds: the plan is stale.
-                    OsdResponse::Error(e) if e.code == ErrorCode::InvalidArgument => {
+                    Err(e) if e.code == ErrorCode::InvalidArgument => {
                         Err(RecoverError::Stale(format!("osd.{to}: {}", e.message)))
                     }
-                    OsdResponse::Error(e) => Err(RecoverError::from(StoreError::new(
+                    Err(e) => Err(RecoverError::from(StoreError::new(
                         e.code,
                         format!("osd.{to}: {}", e.message),
                     ))),
-                    other => {
+                    Ok(other) => {
                         Err(StoreError::internal(format!("unexpected reply {other:?}")).into())
                     }
                 }

@@ -56,6 +56,18 @@ pub fn image_lock_key(pool: PoolId, image_id: &str) -> String {
     format!("{pool}/{image_id}")
 }
 
+/// The name of an image's data object: its id and the object's number (16 hex digits).
+pub fn image_data_object(image_id: &str, object_no: u64) -> String {
+    format!("{image_id}.{object_no:016x}")
+}
+
+/// The image id a data object's name carries, when it is one (see [`image_data_object`]).
+pub fn image_of_data_object(object: &str) -> Option<&str> {
+    let (id, no) = object.rsplit_once('.')?;
+    let is_no = no.len() == 16 && no.bytes().all(|b| b.is_ascii_hexdigit());
+    (is_no && !id.is_empty()).then_some(id)
+}
+
 /// An image's exclusive lock (librbd's exclusive-lock feature, kept in the map so every
 /// OSD checks writes against the same generation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +428,30 @@ impl ClusterMap {
     /// Whether a guarded write may be ordered under this map. `Unavailable` means this map
     /// is older than the grant the writer holds (fetch a newer map); the other refusals are
     /// final for that writer.
+    /// A mutation that carries no guard: refused on a data object of an image whose lock
+    /// has a live holder (one not blocklisted), or the blocklist would not fence a writer
+    /// that simply left its guard out.
+    pub fn check_unguarded_write(
+        &self,
+        pool: PoolId,
+        object: &str,
+    ) -> Result<(), crate::StoreError> {
+        let Some(image_id) = image_of_data_object(object) else {
+            return Ok(());
+        };
+        let key = image_lock_key(pool, image_id);
+        match self.image_locks.get(&key).and_then(|l| l.holder) {
+            Some(h) if !self.blocklist.contains_key(&h) => Err(crate::StoreError::new(
+                crate::ErrorCode::NotPermitted,
+                format!(
+                    "{object} is a data object of image {key}, whose lock {} holds: writes to it must carry that lock's guard",
+                    session_name(h)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn check_write_guard(&self, g: &WriteGuard) -> Result<(), crate::StoreError> {
         use crate::{ErrorCode, StoreError};
         if let Some(b) = self.blocklist.get(&g.session) {
