@@ -7,6 +7,7 @@
 //! It must not know how OSDs store data or how images are laid out.
 
 pub mod apply;
+pub mod clock;
 pub mod consensus;
 pub mod failure;
 pub mod health;
@@ -203,7 +204,7 @@ pub async fn run(settings: MonitorSettings) -> Result<(), StoreError> {
         settings.name.clone(),
         settings.fsid.clone(),
         FailureDetector::new(settings.policy),
-        sessions::SessionTable::new(settings.session_grace_ms, server::now_ms()),
+        sessions::SessionTable::new(settings.session_grace_ms, clock::now()),
         settings.blocklist_expire_ms,
     );
     info!(

@@ -21,6 +21,8 @@ use store_types::map::{
 use store_types::msg::LockClaim;
 use store_types::{ErrorCode, StoreError};
 
+use crate::clock::Now;
+
 /// Largest number of image locks and blocklist entries the map carries, so a runaway
 /// client cannot grow every map push without bound.
 pub const MAX_LOCKS: usize = 100_000;
@@ -386,9 +388,14 @@ pub fn expire_blocklist(map: &mut ClusterMap, sessions: &[(SessionId, u64)]) -> 
 /// the leader times each entry from when it first saw it (an entry is its session and the
 /// epoch it was added: one removed and added again is timed anew); a new leader starts
 /// over, which only makes entries last longer.
+///
+/// Ceph stamps a blocklist entry with a wall-clock expiry that operators read. Here the
+/// map holds no stamp: the expiry is an interval this leader measures, so it runs on the
+/// monotonic clock ([`Now::mono_ms`]). A wall-clock step (an hour ahead, say) must not
+/// lift every fence at once.
 #[derive(Debug, Default)]
 pub struct BlocklistExpiry {
-    first_seen_ms: HashMap<(SessionId, u64), u64>,
+    first_seen_mono_ms: HashMap<(SessionId, u64), u64>,
 }
 
 impl BlocklistExpiry {
@@ -397,14 +404,14 @@ impl BlocklistExpiry {
         &mut self,
         map: &ClusterMap,
         leader: bool,
-        now_ms: u64,
+        now: Now,
         default_expire_ms: u64,
     ) -> Option<store_types::msg::MapCommand> {
         if !leader {
-            self.first_seen_ms.clear();
+            self.first_seen_mono_ms.clear();
             return None;
         }
-        self.first_seen_ms.retain(|(s, added), _| {
+        self.first_seen_mono_ms.retain(|(s, added), _| {
             map.blocklist
                 .get(s)
                 .is_some_and(|e| e.added_epoch == *added)
@@ -412,14 +419,14 @@ impl BlocklistExpiry {
         let mut expired = Vec::new();
         for (s, entry) in &map.blocklist {
             let key = (*s, entry.added_epoch);
-            let seen = *self.first_seen_ms.entry(key).or_insert(now_ms);
+            let seen = *self.first_seen_mono_ms.entry(key).or_insert(now.mono_ms);
             let expire_ms = match entry.expire_s {
                 Some(0) => continue,
                 Some(secs) => secs.saturating_mul(1000),
                 None if default_expire_ms == 0 => continue,
                 None => default_expire_ms,
             };
-            if now_ms.saturating_sub(seen) >= expire_ms && !holds_a_lock(map, *s) {
+            if now.mono_ms.saturating_sub(seen) >= expire_ms && !holds_a_lock(map, *s) {
                 expired.push(key);
             }
         }
@@ -436,6 +443,14 @@ pub fn would_accept(map: &ClusterMap, g: &WriteGuard) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both clocks at `ms`.
+    fn at(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            wall_ms: ms,
+        }
+    }
 
     fn claim(session: SessionId) -> LockClaim {
         LockClaim {
@@ -582,22 +597,22 @@ mod tests {
         add_blocklist(&mut m, 4, "ten seconds", Some(10)).unwrap();
         let mut t = BlocklistExpiry::default();
         // Not leading: nothing, and no clock kept.
-        assert_eq!(t.tick(&m, false, 0, 60_000), None);
+        assert_eq!(t.tick(&m, false, at(0), 60_000), None);
         // Leading from t=1000: each entry is timed from here.
-        assert_eq!(t.tick(&m, true, 1_000, 60_000), None);
-        assert_eq!(t.tick(&m, true, 10_999, 60_000), None);
+        assert_eq!(t.tick(&m, true, at(1_000), 60_000), None);
+        assert_eq!(t.tick(&m, true, at(10_999), 60_000), None);
         // Entries are (session, epoch added).
         let added = |m: &ClusterMap, s: SessionId| (s, m.blocklist[&s].added_epoch);
         let expire = |sessions: Vec<(SessionId, u64)>| {
             Some(store_types::msg::MapCommand::BlocklistExpire { sessions })
         };
         let (e1, e2, e4) = (added(&m, 1), added(&m, 2), added(&m, 4));
-        assert_eq!(t.tick(&m, true, 11_000, 60_000), expire(vec![e4]));
-        assert_eq!(t.tick(&m, true, 61_000, 60_000), expire(vec![e2, e4]));
+        assert_eq!(t.tick(&m, true, at(11_000), 60_000), expire(vec![e4]));
+        assert_eq!(t.tick(&m, true, at(61_000), 60_000), expire(vec![e2, e4]));
         // A leader change starts the clock over (entries only last longer).
-        assert_eq!(t.tick(&m, false, 62_000, 60_000), None);
-        assert_eq!(t.tick(&m, true, 63_000, 60_000), None);
-        assert_eq!(t.tick(&m, true, 73_000, 60_000), expire(vec![e4]));
+        assert_eq!(t.tick(&m, false, at(62_000), 60_000), None);
+        assert_eq!(t.tick(&m, true, at(63_000), 60_000), None);
+        assert_eq!(t.tick(&m, true, at(73_000), 60_000), expire(vec![e4]));
         // Applying: one epoch; entries gone, added again since, or holding a lock are left.
         let e = m.epoch;
         let msg = expire_blocklist(&mut m, &[e1, e2, e4, (9, 1)]);
@@ -616,11 +631,32 @@ mod tests {
             expire_blocklist(&mut m, &[(3, 0)]),
             "no blocklist entry expired"
         );
-        assert_eq!(t.tick(&m, true, 80_000, 60_000), None);
+        assert_eq!(t.tick(&m, true, at(80_000), 60_000), None);
         // Once its lock is gone, the entry of session 1 expires too.
         m.image_locks.clear();
         let e3 = added(&m, 3);
-        assert_eq!(t.tick(&m, true, 90_000, 60_000), expire(vec![e1, e3]));
+        assert_eq!(t.tick(&m, true, at(90_000), 60_000), expire(vec![e1, e3]));
+    }
+
+    #[test]
+    fn a_wall_clock_step_lifts_no_blocklist_entry() {
+        let mut m = ClusterMap::new("f");
+        add_blocklist(&mut m, 2, "default expiry", None).unwrap();
+        let mut t = BlocklistExpiry::default();
+        let t0 = Now {
+            mono_ms: 0,
+            wall_ms: 1_700_000_000_000,
+        };
+        assert_eq!(t.tick(&m, true, t0, 60_000), None);
+        // The wall clock steps an hour ahead while a second passes: the fence stays.
+        let stepped = Now {
+            mono_ms: 1000,
+            wall_ms: t0.wall_ms + 1000 + 3_600_000,
+        };
+        assert_eq!(t.tick(&m, true, stepped, 60_000), None);
+        let e2 = (2, m.blocklist[&2].added_epoch);
+        let expire = Some(store_types::msg::MapCommand::BlocklistExpire { sessions: vec![e2] });
+        assert_eq!(t.tick(&m, true, t0.plus_ms(60_000), 60_000), expire);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use store_client::server::{accept_loop, Replier, ServerConn};
 use store_client::RpcConn;
@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::clock;
 use crate::consensus::{Consensus, ConsensusError};
 use crate::failure::FailureDetector;
 use crate::health;
@@ -36,13 +37,6 @@ const MAX_SESSIONS_PER_REPORT: usize = 10_000;
 /// How long a peer monitor may take to answer a ping before it counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 pub struct MonitorCore<C: Consensus> {
     pub consensus: C,
     pub name: String,
@@ -50,7 +44,7 @@ pub struct MonitorCore<C: Consensus> {
     pub detector: Mutex<FailureDetector>,
     /// Client sessions (image opens), for lock decisions and `client ls`.
     pub sessions: Mutex<SessionTable>,
-    /// The leader's clock for blocklist entries, and the default expiry (0: never).
+    /// The leader's timer for blocklist entries, and the default expiry (0: never).
     blocklist_expiry: Mutex<crate::locks::BlocklistExpiry>,
     blocklist_expire_ms: u64,
     /// Bound on how long a map change may take before the client gets an error.
@@ -281,7 +275,7 @@ impl<C: Consensus> MonitorCore<C> {
             MonRequest::Command(cmd) => {
                 // Only the leader decides whether a lock holder is gone.
                 let cmd = match self.sessions.lock() {
-                    Ok(t) => t.resolve(&self.map(), cmd.clone(), now_ms()),
+                    Ok(t) => t.resolve(&self.map(), cmd.clone(), clock::now()),
                     Err(_) => cmd.clone(),
                 };
                 self.consensus.propose(cmd).await
@@ -325,7 +319,7 @@ impl<C: Consensus> MonitorCore<C> {
             None => return Err(StoreError::not_found(format!("osd.{id} does not exist"))),
         }
         if let Ok(mut d) = self.detector.lock() {
-            d.heartbeat(id, stat, pgs, now_ms());
+            d.heartbeat(id, stat, pgs, clock::now());
         }
         Ok(MonResponse::HeartbeatAck { epoch: map.epoch })
     }
@@ -340,7 +334,7 @@ impl<C: Consensus> MonitorCore<C> {
                 (
                     d.stats().clone(),
                     d.pg_reports().clone(),
-                    d.recovery_rate(now_ms()),
+                    d.recovery_rate(clock::now()),
                 )
             })
             .unwrap_or_default();
@@ -363,7 +357,7 @@ impl<C: Consensus> MonitorCore<C> {
     /// Live sessions, and the locks whose holders stopped reporting (None until this
     /// monitor has watched for a grace).
     fn session_health(&self, map: &ClusterMap) -> (usize, Option<Vec<String>>) {
-        let now = now_ms();
+        let now = clock::now();
         let Ok(t) = self.sessions.lock() else {
             return (0, None);
         };
@@ -411,7 +405,7 @@ impl<C: Consensus> MonitorCore<C> {
                     Err(StoreError::invalid("too many sessions in one report"))
                 } else {
                     if let Ok(mut t) = self.sessions.lock() {
-                        t.heartbeat(sessions, now_ms());
+                        t.heartbeat(sessions, clock::now());
                     }
                     Ok(MonResponse::HeartbeatAck {
                         epoch: self.map().epoch,
@@ -421,7 +415,7 @@ impl<C: Consensus> MonitorCore<C> {
             MonRequest::ClientList => Ok(MonResponse::Clients(
                 self.sessions
                     .lock()
-                    .map(|t| t.report(&self.map(), now_ms()))
+                    .map(|t| t.report(&self.map(), clock::now()))
                     .unwrap_or_default(),
             )),
             op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {
@@ -453,15 +447,16 @@ impl<C: Consensus> MonitorCore<C> {
             interval.tick().await;
             let leader = self.consensus.is_leader();
             let map = self.map();
+            let now = clock::now();
             let mut cmds = match self.detector.lock() {
                 Ok(mut d) => {
-                    d.set_leader(leader, now_ms());
-                    d.tick(&map, now_ms())
+                    d.set_leader(leader, now);
+                    d.tick(&map, now)
                 }
                 Err(_) => Vec::new(),
             };
             if let Ok(mut b) = self.blocklist_expiry.lock() {
-                cmds.extend(b.tick(&map, leader, now_ms(), self.blocklist_expire_ms));
+                cmds.extend(b.tick(&map, leader, now, self.blocklist_expire_ms));
             }
             for cmd in cmds {
                 match tokio::time::timeout(
