@@ -4,7 +4,7 @@
 //! writes replies in completion order. A malformed frame closes that connection only.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use store_client::server::{accept_loop, Replier, ServerConn};
@@ -37,13 +37,22 @@ const MAX_SESSIONS_PER_REPORT: usize = 10_000;
 /// How long a peer monitor may take to answer a ping before it counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Locks one of the monitor's tables. A poisoned lock means a thread panicked while holding
+/// it, which is a bug (daemons abort on panic): fail loudly. Skipping the work instead would
+/// leave the monitor running with, say, a failure detector that never marks an OSD down.
+fn locked<'a, T>(mutex: &'a Mutex<T>, what: &str) -> MutexGuard<'a, T> {
+    mutex.lock().unwrap_or_else(|_| {
+        panic!("the monitor's {what} lock is poisoned: a thread panicked while holding it (a bug)")
+    })
+}
+
 pub struct MonitorCore<C: Consensus> {
     pub consensus: C,
     pub name: String,
     pub fsid: String,
-    pub detector: Mutex<FailureDetector>,
+    detector: Mutex<FailureDetector>,
     /// Client sessions (image opens), for lock decisions and `client ls`.
-    pub sessions: Mutex<SessionTable>,
+    sessions: Mutex<SessionTable>,
     /// The leader's timer for blocklist entries, and the default expiry (0: never).
     blocklist_expiry: Mutex<crate::locks::BlocklistExpiry>,
     blocklist_expire_ms: u64,
@@ -79,6 +88,14 @@ impl<C: Consensus> MonitorCore<C> {
 
     fn map(&self) -> Arc<ClusterMap> {
         self.consensus.map().borrow().clone()
+    }
+
+    fn detector(&self) -> MutexGuard<'_, FailureDetector> {
+        locked(&self.detector, "failure detector")
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, SessionTable> {
+        locked(&self.sessions, "session table")
     }
 
     /// The shared connection to a peer monitor; connects outside the table's lock, so one
@@ -274,10 +291,9 @@ impl<C: Consensus> MonitorCore<C> {
         match op {
             MonRequest::Command(cmd) => {
                 // Only the leader decides whether a lock holder is gone.
-                let cmd = match self.sessions.lock() {
-                    Ok(t) => t.resolve(&self.map(), cmd.clone(), clock::now()),
-                    Err(_) => cmd.clone(),
-                };
+                let cmd = self
+                    .sessions()
+                    .resolve(&self.map(), cmd.clone(), clock::now());
                 self.consensus.propose(cmd).await
             }
             MonRequest::Membership(MonMembership::Add { name, addr }) => {
@@ -318,26 +334,21 @@ impl<C: Consensus> MonitorCore<C> {
             }
             None => return Err(StoreError::not_found(format!("osd.{id} does not exist"))),
         }
-        if let Ok(mut d) = self.detector.lock() {
-            d.heartbeat(id, stat, pgs, clock::now());
-        }
+        self.detector().heartbeat(id, stat, pgs, clock::now());
         Ok(MonResponse::HeartbeatAck { epoch: map.epoch })
     }
 
     async fn status(&self) -> MonResponse {
         let mons = self.probe_mons().await;
         let map = self.map();
-        let (stats, reports, recovery_rate) = self
-            .detector
-            .lock()
-            .map(|d| {
-                (
-                    d.stats().clone(),
-                    d.pg_reports().clone(),
-                    d.recovery_rate(clock::now()),
-                )
-            })
-            .unwrap_or_default();
+        let (stats, reports, recovery_rate) = {
+            let d = self.detector();
+            (
+                d.stats().clone(),
+                d.pg_reports().clone(),
+                d.recovery_rate(clock::now()),
+            )
+        };
         let busy = health::busy_pgs(&map, &reports);
         let leader_name = self.consensus.leader().map(|l| l.name);
         let (live_sessions, silent_holders) = self.session_health(&map);
@@ -358,9 +369,7 @@ impl<C: Consensus> MonitorCore<C> {
     /// monitor has watched for a grace).
     fn session_health(&self, map: &ClusterMap) -> (usize, Option<Vec<String>>) {
         let now = clock::now();
-        let Ok(t) = self.sessions.lock() else {
-            return (0, None);
-        };
+        let t = self.sessions();
         let silent = t.knows_enough(now).then(|| {
             map.image_locks
                 .values()
@@ -404,19 +413,14 @@ impl<C: Consensus> MonitorCore<C> {
                 if sessions.len() > MAX_SESSIONS_PER_REPORT {
                     Err(StoreError::invalid("too many sessions in one report"))
                 } else {
-                    if let Ok(mut t) = self.sessions.lock() {
-                        t.heartbeat(sessions, clock::now());
-                    }
+                    self.sessions().heartbeat(sessions, clock::now());
                     Ok(MonResponse::HeartbeatAck {
                         epoch: self.map().epoch,
                     })
                 }
             }
             MonRequest::ClientList => Ok(MonResponse::Clients(
-                self.sessions
-                    .lock()
-                    .map(|t| t.report(&self.map(), clock::now()))
-                    .unwrap_or_default(),
+                self.sessions().report(&self.map(), clock::now()),
             )),
             op @ (MonRequest::Command(_) | MonRequest::Membership(_)) => {
                 self.leader_op(op, false).await
@@ -448,16 +452,17 @@ impl<C: Consensus> MonitorCore<C> {
             let leader = self.consensus.is_leader();
             let map = self.map();
             let now = clock::now();
-            let mut cmds = match self.detector.lock() {
-                Ok(mut d) => {
-                    d.set_leader(leader, now);
-                    d.tick(&map, now)
-                }
-                Err(_) => Vec::new(),
+            let mut cmds = {
+                let mut d = self.detector();
+                d.set_leader(leader, now);
+                d.tick(&map, now)
             };
-            if let Ok(mut b) = self.blocklist_expiry.lock() {
-                cmds.extend(b.tick(&map, leader, now, self.blocklist_expire_ms));
-            }
+            cmds.extend(locked(&self.blocklist_expiry, "blocklist expiry").tick(
+                &map,
+                leader,
+                now,
+                self.blocklist_expire_ms,
+            ));
             for cmd in cmds {
                 match tokio::time::timeout(
                     self.command_timeout,
@@ -556,5 +561,24 @@ async fn push_maps<C: Consensus>(core: Arc<MonitorCore<C>>, replier: Replier, mu
             changed = rx.changed() => if changed.is_err() { return },
             _ = replier.closed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "the monitor's failure detector lock is poisoned")]
+    fn a_poisoned_table_fails_loudly() {
+        let m = Arc::new(Mutex::new(0u32));
+        let m2 = m.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = m2.lock().unwrap();
+            panic!("a bug while holding the lock");
+        })
+        .join();
+        assert!(m.is_poisoned());
+        drop(locked(&m, "failure detector"));
     }
 }
