@@ -1,9 +1,10 @@
 //! Cluster status and health checks, computed from the map, monitor reachability and OSD
 //! reports. Pure: everything it needs comes in as arguments.
 //!
-//! Until OSDs report PG states themselves (replicated I/O and recovery issues), PG states are
-//! derived from the map: a PG whose CRUSH set has a down OSD is degraded; one with fewer up
-//! OSDs than its pool's min_size is inactive.
+//! PG states come from the map (which OSDs of each PG's CRUSH set are up, `pg_temp`,
+//! `norebalance`'s hold), refined by what each PG's current primary reports (peering,
+//! recovering, backfilling, incomplete, down; objects still missing). Every check is raised
+//! under a [`HealthCode`], which fixes its key and severity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -11,6 +12,7 @@ use store_placement::{pool_mappings, PgMapping};
 use store_types::map::{ClusterMap, OsdId, Pool};
 use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, StatusReport};
 use store_types::osdmsg::{PgPhase, PgReport};
+use store_types::HealthCode;
 
 pub struct StatusInput<'a> {
     pub map: &'a ClusterMap,
@@ -232,15 +234,24 @@ pub fn held_back(map: &ClusterMap) -> HeldBack {
     out
 }
 
-fn check(severity: Severity, summary: String, detail: Vec<String>) -> HealthCheck {
+/// The checks raised so far, by code string (the key `storectl` and JSON output use).
+type Checks = BTreeMap<String, HealthCheck>;
+
+/// A check of `code`, with the code's severity.
+fn new_check(code: HealthCode, summary: String, detail: Vec<String>) -> HealthCheck {
     HealthCheck {
-        severity,
+        severity: code.severity(),
         summary,
         detail,
     }
 }
 
-fn mon_checks(input: &StatusInput, checks: &mut BTreeMap<String, HealthCheck>) -> Vec<String> {
+/// Raises check `code` (replacing an earlier one of the same code).
+fn raise(checks: &mut Checks, code: HealthCode, summary: String, detail: Vec<String>) {
+    checks.insert(code.as_str().to_string(), new_check(code, summary, detail));
+}
+
+fn mon_checks(input: &StatusInput, checks: &mut Checks) -> Vec<String> {
     let voters: Vec<&MonStatus> = input
         .mons
         .iter()
@@ -272,42 +283,36 @@ fn mon_checks(input: &StatusInput, checks: &mut BTreeMap<String, HealthCheck>) -
         } else {
             "no quorum".to_string()
         };
-        checks.insert(
-            "MON_DOWN".into(),
-            check(
-                Severity::Warn,
-                format!("{}/{} mons down, {q}", down.len(), n),
-                detail,
-            ),
+        raise(
+            checks,
+            HealthCode::MonDown,
+            format!("{}/{} mons down, {q}", down.len(), n),
+            detail,
         );
     }
     if !has_quorum {
-        checks.insert(
-            "MON_QUORUM_LOST".into(),
-            check(
-                Severity::Err,
-                format!(
-                    "no monitor quorum: {} of {} monitors reachable, {} needed; the cluster map cannot change",
-                    reachable.len(),
-                    n,
-                    quorum
-                ),
-                vec!["start the stopped monitors or repair the network between them".into()],
+        raise(
+            checks,
+            HealthCode::MonQuorumLost,
+            format!(
+                "no monitor quorum: {} of {} monitors reachable, {} needed; the cluster map cannot change",
+                reachable.len(),
+                n,
+                quorum
             ),
+            vec!["start the stopped monitors or repair the network between them".into()],
         );
     }
     if n > 0 && n.is_multiple_of(2) {
-        checks.insert(
-            "EVEN_MONITOR_COUNT".into(),
-            check(
-                Severity::Warn,
-                format!("{n} monitors: an even count tolerates no more failures than {} and a network split can leave no side with quorum", n - 1),
-                vec![format!(
-                    "add a monitor (`storectl mon add NAME ADDR`) or remove one (`storectl mon rm NAME`) to get {} or {} monitors",
-                    n + 1,
-                    n - 1
-                )],
-            ),
+        raise(
+            checks,
+            HealthCode::EvenMonitorCount,
+            format!("{n} monitors: an even count tolerates no more failures than {} and a network split can leave no side with quorum", n - 1),
+            vec![format!(
+                "add a monitor (`storectl mon add NAME ADDR`) or remove one (`storectl mon rm NAME`) to get {} or {} monitors",
+                n + 1,
+                n - 1
+            )],
         );
     }
     if has_quorum {
@@ -317,7 +322,7 @@ fn mon_checks(input: &StatusInput, checks: &mut BTreeMap<String, HealthCheck>) -
     }
 }
 
-fn osd_checks(map: &ClusterMap, checks: &mut BTreeMap<String, HealthCheck>) {
+fn osd_checks(map: &ClusterMap, checks: &mut Checks) {
     let down: Vec<String> = map
         .osds
         .values()
@@ -325,28 +330,25 @@ fn osd_checks(map: &ClusterMap, checks: &mut BTreeMap<String, HealthCheck>) {
         .map(|o| format!("osd.{} (root=default,host={}) is down", o.id, o.host))
         .collect();
     if !down.is_empty() {
-        checks.insert(
-            "OSD_DOWN".into(),
-            check(Severity::Warn, format!("{} osds down", down.len()), down),
-        );
+        let summary = format!("{} osds down", down.len());
+        raise(checks, HealthCode::OsdDown, summary, down);
     }
     if !map.flags.is_empty() {
         let names: Vec<String> = map.flags.iter().map(|f| f.to_string()).collect();
-        checks.insert(
-            "OSDMAP_FLAGS".into(),
-            check(
-                Severity::Warn,
-                format!("{} flag(s) set", names.join(",")),
-                vec![format!("unset with `storectl osd unset FLAG` when done")],
-            ),
+        raise(
+            checks,
+            HealthCode::OsdmapFlags,
+            format!("{} flag(s) set", names.join(",")),
+            vec!["unset with `storectl osd unset FLAG` when done".into()],
         );
     }
     for pool in map.pools.values() {
         let domains = map.failure_domains_available(pool.failure_domain);
         if (pool.size as usize) > domains {
+            let code = HealthCode::PoolSizeExceedsDomains;
             let e = checks
-                .entry("POOL_SIZE_EXCEEDS_DOMAINS".into())
-                .or_insert_with(|| check(Severity::Warn, String::new(), Vec::new()));
+                .entry(code.as_str().to_string())
+                .or_insert_with(|| new_check(code, String::new(), Vec::new()));
             e.detail.push(format!(
                 "pool '{}' has size {} but only {} {} failure domain(s) hold in OSDs: add {}s or lower the size",
                 pool.name, pool.size, domains, pool.failure_domain, pool.failure_domain
@@ -363,11 +365,7 @@ fn osd_checks(map: &ClusterMap, checks: &mut BTreeMap<String, HealthCheck>) {
 pub const FULL_RATIO: f64 = 0.95;
 pub const NEARFULL_RATIO: f64 = 0.85;
 
-fn usage_checks(
-    map: &ClusterMap,
-    stats: &HashMap<OsdId, OsdStat>,
-    checks: &mut BTreeMap<String, HealthCheck>,
-) {
+fn usage_checks(map: &ClusterMap, stats: &HashMap<OsdId, OsdStat>, checks: &mut Checks) {
     let mut full = Vec::new();
     let mut nearfull = Vec::new();
     let mut scrub = Vec::new();
@@ -390,40 +388,33 @@ fn usage_checks(
             ));
         }
     }
-    let mut add = |code: &str, sev: Severity, summary: String, mut detail: Vec<String>| {
+    let mut add = |code: HealthCode, summary: String, mut detail: Vec<String>| {
         if !detail.is_empty() {
             detail.sort();
-            checks.insert(code.into(), check(sev, summary, detail));
+            raise(checks, code, summary, detail);
         }
     };
     let n = full.len();
     add(
-        "OSD_FULL",
-        Severity::Err,
+        HealthCode::OsdFull,
         format!("{n} full osd(s): writes to them fail"),
         full,
     );
     let n = nearfull.len();
     add(
-        "OSD_NEARFULL",
-        Severity::Warn,
+        HealthCode::OsdNearfull,
         format!("{n} nearfull osd(s)"),
         nearfull,
     );
     let n = scrub.len();
     add(
-        "OSD_SCRUB_ERRORS",
-        Severity::Err,
+        HealthCode::OsdScrubErrors,
         format!("{n} osd(s) report checksum errors: damaged copies were detected"),
         scrub,
     );
 }
 
-fn pg_checks(
-    pgs: &BTreeMap<String, u64>,
-    waited_for: &[String],
-    checks: &mut BTreeMap<String, HealthCheck>,
-) {
+fn pg_checks(pgs: &BTreeMap<String, u64>, waited_for: &[String], checks: &mut Checks) {
     let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
     };
@@ -464,31 +455,27 @@ fn pg_checks(
                 waited_for.join(", ")
             ));
         }
-        checks.insert(
-            "PG_AVAILABILITY".into(),
-            check(
-                Severity::Warn,
-                format!(
-                    "Reduced data availability: {inactive} pgs inactive, {peering} peering, {incomplete} incomplete, {down} down"
-                ),
-                detail,
+        raise(
+            checks,
+            HealthCode::PgAvailability,
+            format!(
+                "Reduced data availability: {inactive} pgs inactive, {peering} peering, {incomplete} incomplete, {down} down"
             ),
+            detail,
         );
     }
     if degraded > 0 || undersized > 0 {
-        checks.insert(
-            "PG_DEGRADED".into(),
-            check(
-                Severity::Warn,
-                format!("Degraded data redundancy: {degraded} pgs degraded ({recovering} recovering, {waiting} waiting), {undersized} pgs undersized"),
-                if waiting > 0 {
-                    vec![format!(
-                        "{waiting} pgs wait: the norecover or nobackfill flag holds their recovery back (objects a client touches are still recovered)"
-                    )]
-                } else {
-                    Vec::new()
-                },
-            ),
+        raise(
+            checks,
+            HealthCode::PgDegraded,
+            format!("Degraded data redundancy: {degraded} pgs degraded ({recovering} recovering, {waiting} waiting), {undersized} pgs undersized"),
+            if waiting > 0 {
+                vec![format!(
+                    "{waiting} pgs wait: the norecover or nobackfill flag holds their recovery back (objects a client touches are still recovered)"
+                )]
+            } else {
+                Vec::new()
+            },
         );
     }
 }
@@ -563,17 +550,15 @@ pub fn status(input: StatusInput) -> StatusReport {
     let held = held_back(map);
     let held_objects = object_copies * held.copies / held.slots.max(1);
     if !held.pgs.is_empty() {
-        checks.insert(
-            "OBJECT_MISPLACED".into(),
-            check(
-                Severity::Warn,
-                format!(
-                    "~{held_objects} objects misplaced ({:.1}%): norebalance keeps {} pgs where CRUSH would no longer put them",
-                    100.0 * held_objects as f64 / object_copies.max(1) as f64,
-                    held.pgs.len()
-                ),
-                vec!["they move when the flag is unset (`storectl osd unset norebalance`)".into()],
+        raise(
+            &mut checks,
+            HealthCode::ObjectMisplaced,
+            format!(
+                "~{held_objects} objects misplaced ({:.1}%): norebalance keeps {} pgs where CRUSH would no longer put them",
+                100.0 * held_objects as f64 / object_copies.max(1) as f64,
+                held.pgs.len()
             ),
+            vec!["they move when the flag is unset (`storectl osd unset norebalance`)".into()],
         );
     }
     lock_checks(map, input.silent_holders.as_deref(), &mut checks);
@@ -631,11 +616,7 @@ pub fn status(input: StatusInput) -> StatusReport {
 /// Image locks that nobody can use: held by a fenced session (IMAGE_LOCK_BLOCKLISTED), or
 /// by one that stopped reporting (IMAGE_LOCK_ORPHANED). Both clear when another session
 /// takes the lock.
-fn lock_checks(
-    map: &ClusterMap,
-    silent: Option<&[String]>,
-    checks: &mut BTreeMap<String, HealthCheck>,
-) {
+fn lock_checks(map: &ClusterMap, silent: Option<&[String]>, checks: &mut Checks) {
     use store_types::map::session_name;
     let fenced: Vec<String> = map
         .image_locks
@@ -655,29 +636,25 @@ fn lock_checks(
         })
         .collect();
     if !fenced.is_empty() {
-        checks.insert(
-            "IMAGE_LOCK_BLOCKLISTED".into(),
-            check(
-                Severity::Warn,
-                format!(
-                    "{} image lock(s) held by blocklisted sessions",
-                    fenced.len()
-                ),
-                fenced,
+        raise(
+            checks,
+            HealthCode::ImageLockBlocklisted,
+            format!(
+                "{} image lock(s) held by blocklisted sessions",
+                fenced.len()
             ),
+            fenced,
         );
     }
     if let Some(silent) = silent.filter(|s| !s.is_empty()) {
-        checks.insert(
-            "IMAGE_LOCK_ORPHANED".into(),
-            check(
-                Severity::Warn,
-                format!(
-                    "{} image lock(s) held by sessions that stopped reporting",
-                    silent.len()
-                ),
-                silent.to_vec(),
+        raise(
+            checks,
+            HealthCode::ImageLockOrphaned,
+            format!(
+                "{} image lock(s) held by sessions that stopped reporting",
+                silent.len()
             ),
+            silent.to_vec(),
         );
     }
 }
@@ -955,5 +932,26 @@ mod tests {
             (r.num_image_locks, r.num_blocklisted, r.num_sessions),
             (2, 1, 1)
         );
+    }
+
+    #[test]
+    fn every_check_is_keyed_by_its_code_with_the_codes_severity() {
+        use store_types::map::Flag;
+        let mut m = cluster(2, 2);
+        apply_command(&mut m, &MapCommand::SetFlag(Flag::NoOut)).unwrap();
+        apply_command(
+            &mut m,
+            &MapCommand::OsdMarkDown {
+                ids: vec![1],
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let r = report(&m, &[true, false]);
+        assert!(r.checks.len() >= 7, "{:?}", r.checks.keys());
+        for (key, check) in &r.checks {
+            let code: HealthCode = key.parse().unwrap();
+            assert_eq!(check.severity, code.severity(), "{key}");
+        }
     }
 }
