@@ -3,6 +3,8 @@
 
 pub mod network;
 pub mod store;
+#[cfg(test)]
+mod suite_test;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
