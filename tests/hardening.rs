@@ -147,3 +147,72 @@ fn an_image_that_cannot_open_does_not_stall_other_exports() {
     assert!(!ok, "the stuck image cannot have opened");
     c.check_logs();
 }
+
+/// A write whose replica never answers: the primary reports it as a slow op past
+/// `osd_op_complaint_time` (SLOW_OPS names the OSD and the op), answers the client with
+/// TIMEOUT at `osd_op_timeout` (naming the OSD it waited for) instead of leaving it
+/// waiting, and SLOW_OPS clears once nothing is blocked any more.
+#[test]
+fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        op_timeout_secs: 6.0,
+        osd_conf: "osd_op_complaint_time = 1",
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    let name = "blocked-0";
+    let map = c.map();
+    let up = store_placement::map_pg(&map, &pool, store_placement::object_to_pg(&pool, name)).up;
+    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == id).expect("daemon");
+    let replica = daemon(up[2]);
+    c.kill(&TestCluster::osd_name(replica));
+    let failpoint = format!("drop_replica_op:{name}");
+    c.start_osd_env(replica, &[("STORE_FAILPOINT", failpoint.as_str())]);
+    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 3).then_some(())
+    });
+    c.wait_pgs_settled();
+
+    let t0 = std::time::Instant::now();
+    let (client2, pool_id) = (client.clone(), pool.id);
+    let pending = rt.spawn(async move {
+        client2
+            .write(pool_id, name, 0, Bytes::from_static(b"never acked"))
+            .await
+    });
+    let primary = format!("osd.{}", up[0]);
+    let check = store_integration::wait_for(Duration::from_secs(5), "SLOW_OPS", || {
+        let s = c.try_status()?;
+        let check = s["health"]["checks"]["SLOW_OPS"].clone();
+        check.is_object().then_some(check)
+    });
+    let text = check.to_string();
+    assert!(text.contains(&format!("[{primary}]")), "{text}");
+    let detail = c.ctl_json(&["health", "detail"]).to_string();
+    assert!(
+        detail.contains(&format!("{primary}: 1 ops blocked")) && detail.contains(name),
+        "{detail}"
+    );
+    let err = rt
+        .block_on(pending)
+        .expect("writer task")
+        .expect_err("a write its replica never made durable is not acknowledged");
+    assert_eq!(err.code, ErrorCode::Timeout, "{err}");
+    assert!(err.message.contains(&format!("osd.{}", up[2])), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "answered after {:?}",
+        t0.elapsed()
+    );
+    store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS to clear", || {
+        c.try_status()?["health"]["checks"]["SLOW_OPS"]
+            .is_null()
+            .then_some(())
+    });
+    c.check_logs();
+}

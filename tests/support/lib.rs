@@ -367,11 +367,7 @@ impl TestCluster {
 
     /// Waits up to `timeout` for a daemon to exit by itself; returns how it ended (None
     /// if it still runs). An exited daemon is forgotten (not killed at the end).
-    pub fn wait_exit(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-    ) -> Option<std::process::ExitStatus> {
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
         let t0 = Instant::now();
         loop {
             let child = self.children.get_mut(name)?;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use store_placement::{pool_mappings, PgMapping};
 use store_types::map::{ClusterMap, OsdId, Pool};
-use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, StatusReport};
+use store_types::msg::{HealthCheck, MonStatus, OsdStat, Severity, SlowOps, StatusReport};
 use store_types::osdmsg::{PgPhase, PgReport};
 use store_types::HealthCode;
 
@@ -29,6 +29,8 @@ pub struct StatusInput<'a> {
     pub busy: &'a BusyPgs,
     /// Objects and bytes recovered per second lately, when known.
     pub recovery_rate: (Option<u64>, Option<u64>),
+    /// Daemons (OSDs, gateways) that report operations blocked past their complaint time.
+    pub slow_ops: &'a [(String, SlowOps)],
 }
 
 pub const STATE_CLEAN: &str = "active+clean";
@@ -414,6 +416,32 @@ fn usage_checks(map: &ClusterMap, stats: &HashMap<OsdId, OsdStat>, checks: &mut 
     );
 }
 
+/// SLOW_OPS, worded as Ceph's: how many, the oldest's age, which daemons; a detail line per
+/// daemon names its oldest op.
+fn slow_op_checks(slow: &[(String, SlowOps)], checks: &mut Checks) {
+    if slow.is_empty() {
+        return;
+    }
+    let count: u64 = slow.iter().map(|(_, s)| s.count).sum();
+    let oldest_ms = slow.iter().map(|(_, s)| s.oldest_age_ms).max().unwrap_or(0);
+    let daemons: Vec<&str> = slow.iter().map(|(d, _)| d.as_str()).collect();
+    let summary = format!(
+        "{count} slow ops, oldest one blocked for {} sec, daemons [{}] have slow ops.",
+        oldest_ms / 1000,
+        daemons.join(",")
+    );
+    let detail = slow
+        .iter()
+        .map(|(d, s)| {
+            format!(
+                "{d}: {} ops blocked, oldest for {} ms: {}",
+                s.count, s.oldest_age_ms, s.oldest
+            )
+        })
+        .collect();
+    raise(checks, HealthCode::SlowOps, summary, detail);
+}
+
 fn pg_checks(pgs: &BTreeMap<String, u64>, waited_for: &[String], checks: &mut Checks) {
     let count = |pred: &dyn Fn(&str) -> bool| -> u64 {
         pgs.iter().filter(|(s, _)| pred(s)).map(|(_, n)| *n).sum()
@@ -562,6 +590,7 @@ pub fn status(input: StatusInput) -> StatusReport {
         );
     }
     lock_checks(map, input.silent_holders.as_deref(), &mut checks);
+    slow_op_checks(input.slow_ops, &mut checks);
     let health = checks
         .values()
         .map(|c| c.severity)
@@ -734,6 +763,7 @@ mod tests {
             leader_name: Some("m1".into()),
             answered_by: "m1".into(),
             osd_stats: &stats,
+            slow_ops: &[],
             live_sessions: 0,
             silent_holders: None,
             recovery_rate: (None, None),
@@ -870,6 +900,7 @@ mod tests {
             leader_name: None,
             answered_by: "m1".into(),
             osd_stats: &stats,
+            slow_ops: &[],
             live_sessions: 0,
             silent_holders: None,
             recovery_rate: (None, None),
@@ -920,6 +951,7 @@ mod tests {
             leader_name: None,
             answered_by: "m1".into(),
             osd_stats: &stats,
+            slow_ops: &[],
             live_sessions: 1,
             silent_holders: Some(vec!["image p/1/b is locked by ...".into()]),
             recovery_rate: (None, None),

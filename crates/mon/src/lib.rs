@@ -16,6 +16,7 @@ pub mod pgs;
 pub mod raft;
 pub mod server;
 pub mod sessions;
+pub mod slowops;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -24,6 +24,7 @@ use crate::consensus::{Consensus, ConsensusError};
 use crate::failure::FailureDetector;
 use crate::health;
 use crate::sessions::SessionTable;
+use crate::slowops::SlowOpsTable;
 
 /// Requests handled at once per connection.
 const PER_CONN_CONCURRENCY: usize = 64;
@@ -53,6 +54,8 @@ pub struct MonitorCore<C: Consensus> {
     detector: Mutex<FailureDetector>,
     /// Client sessions (image opens), for lock decisions and `client ls`.
     sessions: Mutex<SessionTable>,
+    /// Daemons' slow operations, for SLOW_OPS.
+    slow_ops: Mutex<SlowOpsTable>,
     /// The leader's timer for blocklist entries, and the default expiry (0: never).
     blocklist_expiry: Mutex<crate::locks::BlocklistExpiry>,
     blocklist_expire_ms: u64,
@@ -78,6 +81,7 @@ impl<C: Consensus> MonitorCore<C> {
             fsid,
             detector: Mutex::new(detector),
             sessions: Mutex::new(sessions),
+            slow_ops: Mutex::default(),
             blocklist_expiry: Mutex::default(),
             blocklist_expire_ms,
             command_timeout: Duration::from_secs(10),
@@ -96,6 +100,10 @@ impl<C: Consensus> MonitorCore<C> {
 
     fn sessions(&self) -> MutexGuard<'_, SessionTable> {
         locked(&self.sessions, "session table")
+    }
+
+    fn slow_ops(&self) -> MutexGuard<'_, SlowOpsTable> {
+        locked(&self.slow_ops, "slow ops table")
     }
 
     /// The shared connection to a peer monitor; connects outside the table's lock, so one
@@ -362,6 +370,7 @@ impl<C: Consensus> MonitorCore<C> {
             silent_holders,
             busy: &busy,
             recovery_rate,
+            slow_ops: &self.slow_ops().current(clock::now()),
         })))
     }
 
@@ -407,9 +416,20 @@ impl<C: Consensus> MonitorCore<C> {
                 stat,
                 busy_pgs,
                 pgs_epoch,
-                slow_ops: _,
-            } => self.heartbeat(id, &uuid, stat, (pgs_epoch, busy_pgs)),
-            MonRequest::ClientHeartbeat { sessions, .. } => {
+                slow_ops,
+            } => {
+                let res = self.heartbeat(id, &uuid, stat, (pgs_epoch, busy_pgs));
+                if res.is_ok() {
+                    self.slow_ops()
+                        .report(&format!("osd.{id}"), slow_ops, clock::now());
+                }
+                res
+            }
+            MonRequest::ClientHeartbeat { sessions, slow_ops } => {
+                // A process's sessions share its description (`gateway ADDR on HOST`).
+                if let Some(s) = sessions.first() {
+                    self.slow_ops().report(&s.desc, slow_ops, clock::now());
+                }
                 if sessions.len() > MAX_SESSIONS_PER_REPORT {
                     Err(StoreError::invalid("too many sessions in one report"))
                 } else {
