@@ -216,3 +216,113 @@ fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
     });
     c.check_logs();
 }
+
+/// An OSD whose data device fails an I/O (injected as EIO on one object's write) stops, is
+/// marked down at once rather than after the heartbeat grace, and health says why
+/// (OSD_DEVICE_ERRORS); the write still succeeds on the other OSDs. Before, the EIO went
+/// back to the client as INTERNAL ("report a bug") and the OSD carried on.
+#[test]
+fn a_device_io_error_stops_the_osd_and_says_so_in_health() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 4,
+        grace_secs: 30.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    let name = "eio-0";
+    let map = c.map();
+    let up = store_placement::map_pg(&map, &pool, store_placement::object_to_pg(&pool, name)).up;
+    let daemon = |id: u32| (0..4).find(|i| c.osd_id(*i) == id).expect("daemon");
+    let failing = daemon(up[1]);
+    c.kill(&TestCluster::osd_name(failing));
+    let failpoint = format!("device_eio:{name}");
+    c.start_osd_env(failing, &[("STORE_FAILPOINT", failpoint.as_str())]);
+    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 4).then_some(())
+    });
+    c.wait_pgs_settled();
+    let t0 = std::time::Instant::now();
+    rt.block_on(client.write(pool.id, name, 0, Bytes::from_static(b"survives")))
+        .expect("the write goes on without the failed OSD");
+    let status = c
+        .wait_exit(&TestCluster::osd_name(failing), Duration::from_secs(10))
+        .expect("the OSD stops");
+    assert!(!status.success(), "{status:?}");
+    // Marked down well within the 30 s grace: the OSD asked for it.
+    let s = store_integration::wait_for(Duration::from_secs(10), "OSD_DEVICE_ERRORS", || {
+        let s = c.try_status()?;
+        s["health"]["checks"]["OSD_DEVICE_ERRORS"]
+            .is_object()
+            .then_some(s)
+    });
+    assert_eq!(s["osdmap"]["num_up_osds"], 3);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let detail = c.ctl_json(&["health", "detail"]).to_string();
+    assert!(detail.contains(&format!("osd.{}", up[1])), "{detail}");
+    let got = rt
+        .block_on(client.read(pool.id, name, 0, 8))
+        .expect("read from the others");
+    assert_eq!(&got[..], b"survives");
+    c.allow_error("I/O error on the data device");
+    c.allow_error("stopped: I/O error on its data device");
+    c.check_logs();
+}
+
+/// OSDs keep nothing for PGs their map lacks: a replica write for a PG of no pool is
+/// refused (it used to create an engine and an apply task for it, and apply it), and the
+/// PG slots of a removed pool are dropped.
+#[test]
+fn osds_keep_no_state_for_pgs_the_map_lacks() {
+    use store_types::osdmsg::{Mutation, ObjVersion, OsdRequest, OsdResponse, Pg};
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        ..Default::default()
+    });
+    c.create_pool("gone", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("gone").expect("pool").id;
+    for i in 0..16 {
+        rt.block_on(client.write(pool, &format!("o{i}"), 0, Bytes::from_static(b"x")))
+            .expect("write");
+    }
+    let map = c.map();
+    let osd = map.osds.values().next().expect("an OSD").clone();
+    let resp = rt.block_on(async {
+        let (conn, _) = store_client::RpcConn::connect(
+            &osd.addr,
+            Duration::from_secs(5),
+            store_types::osdmsg::OSD_MAX_FRAME_BYTES,
+        )
+        .await
+        .expect("connect");
+        let req = OsdRequest::Replica {
+            map_epoch: map.epoch + 1000,
+            from: 99,
+            pg: Pg {
+                pool: 4242,
+                seed: 7,
+            },
+            object: "phantom".into(),
+            version: ObjVersion { epoch: 1, seq: 1 },
+            mutation: Mutation::Delete,
+        };
+        conn.call::<_, OsdResponse>(&req, Duration::from_secs(10))
+            .await
+            .expect("an answer")
+    });
+    assert!(
+        matches!(resp, OsdResponse::NotPrimary { .. }),
+        "a replica write for a PG of no pool must not be applied: {resp:?}"
+    );
+    c.ctl_ok(&["pool", "rm", "gone", "--yes-i-really-mean-it"]);
+    for i in 0..3 {
+        c.wait_log(&TestCluster::osd_name(i), "PG slots of removed pools");
+    }
+    c.check_logs();
+}

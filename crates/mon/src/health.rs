@@ -367,6 +367,27 @@ fn osd_checks(map: &ClusterMap, checks: &mut Checks) {
 pub const FULL_RATIO: f64 = 0.95;
 pub const NEARFULL_RATIO: f64 = 0.85;
 
+/// OSDs whose last report counted device I/O errors: an OSD stops at its first, so this
+/// names OSDs that died of their disk (until they run again without errors).
+fn device_checks(map: &ClusterMap, stats: &HashMap<OsdId, OsdStat>, checks: &mut Checks) {
+    let mut failed: Vec<String> = stats
+        .iter()
+        .filter(|(id, st)| st.device_errors > 0 && map.osds.contains_key(id))
+        .map(|(id, st)| {
+            format!(
+                "osd.{id} stopped after {} I/O error(s) on its data device",
+                st.device_errors
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        return;
+    }
+    failed.sort();
+    let summary = format!("{} osd(s) stopped on device I/O errors", failed.len());
+    raise(checks, HealthCode::OsdDeviceErrors, summary, failed);
+}
+
 fn usage_checks(map: &ClusterMap, stats: &HashMap<OsdId, OsdStat>, checks: &mut Checks) {
     let mut full = Vec::new();
     let mut nearfull = Vec::new();
@@ -562,6 +583,7 @@ pub fn status(input: StatusInput) -> StatusReport {
     let quorum_names = mon_checks(&input, &mut checks);
     osd_checks(map, &mut checks);
     usage_checks(map, input.osd_stats, &mut checks);
+    device_checks(map, input.osd_stats, &mut checks);
     let pgs = pgs_by_state(map, input.busy);
     pg_checks(&pgs, &down_waits(map, input.busy), &mut checks);
     let pgs_remapped = pgs
@@ -890,10 +912,17 @@ mod tests {
             checksum_errors: errs,
             recovered_objects: 0,
             recovered_bytes: 0,
+            device_errors: 0,
         };
         stats.insert(0, st(96, 0));
         stats.insert(1, st(90, 2));
-        stats.insert(2, st(10, 0));
+        stats.insert(
+            2,
+            OsdStat {
+                device_errors: 1,
+                ..st(10, 0)
+            },
+        );
         let r = status(StatusInput {
             map: &m,
             mons: vec![],
@@ -909,6 +938,10 @@ mod tests {
         assert_eq!(r.checks["OSD_FULL"].detail, vec!["osd.0 is 96.0% full"]);
         assert_eq!(r.checks["OSD_NEARFULL"].detail, vec!["osd.1 is 90.0% full"]);
         assert!(r.checks["OSD_SCRUB_ERRORS"].detail[0].contains("osd.1"));
+        assert_eq!(
+            r.checks["OSD_DEVICE_ERRORS"].detail,
+            vec!["osd.2 stopped after 1 I/O error(s) on its data device"]
+        );
         assert_eq!(r.health, Severity::Err);
         assert_eq!(r.used_bytes, 196);
     }

@@ -172,15 +172,17 @@ fn weight_for(total_bytes: u64) -> CrushWeight {
 }
 
 /// Usage for heartbeats; checksum errors count only damage not yet repaired.
-fn stat_of(store: &Store, repaired: u64, (recovered, recovered_bytes): (u64, u64)) -> OsdStat {
+fn stat_of(store: &Store, service: &service::OsdService<Store>) -> OsdStat {
+    let (recovered, recovered_bytes) = service.recovered();
     let u = store.usage();
     OsdStat {
         total_bytes: u.total_bytes,
         used_bytes: u.used_bytes,
         objects: u.objects,
-        checksum_errors: u.checksum_errors.saturating_sub(repaired),
+        checksum_errors: u.checksum_errors.saturating_sub(service.repaired()),
         recovered_objects: recovered,
         recovered_bytes,
+        device_errors: service.device_errors(),
     }
 }
 
@@ -231,9 +233,16 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
         store.clone(),
         service.clone(),
     ));
+    let mut device_failure = service.device_failure();
     loop {
-        if maps.changed().await.is_err() {
-            return Err(StoreError::internal("map subscription ended"));
+        tokio::select! {
+            r = maps.changed() => if r.is_err() {
+                return Err(StoreError::internal("map subscription ended"));
+            },
+            _ = device_failure.changed() => {
+                let what = device_failure.borrow().clone().unwrap_or_default();
+                return Err(stop_on_device_failure(id, &meta, &settings, &store, &service, what).await);
+            }
         }
         let map: Option<Arc<ClusterMap>> = maps.borrow_and_update().clone();
         let Some(map) = map else { continue };
@@ -252,6 +261,46 @@ pub async fn run(settings: OsdSettings) -> Result<(), StoreError> {
             None => debug!(osd = id, epoch = map.epoch, "this OSD is not in the map"),
         }
     }
+}
+
+/// The data device failed an I/O: report it (the heartbeat carries the error count, for
+/// OSD_DEVICE_ERRORS), have the monitors mark this OSD down at once rather than after the
+/// heartbeat grace, and stop. Each step is bounded: the OSD stops whatever they answer.
+async fn stop_on_device_failure(
+    id: u32,
+    meta: &OsdMeta,
+    settings: &OsdSettings,
+    store: &Store,
+    service: &Arc<service::OsdService<Store>>,
+    what: String,
+) -> StoreError {
+    let bound = Duration::from_secs(3);
+    let mut fanout = MonFanout::new(settings.mon_addrs.clone(), bound);
+    let (pgs_epoch, busy_pgs) = service.busy_pgs();
+    let report = MonRequest::OsdHeartbeat {
+        id,
+        uuid: meta.uuid.clone(),
+        stat: stat_of(store, service),
+        busy_pgs,
+        pgs_epoch,
+        slow_ops: service.slow_ops(),
+    };
+    let _ = tokio::time::timeout(bound, fanout.send_all(None, &report)).await;
+    let mons = MonClient::new(settings.mon_addrs.clone(), Default::default());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let down = MapCommand::OsdMarkDown {
+        ids: vec![id],
+        now_ms,
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(bound, mons.command(down)).await {
+        warn!("could not have this OSD marked down: {e}");
+    }
+    StoreError::new(
+        ErrorCode::DeviceError,
+        format!("osd.{id} stopped: I/O error on its data device while {what}"),
+    )
 }
 
 async fn boot(
@@ -339,7 +388,7 @@ async fn heartbeat_loop(
         let req = MonRequest::OsdHeartbeat {
             id,
             uuid: uuid.clone(),
-            stat: stat_of(&store, service.repaired(), service.recovered()),
+            stat: stat_of(&store, &service),
             busy_pgs,
             pgs_epoch,
             slow_ops,

@@ -50,6 +50,7 @@ pub type MapRx = watch::Receiver<Option<Arc<ClusterMap>>>;
 pub fn obj_err(e: ObjError) -> StoreError {
     let code = match &e {
         ObjError::NoSpace { .. } => ErrorCode::NoSpace,
+        ObjError::Io(_) => ErrorCode::DeviceError,
         ObjError::Checksum { .. } => ErrorCode::Corrupt,
         ObjError::NotFound(_) => ErrorCode::NotFound,
         ObjError::Invalid(_) | ObjError::StaleVersion { .. } => ErrorCode::InvalidArgument,
@@ -96,6 +97,11 @@ impl RecoverError {
             RecoverError::Store(_) => RecoveryFailure::Transient,
         }
     }
+}
+
+/// EIO, as the kernel reports a failed device I/O.
+const fn libc_eio() -> i32 {
+    5
 }
 
 /// A client operation as SLOW_OPS names it: `write obj-24 (pg 1.1f)`.
@@ -220,6 +226,10 @@ pub struct OsdService<S: ObjectStore> {
     announce: Arc<Announcer>,
     /// Client operations in hand, for SLOW_OPS.
     ops: Arc<OpTracker>,
+    /// I/O errors the data device returned; the first stops the OSD (see
+    /// [`OsdService::device_failure`]).
+    device_errors: AtomicU64,
+    device_failure: watch::Sender<Option<String>>,
     /// Connections kept for peering and recovery calls, by peer address.
     peer_conns: Mutex<HashMap<String, RpcConn>>,
     /// pg_temp entries announced done, and when: not repeated for a while.
@@ -248,7 +258,14 @@ const STRAY_SWEEP_EVERY: Duration = Duration::from_secs(3);
 /// primary never acknowledged: a divergent replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failpoint {
-    DropReplicaOp { object: String },
+    DropReplicaOp {
+        object: String,
+    },
+    /// `device_eio:NAME`: applying a mutation of object NAME fails as the device would
+    /// with EIO.
+    DeviceEio {
+        object: String,
+    },
 }
 
 impl Failpoint {
@@ -260,6 +277,9 @@ impl Failpoint {
                     object: object.to_string(),
                 })
             }
+            Some(("device_eio", object)) if !object.is_empty() => Some(Failpoint::DeviceEio {
+                object: object.to_string(),
+            }),
             // The daemon's own (see `stored`).
             _ if v == "panic_after_start" => None,
             _ => {
@@ -330,6 +350,8 @@ impl<S: ObjectStore> OsdService<S> {
             primaries_at: AtomicU64::new(0),
             announce,
             ops,
+            device_errors: AtomicU64::new(0),
+            device_failure: watch::Sender::new(None),
             peer_conns: Mutex::new(HashMap::new()),
             temp_announced: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
@@ -338,6 +360,37 @@ impl<S: ObjectStore> OsdService<S> {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Set (with what failed) once the data device returned an I/O error: the OSD must
+    /// stop, as Ceph's does, so its PGs go to OSDs whose disks work.
+    pub fn device_failure(&self) -> watch::Receiver<Option<String>> {
+        self.device_failure.subscribe()
+    }
+
+    pub fn device_errors(&self) -> u64 {
+        self.device_errors.load(Ordering::Relaxed)
+    }
+
+    fn device_failed(&self, what: &str, e: &std::io::Error) {
+        self.device_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            osd = self.id,
+            "I/O error on the data device while {what}: {e}; this OSD stops"
+        );
+        self.device_failure
+            .send_if_modified(|f| f.replace(format!("{what}: {e}")).is_none());
+    }
+
+    /// The `device_eio` failpoint: the result a failing device would give.
+    fn inject_device_error(&self, object: &str, res: Result<(), ObjError>) -> Result<(), ObjError> {
+        let fp = self.failpoint.lock().expect("failpoint lock");
+        match &*fp {
+            Some(Failpoint::DeviceEio { object: o }) if o == object => {
+                Err(ObjError::Io(std::io::Error::from_raw_os_error(libc_eio())))
+            }
+            _ => res,
+        }
     }
 
     /// The client operations in hand past the complaint time.
@@ -423,6 +476,12 @@ impl<S: ObjectStore> OsdService<S> {
                 }
                 Mutation::Delete => self.store.delete(&id, job.version).await.map(|_| ()),
             };
+            let res = self.inject_device_error(&id.name, res);
+            if let Err(ObjError::Io(e)) = &res {
+                // Not answered: the OSD stops, and its peers see the connection close.
+                self.device_failed(&format!("applying {:?} to {}", job.version, id.name), e);
+                continue;
+            }
             let res = res.map_err(obj_err);
             match job.done {
                 Applied::Reply { replier, tag, .. } => {
@@ -948,6 +1007,9 @@ impl<S: ObjectStore> OsdService<S> {
             }),
             _ => return OsdResponse::Error(StoreError::internal("not a read")),
         };
+        if let Err(ObjError::Io(e)) = &res {
+            self.device_failed(&format!("reading {object}"), e);
+        }
         res.unwrap_or_else(|e| OsdResponse::Error(obj_err(e)))
     }
 
@@ -1662,6 +1724,44 @@ impl<S: ObjectStore> OsdService<S> {
         });
     }
 
+    /// Whether `pg` exists in this OSD's map: its pool does, and its seed is below the
+    /// pool's pg_num. PG slots (an engine, an apply task) are made only for those.
+    fn pg_exists(&self, pg: Pg) -> bool {
+        self.map()
+            .and_then(|m| m.pools.get(&pg.pool).map(|p| pg.seed < p.pg_num))
+            .unwrap_or(false)
+    }
+
+    /// Forgets what belongs to things gone from the map: the slots of removed pools' PGs
+    /// (pool ids are never reused, and no slot is made for a PG the map lacks, so none comes
+    /// back; operations still running finish on the slot they hold), the replica senders
+    /// of purged OSDs (ids are never reused; each sender's task ends once its queue is
+    /// drained), and kept peer connections to addresses no OSD has.
+    fn prune(&self, map: &ClusterMap) {
+        let mut pgs = self.pgs.lock().expect("pg table lock");
+        let before = pgs.len();
+        pgs.retain(|pg, _| map.pools.get(&pg.pool).is_some_and(|p| pg.seed < p.pg_num));
+        let gone = before - pgs.len();
+        drop(pgs);
+        if gone > 0 {
+            info!(epoch = map.epoch, "forgot {gone} PG slots of removed pools");
+        }
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .retain(|osd, _| map.osds.contains_key(osd));
+        let addrs: std::collections::HashSet<&str> =
+            map.osds.values().map(|o| o.addr.as_str()).collect();
+        self.peer_conns_lock()
+            .retain(|addr, _| addrs.contains(addr.as_str()));
+    }
+
+    /// PG slots and replica senders held now (for tests and reports).
+    pub fn table_sizes(&self) -> (usize, usize) {
+        let slots = self.pgs.lock().expect("pg table lock").len();
+        (slots, self.peers.lock().expect("peers lock").len())
+    }
+
     /// Feeds clock ticks and new maps to every PG engine.
     pub async fn housekeeping(self: Arc<Self>) {
         let mut maps = self.maps.clone();
@@ -1672,6 +1772,7 @@ impl<S: ObjectStore> OsdService<S> {
                 r = maps.changed() => if r.is_err() { return },
             }
             if let Some(map) = self.map() {
+                self.prune(&map);
                 self.ensure_primary_slots(&map);
             }
             let slots = self.all_slots();
@@ -2010,8 +2111,16 @@ impl<S: ObjectStore> OsdService<S> {
                     if self.fire_failpoint(&object) {
                         continue;
                     }
-                    if let Some(e) = self.stale_primary(map_epoch, from, pg) {
-                        // Not an error for the client: its primary resends it there.
+                    let stale = match self.stale_primary(map_epoch, from, pg) {
+                        None if !self.pg_exists(pg) => Some(StoreError::not_found(format!(
+                            "no PG {}.{:x} in this OSD's map",
+                            pg.pool, pg.seed
+                        ))),
+                        other => other,
+                    };
+                    if let Some(e) = stale {
+                        // Not an error for the client: its primary resends it there (a PG
+                        // this OSD's map does not have yet: once it has the map).
                         debug!("{}", e.message);
                         let epoch = self.map().map_or(map_epoch, |m| m.epoch);
                         tokio::spawn(async move {

@@ -43,6 +43,9 @@ pub enum ErrorCode {
     LockLost,
     /// The image lock is held by another live session, which was asked to release it.
     LockBusy,
+    /// An OSD's data device returned an I/O error: the OSD stops (its PGs are served by
+    /// the other OSDs).
+    DeviceError,
 }
 
 impl ErrorCode {
@@ -65,6 +68,7 @@ impl ErrorCode {
             ErrorCode::Blocklisted => "BLOCKLISTED",
             ErrorCode::LockLost => "LOCK_LOST",
             ErrorCode::LockBusy => "LOCK_BUSY",
+            ErrorCode::DeviceError => "DEVICE_ERROR",
         }
     }
 
@@ -101,6 +105,9 @@ impl ErrorCode {
             }
             ErrorCode::LockBusy => {
                 "another live session holds the image lock (`storectl client ls`); it releases when it stops writing"
+            }
+            ErrorCode::DeviceError => {
+                "the OSD's disk failed an I/O: check `dmesg` and SMART on its host, then replace the device (`storectl osd out`, `osd purge`)"
             }
         }
     }

@@ -49,6 +49,8 @@ health_codes! {
     OsdFull => "OSD_FULL",
     /// An OSD's reads found checksum mismatches on its device.
     OsdScrubErrors => "OSD_SCRUB_ERRORS",
+    /// An OSD stopped after its data device returned an I/O error.
+    OsdDeviceErrors => "OSD_DEVICE_ERRORS",
     /// Cluster flags are set.
     OsdmapFlags => "OSDMAP_FLAGS",
     /// A pool's size exceeds the number of its failure domains that hold in OSDs.
@@ -71,9 +73,10 @@ impl HealthCode {
     /// How bad it is; the cluster's health is the worst active check's.
     pub fn severity(self) -> Severity {
         match self {
-            HealthCode::MonQuorumLost | HealthCode::OsdFull | HealthCode::OsdScrubErrors => {
-                Severity::Err
-            }
+            HealthCode::MonQuorumLost
+            | HealthCode::OsdFull
+            | HealthCode::OsdScrubErrors
+            | HealthCode::OsdDeviceErrors => Severity::Err,
             HealthCode::MonDown
             | HealthCode::EvenMonitorCount
             | HealthCode::OsdDown
@@ -104,6 +107,9 @@ impl HealthCode {
             HealthCode::OsdFull => "an OSD's device is at least 95% used: writes to it fail",
             HealthCode::OsdScrubErrors => {
                 "an OSD's reads found checksum mismatches on its device"
+            }
+            HealthCode::OsdDeviceErrors => {
+                "an OSD stopped after its data device returned an I/O error (it is marked down at once)"
             }
             HealthCode::OsdmapFlags => {
                 "cluster flags are set (noout, nodown, noup, norebalance, norecover, nobackfill)"
@@ -153,6 +159,9 @@ impl HealthCode {
             HealthCode::OsdFull => "add OSDs or free space now; `storectl status` shows usage",
             HealthCode::OsdScrubErrors => {
                 "a damaged copy is read from another replica when one exists; check the OSD's device (kernel log, SMART) and replace it if the count grows"
+            }
+            HealthCode::OsdDeviceErrors => {
+                "check the device (kernel log, SMART) and replace it: `storectl osd out ID`, then `osd purge`; the check clears when the OSD runs again without errors"
             }
             HealthCode::OsdmapFlags => "unset each with `storectl osd unset FLAG` when done",
             HealthCode::PoolSizeExceedsDomains => {
@@ -235,7 +244,15 @@ mod tests {
             .filter(|c| c.severity() == Severity::Err)
             .map(|c| c.as_str())
             .collect();
-        assert_eq!(errs, ["MON_QUORUM_LOST", "OSD_FULL", "OSD_SCRUB_ERRORS"]);
+        assert_eq!(
+            errs,
+            [
+                "MON_QUORUM_LOST",
+                "OSD_FULL",
+                "OSD_SCRUB_ERRORS",
+                "OSD_DEVICE_ERRORS"
+            ]
+        );
         assert!(HealthCode::ALL.iter().all(|c| c.severity() != Severity::Ok));
         assert_eq!(HealthCode::SlowOps.severity(), Severity::Warn);
     }

@@ -185,6 +185,8 @@ pub struct OsdStat {
     pub recovered_objects: u64,
     /// Bytes of object data this OSD copied in recovery since it started (a counter).
     pub recovered_bytes: u64,
+    /// I/O errors its data device returned since it started: an OSD stops at the first.
+    pub device_errors: u64,
 }
 
 /// The operations a daemon (an OSD or a gateway) has had in hand longer than its
