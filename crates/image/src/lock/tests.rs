@@ -204,7 +204,8 @@ enum Pending {
     Release(usize, u64),
     Retry(usize),
     MapTo(usize),
-    Finish(usize),
+    /// A write running under the given lock generation finishes.
+    Finish(usize, u64),
 }
 
 fn run(seed: u64, writes_per_session: usize) {
@@ -245,7 +246,7 @@ fn run(seed: u64, writes_per_session: usize) {
                     assert_eq!(model.holder, Some(who), "write by non-holder {ms:?}");
                     assert_eq!(model.generation, generation);
                     todo[who] -= 1;
-                    pending.push(Pending::Finish(who));
+                    pending.push(Pending::Finish(who, generation));
                 }
                 Begin::Wait => {}
                 Begin::Fail(e) => panic!("write failed: {e}"),
@@ -283,9 +284,10 @@ fn run(seed: u64, writes_per_session: usize) {
                 let cmds = ms[w].handle(Event::Map(model.view(w)));
                 exec(w, cmds, &mut pending);
             }
-            Pending::Finish(w) => {
+            Pending::Finish(w, generation) => {
                 // Still the holder at the same generation while the write runs.
                 assert_eq!(model.holder, Some(w));
+                assert_eq!(model.generation, generation, "the lock moved under a write");
                 done[w] += 1;
                 let cmds = ms[w].handle(Event::WriteDone);
                 exec(w, cmds, &mut pending);
