@@ -41,7 +41,6 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -65,7 +64,7 @@ pub use deferred::DEFERRED_MAX_BLOCKS;
 use deferred::{ApplyJob, Deferred};
 pub use format::Identity;
 use format::{ObjMeta, RECORD_V};
-use pglog::LogCount;
+use pglog::PgLogSlots;
 
 const CF_META: &str = "meta";
 const CF_OBJECTS: &str = "objects";
@@ -92,8 +91,8 @@ pub struct BlockStore<D: BlockDevice> {
     locks: Vec<RwLock<()>>,
     objects: AtomicU64,
     checksum_errors: AtomicU64,
-    /// Entries in each PG's log, counted on first use.
-    log_len: Mutex<HashMap<(u32, u32), LogCount>>,
+    /// Entries in each PG's log, counted on first use, each PG's behind its own lock.
+    log_slots: PgLogSlots,
     log_max: u64,
     /// The next deferred write's sequence number.
     deferred_seq: AtomicU64,
@@ -115,7 +114,14 @@ pub struct BlockStore<D: BlockDevice> {
     /// Recently used objects' metadata (None: the object does not exist). Same rules as
     /// the chunk cache: filled under the object's lock, changed after each commit.
     meta_cache: GenCache<Option<ObjMeta>>,
+    /// Called with (pool, pg) when a scan of that PG's log starts (tests pause it there).
+    #[cfg(test)]
+    log_scan_hook: Option<LogScanHook>,
 }
+
+/// See [`BlockStore::with_log_scan_hook`].
+#[cfg(test)]
+pub(crate) type LogScanHook = Arc<dyn Fn(u32, u32) + Send + Sync>;
 
 impl<D: BlockDevice> Drop for BlockStore<D> {
     fn drop(&mut self) {
@@ -155,6 +161,13 @@ impl<D: BlockDevice> BlockStore<D> {
     /// Keeps at most `entries` per PG log (tests use small logs).
     pub fn with_pg_log_limit(mut self, entries: u64) -> Self {
         self.log_max = entries.max(1);
+        self
+    }
+
+    /// Calls `hook` with (pool, pg) whenever a scan of a PG's log starts.
+    #[cfg(test)]
+    pub(crate) fn with_log_scan_hook(mut self, hook: LogScanHook) -> Self {
+        self.log_scan_hook = Some(hook);
         self
     }
 

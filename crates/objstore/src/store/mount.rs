@@ -217,7 +217,7 @@ impl<D: BlockDevice> BlockStore<D> {
             locks: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             objects: AtomicU64::new(objects),
             checksum_errors: AtomicU64::new(0),
-            log_len: Mutex::new(HashMap::new()),
+            log_slots: Mutex::new(HashMap::new()),
             log_max: PG_LOG_MAX_ENTRIES,
             deferred_seq: AtomicU64::new(0),
             deferred,
@@ -228,6 +228,8 @@ impl<D: BlockDevice> BlockStore<D> {
             flushes: FlushGroup::default(),
             map_cache: ChunkCache::new(MAP_CACHE_CHUNKS),
             meta_cache: GenCache::new(META_CACHE_OBJECTS),
+            #[cfg(test)]
+            log_scan_hook: None,
         };
         store.committer = Some(match (recovered, journal, holds) {
             (Some(recovered), Some(region), Some(holds)) => {

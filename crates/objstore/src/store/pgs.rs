@@ -93,10 +93,7 @@ impl<D: BlockDevice> BlockStore<D> {
             batch.delete_cf(log_cf, &end);
             batch.delete_cf(meta_cf, pg_state_key(pool, pg));
             self.commit(batch).await?;
-            self.log_len
-                .lock()
-                .map_err(|_| meta_err("log lock poisoned"))?
-                .remove(&(pool, pg));
+            self.forget_pg_log(pool, pg)?;
             return Ok(true);
         }
         for okey in okeys {
@@ -154,7 +151,7 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// The keys of `cf` that start with `prefix`, in order.
-    pub(super) fn keys_with_prefix<'a>(
+    fn keys_with_prefix<'a>(
         &'a self,
         cf: &'a rocksdb::ColumnFamily,
         prefix: &'a [u8],

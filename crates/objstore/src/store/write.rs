@@ -71,7 +71,8 @@ impl<D: BlockDevice> BlockStore<D> {
             let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
             let mut batch = WriteBatch::default();
             batch.put_cf(cf, &okey, encode_record(RECORD_V, &new_meta));
-            self.log_into(&mut batch, id, version, LogOp::Write { offset, len: 0 })?;
+            self.log_into(&mut batch, id, version, LogOp::Write { offset, len: 0 })
+                .await?;
             let res = self.commit(batch).await;
             self.meta_committed(&okey, &res, Some(new_meta));
             res?;
@@ -223,7 +224,8 @@ impl<D: BlockDevice> BlockStore<D> {
             Some(map)
         };
         batch.put_cf(objects_cf, &okey, encode_record(RECORD_V, &new_meta));
-        self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })?;
+        self.log_into(&mut batch, id, version, LogOp::Zero { offset, len })
+            .await?;
         let res = self.commit(batch).await;
         self.meta_committed(&okey, &res, Some(new_meta));
         if let Some(map) = &map {
@@ -262,7 +264,8 @@ impl<D: BlockDevice> BlockStore<D> {
         let mut batch = WriteBatch::default();
         blockmap::delete_object(&mut batch, blocks_cf, &okey);
         batch.delete_cf(objects_cf, &okey);
-        self.log_into(&mut batch, id, version, LogOp::Delete)?;
+        self.log_into(&mut batch, id, version, LogOp::Delete)
+            .await?;
         let res = self.commit(batch).await;
         self.map_cache.forget_object(&okey, b1);
         self.meta_committed(&okey, &res, None);
@@ -324,7 +327,8 @@ impl<D: BlockDevice> BlockStore<D> {
         self.remove_flushed_records(&mut batch)?;
         batch.put_cf(objects_cf, okey, encode_record(RECORD_V, &change.meta));
         if let Some(op) = change.log {
-            self.log_into(&mut batch, change.id, change.meta.version, op)?;
+            self.log_into(&mut batch, change.id, change.meta.version, op)
+                .await?;
         }
         // Set once the commit is sent: its failure may still have left it durable (a
         // journal entry or WAL record on the device that the next mount applies), so the
