@@ -4,6 +4,11 @@
 //! block not referenced there is free. That makes the allocator crash-consistent by
 //! construction: blocks taken by a write that never committed are simply unreferenced after
 //! a crash. [`Allocator::from_used`] rebuilds it at mount.
+//!
+//! A free of blocks that are free already (a double free) is refused, release builds
+//! included: put in the free map twice, a block would be handed out to two objects. The
+//! free map is left as it was and the allocator allocates nothing more (see
+//! [`Allocator::failure`]); reopening the store rebuilds it from the block map.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +25,17 @@ pub struct Allocator {
     /// [`Allocator::alloc_small`]); not in `free`, but counted in `free_blocks`.
     run: Option<Extent>,
     free_blocks: u64,
+    /// The first free refused: the block map and this map disagree, so nothing is
+    /// allocated any more (a block the map holds as free may still be in use).
+    failed: Option<AllocError>,
+}
+
+/// A free the allocator refused; its free map is as it was before.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    /// Some of the blocks are free already (or reserved for small allocations).
+    #[error("double free of {len} blocks from block {start}: some of them are free already")]
+    DoubleFree { start: u64, len: u64 },
 }
 
 /// Blocks reserved at a time for small allocations: 1 MiB.
@@ -54,6 +70,13 @@ impl Allocator {
         self.free_blocks
     }
 
+    /// The first free refused, if any. From then on [`Allocator::alloc`] and
+    /// [`Allocator::alloc_small`] give nothing: the free map is known to disagree with the
+    /// block map, and handing out a block the block map still names would corrupt data.
+    pub fn failure(&self) -> Option<&AllocError> {
+        self.failed.as_ref()
+    }
+
     fn insert(&mut self, start: u64, len: u64) {
         self.free.insert(start, len);
         self.by_len.insert((len, start));
@@ -68,16 +91,20 @@ impl Allocator {
 
     /// Takes `n` blocks: the smallest extent that holds them all (best fit, so large
     /// extents stay whole for large writes), else as few pieces as the largest extents
-    /// give. None (and nothing taken) if fewer than `n` blocks are free.
+    /// give. None (and nothing taken) if fewer than `n` blocks are free, or after a
+    /// refused free ([`Allocator::failure`]).
     pub fn alloc(&mut self, n: u64) -> Option<Vec<Extent>> {
         if n == 0 {
             return Some(Vec::new());
         }
-        if n > self.free_blocks {
+        if n > self.free_blocks || self.failed.is_some() {
             return None;
         }
         if n > self.free_blocks - self.run.map_or(0, |r| r.len) {
             self.return_run();
+            if self.failed.is_some() {
+                return None;
+            }
         }
         if let Some(&(len, start)) = self.by_len.range((n, 0)..).next() {
             self.take(start, len, n);
@@ -102,6 +129,9 @@ impl Allocator {
     /// one-block hole that copy-on-write left. A new run is the smallest free extent of
     /// [`SMALL_RUN_BLOCKS`] or more; without one, this is [`Allocator::alloc`].
     pub fn alloc_small(&mut self, n: u64) -> Option<Vec<Extent>> {
+        if self.failed.is_some() {
+            return None;
+        }
         if let Some(r) = self.run.as_mut() {
             if r.len >= n {
                 let got = Extent {
@@ -133,7 +163,12 @@ impl Allocator {
     fn return_run(&mut self) {
         if let Some(r) = self.run.take() {
             self.free_blocks -= r.len;
-            self.free_extent(r);
+            if let Err(e) = self.free_extent(r) {
+                // The run overlaps free extents: this map is damaged. The run's blocks
+                // stay out of it (unused until the next mount rebuilds the map), and
+                // nothing is allocated any more.
+                tracing::error!("the allocator's reserved run is free already: {e}");
+            }
         }
     }
 
@@ -145,20 +180,23 @@ impl Allocator {
         }
     }
 
-    /// Returns one block to the free space.
-    pub fn free(&mut self, block: u64) {
+    /// Returns one block to the free space (see [`Allocator::free_extent`]).
+    pub fn free(&mut self, block: u64) -> Result<(), AllocError> {
         self.free_extent(Extent {
             start: block,
             len: 1,
-        });
+        })
     }
 
-    /// Returns an extent to the free space, merging with its neighbours.
-    pub fn free_extent(&mut self, e: Extent) {
+    /// Returns an extent to the free space, merging with its neighbours. Refuses, leaving
+    /// the free map as it was, if any of its blocks is free already: from then on nothing
+    /// is allocated ([`Allocator::failure`]).
+    pub fn free_extent(&mut self, e: Extent) -> Result<(), AllocError> {
         if e.len == 0 {
-            return;
+            return Ok(());
         }
-        debug_assert!(!self.overlaps(e), "double free of {e:?}");
+        // Checked in every build: this is what keeps one block from two objects.
+        self.check_in_use(e)?;
         let mut start = e.start;
         let mut len = e.len;
         if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
@@ -173,6 +211,23 @@ impl Allocator {
             len += nl;
         }
         self.insert(start, len);
+        Ok(())
+    }
+
+    /// Checks that no block of `e` is free, as [`Allocator::free_extent`] does: a store
+    /// checks the blocks a commit will free before it sends the commit, so that a commit
+    /// that would free blocks twice is refused before anything changes. A refusal stops
+    /// allocation likewise.
+    pub fn check_in_use(&mut self, e: Extent) -> Result<(), AllocError> {
+        if e.len == 0 || !self.overlaps(e) {
+            return Ok(());
+        }
+        let err = AllocError::DoubleFree {
+            start: e.start,
+            len: e.len,
+        };
+        self.failed.get_or_insert_with(|| err.clone());
+        Err(err)
     }
 
     fn overlaps(&self, e: Extent) -> bool {
@@ -204,12 +259,12 @@ mod tests {
         assert_eq!(a.free_blocks(), 2);
         assert_eq!(a.alloc(3), None);
         for e in got {
-            a.free_extent(e);
+            a.free_extent(e).expect("free");
         }
         for b in [1, 2, 3, 4, 5, 10] {
-            a.free(b);
+            a.free(b).expect("free");
         }
-        a.free_extent(Extent { start: 11, len: 5 });
+        a.free_extent(Extent { start: 11, len: 5 }).expect("free");
         assert_eq!(a.free_blocks(), 19);
         assert_eq!(a.free.len(), 1, "everything merged back: {:?}", a.free);
     }
@@ -257,7 +312,7 @@ mod tests {
                 for b in e.start..e.start + e.len {
                     used[b as usize] = false;
                 }
-                a.free_extent(e);
+                a.free_extent(e).expect("free");
             }
             let in_use = used.iter().filter(|u| **u).count() as u64;
             assert_eq!(a.free_blocks(), end - first - in_use);
@@ -272,6 +327,51 @@ mod tests {
             assert_ne!(prev_end, Some(s), "adjacent extents not merged");
             prev_end = Some(s + l);
         }
+    }
+
+    /// D10: a double free (whole, partial, or of blocks in the reserved run) is refused in
+    /// every build, leaves the free map as it was, and stops allocation: no block can be
+    /// handed out twice. (It was a `debug_assert!`: in release builds the block went into
+    /// the free map a second time.)
+    #[test]
+    fn a_double_free_is_refused_and_leaves_the_free_map_unchanged() {
+        // Used: 10, 11, 12 and 20. A small allocation takes 21 and reserves 22..277.
+        let mut a = Allocator::from_used(1, 1000, vec![10, 11, 12, 20]);
+        let small = a.alloc_small(1).expect("small");
+        let run = a.run.expect("a reserved run");
+        let state = |a: &Allocator| (a.free.clone(), a.by_len.clone(), a.free_blocks, a.run);
+        let before = state(&a);
+        let cases = [
+            Extent { start: 3, len: 2 },  // free
+            Extent { start: 12, len: 2 }, // 12 used, 13 free
+            Extent { start: 9, len: 2 },  // 9 free, 10 used
+            Extent {
+                start: run.start,
+                len: 1,
+            }, // reserved for small allocations
+        ];
+        for e in cases {
+            assert_eq!(
+                a.free_extent(e),
+                Err(AllocError::DoubleFree {
+                    start: e.start,
+                    len: e.len
+                }),
+                "{e:?}"
+            );
+            assert_eq!(state(&a), before, "{e:?} changed the free map");
+        }
+        assert_eq!(
+            a.failure(),
+            Some(&AllocError::DoubleFree { start: 3, len: 2 }),
+            "the first refusal is kept"
+        );
+        assert_eq!(a.alloc(1), None, "nothing is allocated after a double free");
+        assert_eq!(a.alloc_small(1), None);
+        assert_eq!(state(&a), before);
+        // Freeing blocks that were in use is still taken: the refusal changed nothing else.
+        a.free_extent(small[0]).expect("a block in use");
+        a.free(10).expect("a block in use");
     }
 
     /// Small allocations made one after another are adjacent, even where copy-on-write

@@ -94,6 +94,11 @@ pub enum ObjError {
     Metadata(String),
     #[error("refusing to open: {0}")]
     Refused(String),
+    /// The allocator refused to free blocks that are free already: the block map and the
+    /// free space disagree. The store allocates nothing until it is opened again, which
+    /// rebuilds the free space from the block map.
+    #[error("free space corrupt: {0}; the store allocates nothing until it is opened again")]
+    Alloc(#[from] alloc::AllocError),
 }
 
 /// What every object store backend provides. The conformance suite (tests/conformance.rs)

@@ -187,7 +187,13 @@ pub(super) async fn apply_loop<D: BlockDevice>(
                         }
                         if st.free_when_written.remove(block) {
                             if let Ok(mut a) = alloc.lock() {
-                                a.free_extent(Extent { start: *block, len: 1 });
+                                let freed = Extent { start: *block, len: 1 };
+                                if let Err(e) = a.free_extent(freed) {
+                                    tracing::error!(
+                                        block,
+                                        "refused to free a block that is free already (the block map and the allocator disagree); the store allocates nothing until it is opened again: {e}"
+                                    );
+                                }
                             }
                         }
                     }

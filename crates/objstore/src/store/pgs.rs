@@ -7,8 +7,8 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 use store_types::wire::{decode_record, encode_record};
 
 use super::format::{pg_prefix, pg_state_key, PG_STATE_PREFIX, RECORD_V};
+use super::write::block_runs;
 use super::{block_span, meta_err, BlockStore, CF_BLOCKS, CF_META, CF_OBJECTS, CF_PGLOG};
-use crate::alloc::Extent;
 use crate::blockmap;
 use crate::device::BlockDevice;
 use crate::{ObjError, PgCopyState};
@@ -107,15 +107,14 @@ impl<D: BlockDevice> BlockStore<D> {
             let mut batch = WriteBatch::default();
             blockmap::delete_object(&mut batch, blocks_cf, &okey);
             batch.delete_cf(objects_cf, &okey);
+            let freeing = block_runs(refs.iter().flatten().map(|r| r.device_block));
+            self.check_in_use(&freeing)?;
             let res = self.commit(batch).await;
             self.map_cache.forget_object(&okey, b1);
             self.meta_committed(&okey, &res, None);
             res?;
             self.objects.fetch_sub(1, Ordering::Relaxed);
-            self.release(refs.iter().flatten().map(|r| Extent {
-                start: r.device_block,
-                len: 1,
-            }));
+            self.release(freeing)?;
         }
         Ok(false)
     }

@@ -16,7 +16,7 @@ use crate::aligned::AlignedBuf;
 use crate::device::file::FileDevice;
 use crate::device::BlockDevice;
 use crate::journal::JournalRegion;
-use crate::{test_store_paths, ObjectId, ObjectStore, Version, BLOCK_SIZE};
+use crate::{test_store_paths, ObjError, ObjectId, ObjectStore, Version, BLOCK_SIZE};
 
 /// `writes` 4 KiB writes over seven objects, each object's blocks in turn.
 async fn small_writes(store: &BlockStore<FileDevice>, writes: usize) {
@@ -462,5 +462,65 @@ fn a_pg_log_scan_does_not_stall_writes_to_other_pgs() {
     assert!(
         b_done_during_scan,
         "a write to PG 2 waited for the scan of PG 1's log"
+    );
+}
+
+/// D10: when the allocator holds as free a block the block map still names (they
+/// disagree), a commit that would free that block again is refused before anything
+/// changes, and the store allocates nothing more, so the block is never handed out to a
+/// second object; the store opened again rebuilds its free space from the block map.
+#[tokio::test]
+async fn a_commit_that_would_free_a_free_block_is_refused() {
+    let (_tmp, dev_path, db) = test_store_paths(16 << 20);
+    let dev = FileDevice::open(&dev_path).expect("open device");
+    let store = BlockStore::create(dev, &db, "fsid", "osd")
+        .await
+        .expect("create");
+    let old = Bytes::from(vec![1u8; BLOCK_SIZE]);
+    store
+        .write(&named("a"), 0, old.clone(), version(1))
+        .await
+        .expect("write");
+    let okey = super::format::object_key(&named("a"));
+    let block = store.block_refs(&okey, 0, 1).expect("map")[0]
+        .expect("mapped")
+        .device_block;
+    // The disagreement (a bug elsewhere): the allocator takes the block back while the
+    // block map still names it.
+    store
+        .alloc
+        .lock()
+        .expect("lock")
+        .free(block)
+        .expect("in use");
+    let used_before = store.usage().used_bytes;
+    let new = Bytes::from(vec![2u8; BLOCK_SIZE]);
+    let err = store.write(&named("a"), 0, new.clone(), version(2)).await;
+    let want = crate::alloc::AllocError::DoubleFree {
+        start: block,
+        len: 1,
+    };
+    assert!(
+        matches!(&err, Err(ObjError::Alloc(e)) if *e == want),
+        "the overwrite is refused: {err:?}"
+    );
+    let got = store.read(&named("a"), 0, BLOCK_SIZE).await.expect("read");
+    assert_eq!(got, old, "the refused commit changed nothing");
+    assert_eq!(store.usage().used_bytes, used_before);
+    // No other object can get the block: nothing is allocated any more.
+    let other = store.write(&named("b"), 0, new.clone(), version(1)).await;
+    assert!(matches!(other, Err(ObjError::Alloc(_))), "{other:?}");
+    let delete = store.delete(&named("a"), version(3)).await;
+    assert!(matches!(delete, Err(ObjError::Alloc(_))), "{delete:?}");
+    drop(store);
+    let dev = FileDevice::open(&dev_path).expect("open device");
+    let store = BlockStore::open(dev, &db, "fsid").await.expect("reopen");
+    store
+        .write(&named("a"), 0, new.clone(), version(2))
+        .await
+        .expect("the reopened store writes again");
+    assert_eq!(
+        store.read(&named("a"), 0, BLOCK_SIZE).await.expect("read"),
+        new
     );
 }

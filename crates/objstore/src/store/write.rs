@@ -11,7 +11,7 @@ use super::deferred::deferred_max_blocks;
 use super::format::{object_key, ObjMeta, RECORD_V};
 use super::{block_span, meta_err, BlockStore, CF_BLOCKS, CF_OBJECTS};
 use crate::aligned::AlignedBuf;
-use crate::alloc::Extent;
+use crate::alloc::{Allocator, Extent};
 use crate::blockmap::{self, BlockRef, MapSpan};
 use crate::device::BlockDevice;
 use crate::journal::CheckRun;
@@ -210,6 +210,8 @@ impl<D: BlockDevice> BlockStore<D> {
             self.cow_commit(&okey, b, contents, map, change, &[])
                 .await?;
         }
+        let freeing = block_runs(deletes.iter().map(|(_, r)| r.device_block));
+        self.check_in_use(&freeing)?;
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
@@ -238,11 +240,7 @@ impl<D: BlockDevice> BlockStore<D> {
         if meta.is_none() {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
-        self.release(deletes.iter().map(|(_, r)| Extent {
-            start: r.device_block,
-            len: 1,
-        }));
-        Ok(())
+        self.release(freeing)
     }
 
     /// [`crate::ObjectStore::delete`].
@@ -259,6 +257,8 @@ impl<D: BlockDevice> BlockStore<D> {
         Self::check_version(id, Some(meta), version)?;
         let (_, b1) = block_span(0, meta.size);
         let refs = self.block_refs(&okey, 0, b1.max(1))?;
+        let freeing = block_runs(refs.iter().flatten().map(|r| r.device_block));
+        self.check_in_use(&freeing)?;
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
@@ -271,10 +271,7 @@ impl<D: BlockDevice> BlockStore<D> {
         self.meta_committed(&okey, &res, None);
         res?;
         self.objects.fetch_sub(1, Ordering::Relaxed);
-        self.release(refs.iter().flatten().map(|r| Extent {
-            start: r.device_block,
-            len: 1,
-        }));
+        self.release(freeing)?;
         Ok(true)
     }
 
@@ -295,8 +292,9 @@ impl<D: BlockDevice> BlockStore<D> {
     ) -> Result<(), ObjError> {
         let n = contents.blocks() as u64;
         let old = map.refs(b0, b0 + n as u32);
+        let freeing = block_runs(old.iter().flatten().map(|r| r.device_block));
         let deferred = contents.blocks() <= deferred_max_blocks();
-        let extents = self.alloc(n, deferred)?;
+        let extents = self.alloc(n, deferred, &freeing)?;
         let crcs: Vec<u32> = (0..contents.blocks())
             .map(|i| match known_crcs.get(i) {
                 Some(&crc) => {
@@ -319,7 +317,8 @@ impl<D: BlockDevice> BlockStore<D> {
                 crc: *crc,
             };
             if let Err(e) = map.set(b0 + i as u32, Some(r)) {
-                self.release(extents);
+                // A refused release is logged; this error is the write's.
+                let _ = self.release(extents);
                 return Err(meta_err(e));
             }
         }
@@ -351,7 +350,7 @@ impl<D: BlockDevice> BlockStore<D> {
         if let Err(e) = res {
             map.failed(&self.map_cache, okey);
             if !commit_sent {
-                self.release(extents);
+                let _ = self.release(extents); // a refusal is logged, as above
             }
             return Err(e);
         }
@@ -359,12 +358,9 @@ impl<D: BlockDevice> BlockStore<D> {
         if change.created {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
-        let freed = old.iter().flatten().map(|r| Extent {
-            start: r.device_block,
-            len: 1,
-        });
-        self.release(freed);
-        Ok(())
+        // The commit stands (it is durable) even if the release is refused: the error then
+        // reports the corruption.
+        self.release(freeing)
     }
 
     /// Writes `contents` over the extents in order, durably or not.
@@ -395,43 +391,105 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// Takes `n` blocks; `small` for a deferred write (see
-    /// [`crate::alloc::Allocator::alloc_small`]).
-    fn alloc(&self, n: u64, small: bool) -> Result<Vec<Extent>, ObjError> {
+    /// [`crate::alloc::Allocator::alloc_small`]). `freeing`: the blocks the commit will free;
+    /// if the allocator holds one of them as free already, the commit is refused before
+    /// anything changes (see [`BlockStore::check_in_use`]).
+    fn alloc(&self, n: u64, small: bool, freeing: &[Extent]) -> Result<Vec<Extent>, ObjError> {
         let mut a = self
             .alloc
             .lock()
             .map_err(|_| ObjError::Metadata("allocator lock poisoned".into()))?;
+        check_in_use(&mut a, freeing)?;
         let free = a.free_blocks();
         let got = if small { a.alloc_small(n) } else { a.alloc(n) };
+        if let Some(e) = a.failure() {
+            return Err(e.clone().into());
+        }
         got.ok_or(ObjError::NoSpace {
             need_blocks: n,
             free_blocks: free,
         })
     }
 
-    pub(super) fn release(&self, extents: impl IntoIterator<Item = Extent>) {
+    /// Refuses a commit that would free blocks the allocator holds as free already: the
+    /// block map and the allocator disagree, and freeing them again would let two objects
+    /// have them. Called before the commit is sent, so the refusal changes nothing; from
+    /// then on the store allocates nothing until it is opened again (the mount rebuilds
+    /// the free space from the block map).
+    pub(super) fn check_in_use(&self, freeing: &[Extent]) -> Result<(), ObjError> {
+        if freeing.is_empty() {
+            return Ok(());
+        }
+        let mut a = self
+            .alloc
+            .lock()
+            .map_err(|_| ObjError::Metadata("allocator lock poisoned".into()))?;
+        check_in_use(&mut a, freeing)
+    }
+
+    /// Returns the blocks a commit freed (or that a failed write took) to the allocator.
+    /// Errors if it refuses some as free already (a double free, logged; the others are
+    /// freed): [`Self::check_in_use`] let the commit through, so something freed them in
+    /// between, and the store allocates nothing more until it is opened again.
+    pub(super) fn release(
+        &self,
+        extents: impl IntoIterator<Item = Extent>,
+    ) -> Result<(), ObjError> {
         let Ok(mut d) = self.deferred.lock() else {
-            return; // poisoned: leak the blocks rather than risk reusing them
+            return Ok(()); // poisoned: leak the blocks rather than risk reusing them
         };
         // Blocks still pending a deferred write are freed once it is done; the rest go
         // back as runs (one allocator update per run, not per block).
-        let mut runs: Vec<Extent> = Vec::new();
-        for b in extents.into_iter().flat_map(|e| e.start..e.start + e.len) {
-            if d.pending.contains_key(&b) {
-                d.free_when_written.insert(b);
-                continue;
+        let blocks = extents.into_iter().flat_map(|e| e.start..e.start + e.len);
+        let runs = block_runs(blocks.filter(|b| {
+            let pending = d.pending.contains_key(b);
+            if pending {
+                d.free_when_written.insert(*b);
             }
-            match runs.last_mut() {
-                Some(r) if r.start + r.len == b => r.len += 1,
-                _ => runs.push(Extent { start: b, len: 1 }),
+            !pending
+        }));
+        drop(d);
+        let Ok(mut a) = self.alloc.lock() else {
+            return Ok(()); // poisoned: leak, as above
+        };
+        let mut refused = None;
+        for e in runs {
+            if let Err(err) = a.free_extent(e) {
+                tracing::error!(
+                    start = e.start,
+                    blocks = e.len,
+                    "refused to free blocks that are free already (the block map and the allocator disagree); the store allocates nothing until it is opened again: {err}"
+                );
+                refused.get_or_insert(err);
             }
         }
-        let extents = runs;
-        drop(d);
-        if let Ok(mut a) = self.alloc.lock() {
-            for e in extents {
-                a.free_extent(e);
-            }
+        refused.map_or(Ok(()), |e| Err(e.into()))
+    }
+}
+
+/// Checks that no block of `extents` is free (see [`BlockStore::check_in_use`]).
+fn check_in_use(a: &mut Allocator, extents: &[Extent]) -> Result<(), ObjError> {
+    for e in extents {
+        if let Err(err) = a.check_in_use(*e) {
+            tracing::error!(
+                start = e.start,
+                blocks = e.len,
+                "refusing a commit that would free blocks that are free already (the block map and the allocator disagree); the store allocates nothing until it is opened again: {err}"
+            );
+            return Err(err.into());
         }
     }
+    Ok(())
+}
+
+/// `blocks` as runs of adjacent blocks, in their order.
+pub(super) fn block_runs(blocks: impl IntoIterator<Item = u64>) -> Vec<Extent> {
+    let mut runs: Vec<Extent> = Vec::new();
+    for b in blocks {
+        match runs.last_mut() {
+            Some(r) if r.start + r.len == b => r.len += 1,
+            _ => runs.push(Extent { start: b, len: 1 }),
+        }
+    }
+    runs
 }
