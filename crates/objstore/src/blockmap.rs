@@ -359,6 +359,42 @@ mod tests {
         assert!(c.refs.is_empty());
     }
 
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Golden bytes of the block map's records (see `crate::store::golden` for the rules):
+    /// `blockmap` (object key | chunk u32 BE → the chunk's entries), and the legacy
+    /// per-block records of `blocks` (object key | block u32 BE → one entry), still read
+    /// at mount to move them.
+    #[test]
+    fn golden_block_map_records() {
+        let okey = b"\0\0\0\x01\0\0\0\x2a\0\x03obj";
+        assert_eq!(
+            hex(&chunk_key(okey, 3)),
+            "000000010000002a00036f626a00000003"
+        );
+        let r = BlockRef {
+            device_block: 300,
+            crc: 0xdead_beef,
+        };
+        let mut chunk = Chunk::default();
+        chunk.set(1, Some(r));
+        let want = concat!(
+            "0100",       // record version 1
+            "02",         // two entries (no trailing holes)
+            "00",         // block 0: a hole (None)
+            "01",         // block 1: Some
+            "ac02",       // device block 300
+            "effdb6f50d", // crc 0xdeadbeef
+        );
+        assert_eq!(hex(&encode_record(CHUNK_V, &chunk)), want);
+        assert_eq!(Chunk::decode(&encode_record(CHUNK_V, &chunk)), Ok(chunk));
+        let legacy = [0x01, 0x00, 0xac, 0x02, 0xef, 0xfd, 0xb6, 0xf5, 0x0d];
+        let got: BlockRef = decode_record(LEGACY_V, &legacy).expect("legacy record");
+        assert_eq!(got, r);
+    }
+
     #[test]
     fn keys_of_other_objects_are_not_chunks() {
         let okey = b"\0\0\0\x01\0\0\0\x07\0\x01a".to_vec();

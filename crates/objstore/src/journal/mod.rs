@@ -45,6 +45,8 @@
 
 mod format;
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

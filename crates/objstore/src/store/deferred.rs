@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rocksdb::{IteratorMode, WriteBatch};
 use store_types::wire::{decode_record, encode_record};
 
-use super::format::{DeferredPlace, DeferredWrite, RECORD_V};
+use super::format::{deferred_key, DeferredPlace, DeferredWrite, RECORD_V};
 use super::{meta_err, BlockStore, Committer, CF_DEFERRED};
 use crate::aligned::AlignedBuf;
 use crate::alloc::{Allocator, Extent};
@@ -423,7 +423,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 };
                 let cf = (self.db.cf_handle(CF_DEFERRED))
                     .ok_or_else(|| meta_err("the deferred column family is missing"))?;
-                batch.put_cf(cf, seq.to_be_bytes(), encode_record(RECORD_V, &rec));
+                batch.put_cf(cf, deferred_key(seq), encode_record(RECORD_V, &rec));
                 match self.commit(batch).await {
                     Ok(()) => self
                         .apply_tx
@@ -459,7 +459,7 @@ impl<D: BlockDevice> BlockStore<D> {
                 .cf_handle(CF_DEFERRED)
                 .ok_or_else(|| meta_err("the deferred column family is missing"))?;
             for seq in seqs {
-                batch.delete_cf(cf, seq.to_be_bytes());
+                batch.delete_cf(cf, deferred_key(seq));
             }
         }
         Ok(())

@@ -163,6 +163,12 @@ pub(super) fn parse_superblock(buf: &[u8]) -> Result<(Identity, Option<JournalRe
     Ok((identity, Some(region)))
 }
 
+/// Key of a deferred write's record in the `deferred` column family (stores without a
+/// journal): its sequence, big-endian, so records sort in commit order.
+pub(super) fn deferred_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
 pub(super) const PG_STATE_PREFIX: &[u8] = b"pgstate/";
 
 /// Key of a PG copy's state in the meta column family.
