@@ -98,16 +98,6 @@ pub(super) async fn apply_loop<D: BlockDevice>(
     mut rx: tokio::sync::mpsc::Receiver<ApplyJob>,
 ) {
     use futures::stream::{FuturesUnordered, StreamExt};
-    /// Held journal entries are released by this task only: once it ends, for whatever
-    /// reason, commits must fail rather than wait for space held by them.
-    struct FailHolds(Option<Arc<Holds>>);
-    impl Drop for FailHolds {
-        fn drop(&mut self) {
-            if let Some(h) = &self.0 {
-                h.fail("the store's deferred-write task has stopped");
-            }
-        }
-    }
     let _fail_holds = FailHolds(holds.clone());
     let mut running = FuturesUnordered::new();
     // At most one cleaning at a time; records applied meanwhile wait for the next.
@@ -130,15 +120,8 @@ pub(super) async fn apply_loop<D: BlockDevice>(
             break;
         }
         if cleaning.is_empty() {
-            let seqs = match state.lock() {
-                Ok(mut st)
-                    if st.applied.len() >= DEFERRED_CLEAN_EVERY
-                        || (urgent && !st.applied.is_empty()) =>
-                {
-                    std::mem::take(&mut st.applied)
-                }
-                Ok(_) => Vec::new(),
-                Err(_) => return,
+            let Some(seqs) = applied_to_clean(&state, urgent) else {
+                return;
             };
             if !seqs.is_empty() {
                 urgent &= !(gathered.is_empty() && running.is_empty());
@@ -160,55 +143,111 @@ pub(super) async fn apply_loop<D: BlockDevice>(
             Some(()) = cleaning.next(), if !cleaning.is_empty() => {}
             () = pressured => urgent = true,
             job = rx.recv(), if !closed && gathered.len() < APPLY_BATCH_JOBS => {
-                let Some(job) = job else {
-                    closed = true;
-                    continue;
-                };
-                if gathered.is_empty() {
-                    let at = tokio::time::Instant::now()
-                        + std::time::Duration::from_millis(APPLY_GATHER_MAX_MS);
-                    gather_timer.as_mut().reset(at);
-                }
-                gathered.push(job);
-                while gathered.len() < APPLY_BATCH_JOBS {
-                    match rx.try_recv() {
-                        Ok(j) => gathered.push(j),
-                        Err(_) => break,
-                    }
+                match job {
+                    Some(job) => gather(job, &mut rx, &mut gathered, gather_timer.as_mut()),
+                    None => closed = true,
                 }
             }
             () = &mut gather_timer, if !gathered.is_empty() && !gather_timer.is_elapsed() => {}
             Some(done) = running.next(), if !running.is_empty() => {
-                let Ok(mut st) = state.lock() else { return };
-                for (job, ok) in done {
-                    for (block, _) in &job.blocks {
-                        if ok {
-                            st.pending.remove(block);
-                        }
-                        if st.free_when_written.remove(block) {
-                            if let Ok(mut a) = alloc.lock() {
-                                let freed = Extent { start: *block, len: 1 };
-                                if let Err(e) = a.free_extent(freed) {
-                                    tracing::error!(
-                                        block,
-                                        "refused to free a block that is free already (the block map and the allocator disagree); the store allocates nothing until it is opened again: {e}"
-                                    );
-                                }
-                            }
-                        }
-                    }
-                    if ok {
-                        st.applied.push(job.seq);
-                    } else if let Some(h) = &holds {
-                        // Its journal entry would stay held: the data is written from
-                        // the journal at the next mount instead.
-                        h.fail("writing a small write's data to its blocks failed");
-                    }
+                if !batch_written(&state, &alloc, holds.as_deref(), done) {
+                    return;
                 }
             }
         }
     }
     while running.next().await.is_some() {}
+}
+
+/// Held journal entries are released by [`apply_loop`] only: once it ends, for whatever
+/// reason, commits must fail rather than wait for space held by them.
+struct FailHolds(Option<Arc<Holds>>);
+
+impl Drop for FailHolds {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.fail("the store's deferred-write task has stopped");
+        }
+    }
+}
+
+/// Adds `job`, and the jobs waiting behind it up to [`APPLY_BATCH_JOBS`], to `gathered`;
+/// the first job of a batch starts the time it gathers for (`timer`).
+fn gather(
+    job: ApplyJob,
+    rx: &mut tokio::sync::mpsc::Receiver<ApplyJob>,
+    gathered: &mut Vec<ApplyJob>,
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+) {
+    if gathered.is_empty() {
+        let at =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(APPLY_GATHER_MAX_MS);
+        timer.reset(at);
+    }
+    gathered.push(job);
+    while gathered.len() < APPLY_BATCH_JOBS {
+        match rx.try_recv() {
+            Ok(j) => gathered.push(j),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The records (or journal hold ids) whose data is on its blocks, taken for a cleaning
+/// round once there are [`DEFERRED_CLEAN_EVERY`] of them, or any when `urgent`. None if
+/// the state's lock is poisoned.
+fn applied_to_clean(state: &Mutex<Deferred>, urgent: bool) -> Option<Vec<u64>> {
+    let mut st = state.lock().ok()?;
+    let due = st.applied.len() >= DEFERRED_CLEAN_EVERY || (urgent && !st.applied.is_empty());
+    Some(if due {
+        std::mem::take(&mut st.applied)
+    } else {
+        Vec::new()
+    })
+}
+
+/// After a batch of deferred writes (`done`: each job and whether all its blocks were
+/// written): reads go to the device for the blocks written, the blocks freed meanwhile
+/// are freed, and the written jobs wait for a cleaning round; a failed one fails the
+/// journal's holds. False if the state's lock is poisoned.
+fn batch_written(
+    state: &Mutex<Deferred>,
+    alloc: &Mutex<Allocator>,
+    holds: Option<&Holds>,
+    done: Vec<(ApplyJob, bool)>,
+) -> bool {
+    let Ok(mut st) = state.lock() else {
+        return false;
+    };
+    for (job, ok) in done {
+        for (block, _) in &job.blocks {
+            if ok {
+                st.pending.remove(block);
+            }
+            if st.free_when_written.remove(block) {
+                if let Ok(mut a) = alloc.lock() {
+                    let freed = Extent {
+                        start: *block,
+                        len: 1,
+                    };
+                    if let Err(e) = a.free_extent(freed) {
+                        tracing::error!(
+                            block,
+                            "refused to free a block that is free already (the block map and the allocator disagree); the store allocates nothing until it is opened again: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        if ok {
+            st.applied.push(job.seq);
+        } else if let Some(h) = holds {
+            // Its journal entry would stay held: the data is written from the journal at
+            // the next mount instead.
+            h.fail("writing a small write's data to its blocks failed");
+        }
+    }
+    true
 }
 
 /// Flushes the device, making the applied deferred writes' blocks durable, then hands their

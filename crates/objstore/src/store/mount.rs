@@ -169,37 +169,8 @@ impl<D: BlockDevice> BlockStore<D> {
             None => None,
         };
         let first_data_block = journal.map_or(1, |r| r.end());
-        let handle = |name| {
-            db.cf_handle(name)
-                .ok_or_else(|| ObjError::Refused(format!("column family {name} is missing")))
-        };
-        let (blocks, legacy) = (handle(CF_BLOCKS)?, handle(CF_LEGACY_BLOCKS)?);
-        let moved = blockmap::migrate_legacy(&db, legacy, blocks)
-            .map_err(|e| ObjError::Refused(format!("moving the block map to chunks: {e}")))?;
-        if moved > 0 {
-            tracing::info!(
-                records = moved,
-                "moved the per-block block map into chunk records"
-            );
-        }
-        let mut used = Vec::new();
-        blockmap::for_each_device_block(&db, blocks, |b| {
-            if b < first_data_block || b >= identity.device_blocks {
-                return Err(format!("block map points outside the device (block {b})"));
-            }
-            used.push(b);
-            Ok(())
-        })
-        .map_err(ObjError::Refused)?;
-        let objects_cf = db
-            .cf_handle(CF_OBJECTS)
-            .expect("opened with this column family");
-        let objects = db.iterator_cf(objects_cf, IteratorMode::Start).count() as u64;
-        let alloc = Arc::new(Mutex::new(Allocator::from_used(
-            first_data_block,
-            identity.device_blocks,
-            used,
-        )));
+        let (alloc, objects) = load_block_map(&db, first_data_block, identity.device_blocks)?;
+        let alloc = Arc::new(Mutex::new(alloc));
         let deferred = Arc::new(Mutex::new(Deferred::default()));
         let holds = recovered.as_ref().map(|_| Arc::new(Holds::default()));
         let (apply_tx, apply_rx) = tokio::sync::mpsc::channel(4 * APPLY_IN_FLIGHT);
@@ -284,4 +255,42 @@ impl<D: BlockDevice> BlockStore<D> {
         }
         Ok(Committer::Journal(j))
     }
+}
+
+/// Moves a per-block block map into chunks (stores written before them), then rebuilds
+/// the allocator from the block map (every block it does not name is free; data blocks
+/// are `first_data_block..device_blocks`) and counts the objects.
+fn load_block_map(
+    db: &DB,
+    first_data_block: u64,
+    device_blocks: u64,
+) -> Result<(Allocator, u64), ObjError> {
+    let handle = |name| {
+        db.cf_handle(name)
+            .ok_or_else(|| ObjError::Refused(format!("column family {name} is missing")))
+    };
+    let (blocks, legacy) = (handle(CF_BLOCKS)?, handle(CF_LEGACY_BLOCKS)?);
+    let moved = blockmap::migrate_legacy(db, legacy, blocks)
+        .map_err(|e| ObjError::Refused(format!("moving the block map to chunks: {e}")))?;
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "moved the per-block block map into chunk records"
+        );
+    }
+    let mut used = Vec::new();
+    blockmap::for_each_device_block(db, blocks, |b| {
+        if b < first_data_block || b >= device_blocks {
+            return Err(format!("block map points outside the device (block {b})"));
+        }
+        used.push(b);
+        Ok(())
+    })
+    .map_err(ObjError::Refused)?;
+    let objects_cf = db
+        .cf_handle(CF_OBJECTS)
+        .expect("opened with this column family");
+    let objects = db.iterator_cf(objects_cf, IteratorMode::Start).count() as u64;
+    let alloc = Allocator::from_used(first_data_block, device_blocks, used);
+    Ok((alloc, objects))
 }

@@ -144,47 +144,9 @@ impl<D: BlockDevice> BlockStore<D> {
         refs: &[Option<BlockRef>],
     ) -> Result<BlocksRead, ObjError> {
         let mut out: Vec<Option<Bytes>> = vec![None; refs.len()];
-        // Blocks whose deferred write has not reached the device yet come from memory.
         let mut refs = refs.to_vec();
-        {
-            let d = self
-                .deferred
-                .lock()
-                .map_err(|_| meta_err("deferred lock poisoned"))?;
-            if !d.pending.is_empty() {
-                for (i, r) in refs.iter_mut().enumerate() {
-                    let Some(data) = r.and_then(|r| d.pending.get(&r.device_block)) else {
-                        continue;
-                    };
-                    let want = r.map(|r| r.crc).unwrap_or(0);
-                    if crc32c::crc32c(data) != want {
-                        return Err(ObjError::Checksum {
-                            object: id.to_string(),
-                            block: (b0 as usize + i) as u64,
-                        });
-                    }
-                    out[i] = Some(data.clone());
-                    *r = None;
-                }
-            }
-        }
-        // (first logical index, blocks, first device block) of each contiguous run.
-        let mut runs = Vec::new();
-        let mut i = 0;
-        while i < refs.len() {
-            let Some(first) = refs[i] else {
-                i += 1;
-                continue;
-            };
-            let mut n = 1;
-            while i + n < refs.len()
-                && refs[i + n].is_some_and(|r| r.device_block == first.device_block + n as u64)
-            {
-                n += 1;
-            }
-            runs.push((i, n, first.device_block));
-            i += n;
-        }
+        self.take_pending(id, b0, &mut refs, &mut out)?;
+        let runs = device_runs(&refs);
         // In order, at most READ_RUNS_IN_FLIGHT at once (the pread backend spends a
         // blocking-pool thread on each).
         let bufs: Vec<AlignedBuf> = {
@@ -220,4 +182,60 @@ impl<D: BlockDevice> BlockStore<D> {
         }
         Ok(BlocksRead { blocks: out, whole })
     }
+
+    /// Blocks whose deferred write has not reached the device yet come from memory: moves
+    /// those of `refs` (the map from block `b0`) into `out`, checksum verified, and leaves
+    /// None in their place in `refs`.
+    fn take_pending(
+        &self,
+        id: &ObjectId,
+        b0: u32,
+        refs: &mut [Option<BlockRef>],
+        out: &mut [Option<Bytes>],
+    ) -> Result<(), ObjError> {
+        let d = self
+            .deferred
+            .lock()
+            .map_err(|_| meta_err("deferred lock poisoned"))?;
+        if d.pending.is_empty() {
+            return Ok(());
+        }
+        for (i, r) in refs.iter_mut().enumerate() {
+            let Some(data) = r.and_then(|r| d.pending.get(&r.device_block)) else {
+                continue;
+            };
+            let want = r.map(|r| r.crc).unwrap_or(0);
+            if crc32c::crc32c(data) != want {
+                return Err(ObjError::Checksum {
+                    object: id.to_string(),
+                    block: (b0 as usize + i) as u64,
+                });
+            }
+            out[i] = Some(data.clone());
+            *r = None;
+        }
+        Ok(())
+    }
+}
+
+/// (first logical index, blocks, first device block) of each run of `refs` that is
+/// contiguous on the device.
+fn device_runs(refs: &[Option<BlockRef>]) -> Vec<(usize, usize, u64)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < refs.len() {
+        let Some(first) = refs[i] else {
+            i += 1;
+            continue;
+        };
+        let mut n = 1;
+        while i + n < refs.len()
+            && refs[i + n].is_some_and(|r| r.device_block == first.device_block + n as u64)
+        {
+            n += 1;
+        }
+        runs.push((i, n, first.device_block));
+        i += n;
+    }
+    runs
 }

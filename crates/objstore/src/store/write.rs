@@ -26,6 +26,64 @@ struct Change<'a> {
     log: Option<LogOp>,
 }
 
+/// The crc32c of each block of `contents`: `known` for its first blocks (crcs that came
+/// with the data, checked in debug builds), computed for the others.
+fn block_crcs(contents: &AlignedBuf, known: &[u32]) -> Vec<u32> {
+    (0..contents.blocks())
+        .map(|i| match known.get(i) {
+            Some(&crc) => {
+                debug_assert_eq!(crc, crc32c::crc32c(contents.block(i)), "block {i}");
+                crc
+            }
+            None => crc32c::crc32c(contents.block(i)),
+        })
+        .collect()
+}
+
+/// Maps logical blocks `b0..` to `device_blocks`, whose data has `crcs`.
+fn map_new_blocks(
+    map: &mut MapSpan,
+    b0: u32,
+    device_blocks: &[u64],
+    crcs: &[u32],
+) -> Result<(), String> {
+    for (i, (crc, device_block)) in crcs.iter().zip(device_blocks).enumerate() {
+        let r = BlockRef {
+            device_block: *device_block,
+            crc: *crc,
+        };
+        map.set(b0 + i as u32, Some(r))?;
+    }
+    Ok(())
+}
+
+/// A block partly zeroed: its number, its entry, and the bytes `from..to` in it to zero.
+type ZeroEdge = (u32, BlockRef, u64, u64);
+
+/// The mapped blocks of `refs` (the map from block `b0`) that the zeroed bytes `range`
+/// cover whole, to unmap, and those it covers in part, to rewrite.
+fn split_zeroed(
+    b0: u32,
+    refs: &[Option<BlockRef>],
+    range: std::ops::Range<u64>,
+) -> (Vec<(u32, BlockRef)>, Vec<ZeroEdge>) {
+    let (offset, end) = (range.start, range.end);
+    let bs = BLOCK_SIZE as u64;
+    let mut deletes = Vec::new();
+    let mut edges = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        let b = b0 + i as u32;
+        let (bstart, bend) = (b as u64 * bs, (b as u64 + 1) * bs);
+        let Some(r) = r else { continue };
+        if offset <= bstart && end >= bend {
+            deletes.push((b, *r));
+        } else {
+            edges.push((b, *r, offset.max(bstart) - bstart, end.min(bend) - bstart));
+        }
+    }
+    (deletes, edges)
+}
+
 /// The checks of blocks written over `extents`, in order, whose crcs are `crcs` (one per
 /// block of the extents).
 fn check_runs(extents: &[Extent], crcs: &[u32]) -> Vec<CheckRun> {
@@ -68,18 +126,10 @@ impl<D: BlockDevice> BlockStore<D> {
             version,
         };
         if data.is_empty() {
-            let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
-            let mut batch = WriteBatch::default();
-            batch.put_cf(cf, &okey, encode_record(RECORD_V, &new_meta));
-            self.log_into(&mut batch, id, version, LogOp::Write { offset, len: 0 })
-                .await?;
-            let res = self.commit(batch).await;
-            self.meta_committed(&okey, &res, Some(new_meta));
-            res?;
-            if meta.is_none() {
-                self.objects.fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(());
+            let created = meta.is_none();
+            return self
+                .write_nothing(id, &okey, offset, new_meta, created)
+                .await;
         }
         let (b0, b1) = block_span(offset, data.len() as u64);
         let map = self.map_span(&okey, b0, b1)?;
@@ -93,27 +143,8 @@ impl<D: BlockDevice> BlockStore<D> {
         } else {
             AlignedBuf::with_data((b1 - b0) as usize, start, &data)
         };
-        // Partial edge blocks keep their other bytes: read, verify, merge what the new
-        // data does not cover.
-        let head_partial = !offset.is_multiple_of(BLOCK_SIZE as u64);
-        let tail_partial = !end.is_multiple_of(BLOCK_SIZE as u64);
-        let last = (b1 - b0 - 1) as usize;
-        for (i, partial) in [(0usize, head_partial), (last, tail_partial)] {
-            if partial && old[i].is_some() {
-                let got = self.read_blocks(id, b0 + i as u32, &old[i..=i]).await?;
-                if let Some(b) = &got.blocks[0] {
-                    let base = i * BLOCK_SIZE;
-                    for r in [
-                        base..start.max(base),
-                        stop.min(base + BLOCK_SIZE)..base + BLOCK_SIZE,
-                    ] {
-                        if r.start < r.end {
-                            contents[r.clone()].copy_from_slice(&b[r.start - base..r.end - base]);
-                        }
-                    }
-                }
-            }
-        }
+        self.merge_partial_edges(id, b0, &old, &mut contents, start..stop)
+            .await?;
         let change = Change {
             id,
             meta: new_meta,
@@ -131,6 +162,67 @@ impl<D: BlockDevice> BlockStore<D> {
         };
         self.cow_commit(&okey, b0, contents, map, change, known_crcs)
             .await
+    }
+
+    /// A write of no bytes: the object's size (at least `offset`) and version, and its
+    /// log entry, without a block.
+    async fn write_nothing(
+        &self,
+        id: &ObjectId,
+        okey: &[u8],
+        offset: u64,
+        new_meta: ObjMeta,
+        created: bool,
+    ) -> Result<(), ObjError> {
+        let cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, okey, encode_record(RECORD_V, &new_meta));
+        let op = LogOp::Write { offset, len: 0 };
+        self.log_into(&mut batch, id, new_meta.version, op).await?;
+        let res = self.commit(batch).await;
+        self.meta_committed(okey, &res, Some(new_meta));
+        res?;
+        if created {
+            self.objects.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Partial edge blocks keep their other bytes: reads the old first and last blocks
+    /// (`old`, the map of the blocks from `b0`) where the new data, at bytes `new` of
+    /// `contents`, does not cover them whole, verifies them, and merges what the new data
+    /// does not cover.
+    async fn merge_partial_edges(
+        &self,
+        id: &ObjectId,
+        b0: u32,
+        old: &[Option<BlockRef>],
+        contents: &mut AlignedBuf,
+        new: std::ops::Range<usize>,
+    ) -> Result<(), ObjError> {
+        let (start, stop) = (new.start, new.end);
+        // Offsets within the span: the first block is partial unless the data starts at
+        // its start, the last unless the data ends at its end.
+        let head_partial = start != 0;
+        let tail_partial = !stop.is_multiple_of(BLOCK_SIZE);
+        let last = old.len() - 1;
+        for (i, partial) in [(0usize, head_partial), (last, tail_partial)] {
+            if partial && old[i].is_some() {
+                let got = self.read_blocks(id, b0 + i as u32, &old[i..=i]).await?;
+                if let Some(b) = &got.blocks[0] {
+                    let base = i * BLOCK_SIZE;
+                    for r in [
+                        base..start.max(base),
+                        stop.min(base + BLOCK_SIZE)..base + BLOCK_SIZE,
+                    ] {
+                        if r.start < r.end {
+                            contents[r.clone()].copy_from_slice(&b[r.start - base..r.end - base]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`crate::ObjectStore::zero`].
@@ -170,46 +262,9 @@ impl<D: BlockDevice> BlockStore<D> {
         } else {
             self.block_refs(&okey, b0, b1)?
         };
-        let bs = BLOCK_SIZE as u64;
         // Whole blocks are unmapped (freed); partial edge blocks that hold data are rewritten.
-        let mut deletes = Vec::new();
-        let mut edges = Vec::new();
-        for (i, r) in refs.iter().enumerate() {
-            let b = b0 + i as u32;
-            let (bstart, bend) = (b as u64 * bs, (b as u64 + 1) * bs);
-            let Some(r) = r else { continue };
-            if offset <= bstart && end >= bend {
-                deletes.push((b, *r));
-            } else {
-                edges.push((b, *r, offset.max(bstart) - bstart, end.min(bend) - bstart));
-            }
-        }
-        for (b, r, from, to) in edges {
-            let got = self.read_blocks(id, b, &[Some(r)]).await?;
-            let mut contents = AlignedBuf::zeroed(1);
-            if let Some(data) = &got.blocks[0] {
-                contents.copy_from_slice(data);
-            }
-            contents[from as usize..to as usize].fill(0);
-            // Edge blocks commit under the object's old version: only the final batch
-            // (whole-block deletes, new version, PG log entry) marks the zero as done, so a
-            // crash in between leaves an object that recovery sees as not yet changed.
-            let Some(old_meta) = meta else {
-                return Err(ObjError::Metadata(format!(
-                    "{id}: block map entries without object metadata"
-                )));
-            };
-            let change = Change {
-                id,
-                meta: old_meta,
-                created: false,
-                log: None,
-            };
-            // Loaded now: the edge committed before this one changed the map.
-            let map = self.map_span(&okey, b, b + 1)?;
-            self.cow_commit(&okey, b, contents, map, change, &[])
-                .await?;
-        }
+        let (deletes, edges) = split_zeroed(b0, &refs, offset..end);
+        self.zero_edges(id, &okey, meta, edges).await?;
         let freeing = block_runs(deletes.iter().map(|(_, r)| r.device_block));
         self.check_in_use(&freeing)?;
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
@@ -241,6 +296,43 @@ impl<D: BlockDevice> BlockStore<D> {
             self.objects.fetch_add(1, Ordering::Relaxed);
         }
         self.release(freeing)
+    }
+
+    /// Rewrites the partially zeroed blocks `edges` (block, its entry, bytes to zero) of
+    /// an object whose metadata is `meta`, each in a commit of its own.
+    async fn zero_edges(
+        &self,
+        id: &ObjectId,
+        okey: &[u8],
+        meta: Option<ObjMeta>,
+        edges: Vec<ZeroEdge>,
+    ) -> Result<(), ObjError> {
+        for (b, r, from, to) in edges {
+            let got = self.read_blocks(id, b, &[Some(r)]).await?;
+            let mut contents = AlignedBuf::zeroed(1);
+            if let Some(data) = &got.blocks[0] {
+                contents.copy_from_slice(data);
+            }
+            contents[from as usize..to as usize].fill(0);
+            // Edge blocks commit under the object's old version: only the final batch
+            // (whole-block deletes, new version, PG log entry) marks the zero as done, so a
+            // crash in between leaves an object that recovery sees as not yet changed.
+            let Some(old_meta) = meta else {
+                return Err(ObjError::Metadata(format!(
+                    "{id}: block map entries without object metadata"
+                )));
+            };
+            let change = Change {
+                id,
+                meta: old_meta,
+                created: false,
+                log: None,
+            };
+            // Loaded now: the edge committed before this one changed the map.
+            let map = self.map_span(okey, b, b + 1)?;
+            self.cow_commit(okey, b, contents, map, change, &[]).await?;
+        }
+        Ok(())
     }
 
     /// [`crate::ObjectStore::delete`].
@@ -295,15 +387,7 @@ impl<D: BlockDevice> BlockStore<D> {
         let freeing = block_runs(old.iter().flatten().map(|r| r.device_block));
         let deferred = contents.blocks() <= deferred_max_blocks();
         let extents = self.alloc(n, deferred, &freeing)?;
-        let crcs: Vec<u32> = (0..contents.blocks())
-            .map(|i| match known_crcs.get(i) {
-                Some(&crc) => {
-                    debug_assert_eq!(crc, crc32c::crc32c(contents.block(i)), "block {i}");
-                    crc
-                }
-                None => crc32c::crc32c(contents.block(i)),
-            })
-            .collect();
+        let crcs = block_crcs(&contents, known_crcs);
         let blocks_cf = self.db.cf_handle(CF_BLOCKS).expect("column family exists");
         let objects_cf = self.db.cf_handle(CF_OBJECTS).expect("column family exists");
         let mut batch = WriteBatch::default();
@@ -311,16 +395,10 @@ impl<D: BlockDevice> BlockStore<D> {
             .iter()
             .flat_map(|e| e.start..e.start + e.len)
             .collect();
-        for (i, (crc, device_block)) in crcs.iter().zip(&device_blocks).enumerate() {
-            let r = BlockRef {
-                device_block: *device_block,
-                crc: *crc,
-            };
-            if let Err(e) = map.set(b0 + i as u32, Some(r)) {
-                // A refused release is logged; this error is the write's.
-                let _ = self.release(extents);
-                return Err(meta_err(e));
-            }
+        if let Err(e) = map_new_blocks(&mut map, b0, &device_blocks, &crcs) {
+            // A refused release is logged; this error is the write's.
+            let _ = self.release(extents);
+            return Err(meta_err(e));
         }
         map.write(&mut batch, blocks_cf, okey);
         self.remove_flushed_records(&mut batch)?;
