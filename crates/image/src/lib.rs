@@ -12,6 +12,8 @@
 //! This crate knows objects and offsets; it must not know placement, OSDs or storage
 //! engines (that is the client library's and the OSDs' business).
 
+#[cfg(test)]
+mod golden;
 pub mod lock;
 
 use std::collections::HashMap;

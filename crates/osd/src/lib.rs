@@ -419,3 +419,62 @@ mod tests {
         assert!(open_data_dir(&other, "fsid-a").is_err());
     }
 }
+
+/// Golden bytes of the OSD's data-dir identity record (`osd_meta`): a changed field or
+/// field order would make every existing OSD refuse its data dir. If this fails, the
+/// format changed: bump `META_V` (and read the old version) or undo the change.
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// Bytes from hex digits; whitespace is ignored.
+    fn hex(s: &str) -> Vec<u8> {
+        let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        (digits.chunks(2))
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    fn to_hex(b: &[u8]) -> String {
+        b.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// `[META_V u16 LE][fsid][uuid][id: Option<u32>]`, postcard.
+    const META: &str = "01 00  02 66 73  03 75 2d 31  01 ac 02";
+    const META_NO_ID: &str = "01 00  02 66 73  03 75 2d 31  00";
+
+    fn meta(id: Option<u32>) -> OsdMeta {
+        OsdMeta {
+            fsid: "fs".into(),
+            uuid: "u-1".into(),
+            id,
+        }
+    }
+
+    #[test]
+    fn golden_osd_meta_record() {
+        assert_eq!((META_FILE, META_V), ("osd_meta", 1));
+        for (value, want) in [(meta(Some(300)), META), (meta(None), META_NO_ID)] {
+            let got = encode_record(META_V, &value);
+            assert_eq!(
+                to_hex(&got),
+                to_hex(&hex(want)),
+                "osd_meta record of {value:?}"
+            );
+            assert_eq!(decode_record::<OsdMeta>(META_V, &hex(want)).unwrap(), value);
+        }
+    }
+
+    /// The file `open_data_dir` reads is exactly that record.
+    #[test]
+    fn golden_osd_meta_file() {
+        let d = tempfile::tempdir().unwrap();
+        write_meta(d.path(), &meta(Some(300))).unwrap();
+        let file = std::fs::read(d.path().join("osd_meta")).unwrap();
+        assert_eq!(to_hex(&file), to_hex(&hex(META)));
+        assert_eq!(open_data_dir(d.path(), "fs").unwrap(), meta(Some(300)));
+    }
+}

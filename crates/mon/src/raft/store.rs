@@ -50,6 +50,10 @@ const KEY_SNAPSHOT: &[u8] = b"snapshot";
 type NodeId = u64;
 type SErr = StorageError<NodeId>;
 
+#[cfg(test)]
+#[path = "golden.rs"]
+mod golden;
+
 /// Who this data dir belongs to; checked at every start so a foreign dir is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonIdentity {
