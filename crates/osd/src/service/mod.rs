@@ -308,3 +308,6 @@ fn pg_id(pg: Pg) -> PgId {
         seed: pg.seed,
     }
 }
+
+#[cfg(test)]
+mod tests;
