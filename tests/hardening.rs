@@ -10,6 +10,30 @@ use store_integration::{run_tool, tool_ok, ClusterOpts, TestCluster};
 use store_types::map::image_data_object;
 use store_types::ErrorCode;
 
+/// Restarts the OSD at position `nth` of object `name`'s PG with failpoint `kind:name`
+/// armed, and waits until every OSD is up and the PGs settled; the PG's OSDs, primary
+/// first.
+fn restart_with_failpoint(
+    c: &mut TestCluster,
+    pool: &store_types::map::Pool,
+    name: &str,
+    nth: usize,
+    kind: &str,
+) -> Vec<u32> {
+    let map = c.map();
+    let up = store_placement::map_pg(&map, pool, store_placement::object_to_pg(pool, name)).up;
+    let n = map.osds.len();
+    let victim = (0..n).find(|i| c.osd_id(*i) == up[nth]).expect("daemon");
+    c.kill(&TestCluster::osd_name(victim));
+    let failpoint = format!("{kind}:{name}");
+    c.start_osd_env(victim, &[("STORE_FAILPOINT", failpoint.as_str())]);
+    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
+        (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == n as u64).then_some(())
+    });
+    c.wait_pgs_settled();
+    up
+}
+
 /// A panic in a spawned task (here injected by `STORE_FAILPOINT=panic_after_start`) must
 /// abort the whole daemon with the panic in its log as an ERROR. Without the panic hook,
 /// tokio catches the task's panic and the OSD keeps running (and heartbeating as up).
@@ -166,17 +190,7 @@ fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool");
     let name = "blocked-0";
-    let map = c.map();
-    let up = store_placement::map_pg(&map, &pool, store_placement::object_to_pg(&pool, name)).up;
-    let daemon = |id: u32| (0..3).find(|i| c.osd_id(*i) == id).expect("daemon");
-    let replica = daemon(up[2]);
-    c.kill(&TestCluster::osd_name(replica));
-    let failpoint = format!("drop_replica_op:{name}");
-    c.start_osd_env(replica, &[("STORE_FAILPOINT", failpoint.as_str())]);
-    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
-        (c.try_status()?["osdmap"]["num_up_osds"] == 3).then_some(())
-    });
-    c.wait_pgs_settled();
+    let up = restart_with_failpoint(&mut c, &pool, name, 2, "drop_replica_op");
 
     let t0 = std::time::Instant::now();
     let (client2, pool_id) = (client.clone(), pool.id);
@@ -234,17 +248,8 @@ fn a_device_io_error_stops_the_osd_and_says_so_in_health() {
     let client = c.object_client(&rt);
     let pool = client.pool("vm-pool").expect("pool");
     let name = "eio-0";
-    let map = c.map();
-    let up = store_placement::map_pg(&map, &pool, store_placement::object_to_pg(&pool, name)).up;
-    let daemon = |id: u32| (0..4).find(|i| c.osd_id(*i) == id).expect("daemon");
-    let failing = daemon(up[1]);
-    c.kill(&TestCluster::osd_name(failing));
-    let failpoint = format!("device_eio:{name}");
-    c.start_osd_env(failing, &[("STORE_FAILPOINT", failpoint.as_str())]);
-    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
-        (c.try_status()?["osdmap"]["num_up_osds"] == 4).then_some(())
-    });
-    c.wait_pgs_settled();
+    let up = restart_with_failpoint(&mut c, &pool, name, 1, "device_eio");
+    let failing = (0..4).find(|i| c.osd_id(*i) == up[1]).expect("daemon");
     let t0 = std::time::Instant::now();
     rt.block_on(client.write(pool.id, name, 0, Bytes::from_static(b"survives")))
         .expect("the write goes on without the failed OSD");
