@@ -331,3 +331,68 @@ fn osds_keep_no_state_for_pgs_the_map_lacks() {
     }
     c.check_logs();
 }
+
+/// A gateway's NBD request blocked past `osd_op_complaint_time` (its image's only OSD is
+/// down) raises SLOW_OPS naming the gateway; once the OSD is back the request completes
+/// and the check clears.
+#[test]
+fn a_blocked_gateway_request_raises_slow_ops_naming_the_gateway() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/nbd_locks.py");
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 2.0,
+        osd_conf: "osd_op_complaint_time = 1",
+        ..Default::default()
+    });
+    c.ctl_ok(&[
+        "pool",
+        "create",
+        "solo",
+        "--size",
+        "1",
+        "--min_size",
+        "1",
+        "--pg_num",
+        "1",
+    ]);
+    c.wait_pgs_settled();
+    c.ctl_ok(&["image", "create", "solo/disk", "--size", "8M"]);
+    c.ctl_ok(&["osd", "set", "noout"]);
+    let addr = c.start_gateway("nbd-a");
+    let mut writer = Command::new("/usr/bin/python3")
+        .args([SCRIPT, "fenced", &format!("nbd://{addr}/solo/disk")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(writer.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("line").expect("read"), "wrote");
+    let map = c.map();
+    let solo = map.pool_by_name("solo").expect("pool");
+    let osd = store_placement::map_pg(&map, solo, store_placement::PgId::new(solo.id, 0))
+        .primary
+        .expect("an OSD");
+    let victim = (0..3).find(|i| c.osd_id(*i) == osd).expect("a test OSD");
+    c.kill(&TestCluster::osd_name(victim));
+    writeln!(writer.stdin.as_mut().expect("stdin")).expect("go");
+    let check = store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS", || {
+        let s = c.try_status()?;
+        let check = s["health"]["checks"]["SLOW_OPS"].clone();
+        check.is_object().then_some(check.to_string())
+    });
+    assert!(check.contains(&format!("gateway {addr}")), "{check}");
+    let detail = c.ctl_json(&["health", "detail"]).to_string();
+    assert!(detail.contains("nbd write solo/disk 0+4096"), "{detail}");
+    c.start_osd(victim);
+    assert_eq!(lines.next().expect("line").expect("read"), "accepted");
+    let _ = writer.wait();
+    store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS to clear", || {
+        c.try_status()?["health"]["checks"]["SLOW_OPS"]
+            .is_null()
+            .then_some(())
+    });
+    c.check_logs();
+}

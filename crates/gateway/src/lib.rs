@@ -142,7 +142,7 @@ impl Gateway {
             structured = neg.structured,
             "transmission started"
         );
-        let res = transmission(image, neg, rd, wr).await;
+        let res = transmission(image, &export, neg, rd, wr).await;
         self.release(&export).await;
         res
     }
@@ -528,6 +528,7 @@ async fn write_all_vectored(
 /// answered as they complete.
 async fn transmission(
     image: Arc<Image>,
+    export: &str,
     neg: Negotiated,
     mut rd: BufReader<OwnedReadHalf>,
     mut wr: tokio::net::tcp::OwnedWriteHalf,
@@ -610,7 +611,7 @@ async fn transmission(
         };
         let image = image.clone();
         let tx = tx.clone();
-        let op = image.ops().start(describe(&image, &req));
+        let op = image.ops().start(describe(export, &req));
         tokio::spawn(async move {
             let _permit = permit;
             let _op = op;
@@ -625,8 +626,8 @@ async fn transmission(
     Ok(())
 }
 
-/// A request as SLOW_OPS names it: `write vm-pool/disk0 4096+512`.
-fn describe(image: &Image, req: &RequestHeader) -> String {
+/// A request as SLOW_OPS names it: `nbd write vm-pool/disk0 4096+512`.
+fn describe(export: &str, req: &RequestHeader) -> String {
     let what = match req.kind {
         CMD_READ => "read",
         CMD_WRITE => "write",
@@ -636,7 +637,7 @@ fn describe(image: &Image, req: &RequestHeader) -> String {
         CMD_BLOCK_STATUS => "block-status",
         _ => "request",
     };
-    format!("nbd {what} {} {}+{}", image.name(), req.offset, req.len)
+    format!("nbd {what} {export} {}+{}", req.offset, req.len)
 }
 
 async fn serve(
