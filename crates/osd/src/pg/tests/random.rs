@@ -268,6 +268,8 @@ struct RecoverySim {
     next_op: OpId,
     now: u64,
     settling: bool,
+    /// The liveness phase: copies never answer, recoveries keep failing.
+    stuck: bool,
     /// The monitors' model: the acting set of the newest map, and the PG's last active
     /// set with the epoch its interval started at.
     acting: Vec<OsdId>,
@@ -300,6 +302,7 @@ impl RecoverySim {
             next_op: 0,
             now: 0,
             settling: false,
+            stuck: false,
             acting: Vec::new(),
             history: vec![0, 1, 2],
             history_since: 0,
@@ -442,14 +445,25 @@ impl RecoverySim {
             Command::RecoverObject {
                 object, interval, ..
             } => {
+                let fail = fail || self.stuck;
                 if interval == self.round && self.recovering.remove(&object) && !fail {
                     self.missing.remove(&object);
                 }
-                if fail {
+                if fail || self.stuck {
+                    // Any cause: a passing fault, a stale plan, or an OSD that cannot
+                    // take the object; while stuck, always a passing fault.
+                    let cause = match (self.stuck, self.rnd(3)) {
+                        (false, 1) => RecoveryFailure::StalePlan,
+                        (false, 2) => RecoveryFailure::Refused(StoreError::new(
+                            store_types::ErrorCode::NoSpace,
+                            "full",
+                        )),
+                        _ => RecoveryFailure::Transient,
+                    };
                     Event::ObjectFailed {
                         object,
                         interval,
-                        cause: RecoveryFailure::Transient,
+                        cause,
                     }
                 } else {
                     Event::ObjectRecovered { object, interval }
@@ -474,6 +488,45 @@ impl RecoverySim {
             other => unreachable!("not an external command: {other:?}"),
         };
         self.feed(e);
+    }
+
+    /// No new interval comes, no copy answers a mutation, every recovery fails: still,
+    /// within the op timeout (and a few ticks) every operation has its answer. This is
+    /// the chaos test's hung write: a gated write waiting for a recovery that failed on
+    /// every retry, in an interval that did not change.
+    fn liveness(&mut self) {
+        self.stuck = true;
+        let deadline = self.now + 40 * 3;
+        let mut held = Vec::new();
+        while self.now < deadline {
+            if let Some(&op) = self.running_reads.keys().next() {
+                self.running_reads.remove(&op);
+                self.feed(Event::ReadDone { op });
+            }
+            while let Some(c) = self.bag.pop() {
+                match c {
+                    // Copies that never answer.
+                    Command::Apply { .. } => held.push(c),
+                    c => self.answer(c),
+                }
+            }
+            self.now += 5;
+            let now_ms = self.now;
+            self.feed(Event::Tick { now_ms });
+        }
+        let seed = self.seed;
+        let waiting: Vec<&OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, e)| !e.2)
+            .map(|(op, _)| op)
+            .collect();
+        assert!(
+            waiting.is_empty(),
+            "seed {seed}: ops {waiting:?} unanswered past the op timeout in a stuck interval"
+        );
+        self.stuck = false;
+        self.bag.extend(held);
     }
 
     fn step(&mut self) {
@@ -535,6 +588,7 @@ impl RecoverySim {
         for _ in 0..300 {
             self.step();
         }
+        self.liveness();
         // Settle: a healthy interval with this OSD primary and no flags; every answer a
         // success. Then every operation has an answer.
         self.settling = true;
