@@ -396,3 +396,57 @@ fn a_blocked_gateway_request_raises_slow_ops_naming_the_gateway() {
     });
     c.check_logs();
 }
+
+/// A primary that misses an object and cannot recover it (its device refuses it: NO_SPACE,
+/// injected by `refuse_recovery`) serves reads of it from a copy that has it, at once;
+/// writes of it fail at once with NO_SPACE. Before, both waited for a recovery that could
+/// not finish until the client gave up after 60 s.
+#[test]
+fn reads_of_an_object_that_cannot_be_recovered_are_served_from_a_good_copy() {
+    let mut c = TestCluster::start(ClusterOpts {
+        mons: 1,
+        osds: 3,
+        grace_secs: 2.0,
+        ..Default::default()
+    });
+    c.create_pool("vm-pool", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    let name = "degraded-0";
+    rt.block_on(client.write(pool.id, name, 0, Bytes::from_static(b"version 1")))
+        .expect("write v1");
+    let map = c.map();
+    let up = store_placement::map_pg(&map, &pool, store_placement::object_to_pg(&pool, name)).up;
+    let primary = (0..3).find(|i| c.osd_id(*i) == up[0]).expect("daemon");
+    // The primary misses the next write...
+    c.ctl_ok(&["osd", "set", "noout"]);
+    c.kill(&TestCluster::osd_name(primary));
+    store_integration::wait_for(Duration::from_secs(30), "the primary marked down", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 2).then_some(())
+    });
+    rt.block_on(client.write(pool.id, name, 0, Bytes::from_static(b"version 2")))
+        .expect("write v2 without the primary");
+    // ...and comes back unable to take it.
+    let failpoint = format!("refuse_recovery:{name}");
+    c.start_osd_env(primary, &[("STORE_FAILPOINT", failpoint.as_str())]);
+    store_integration::wait_for(Duration::from_secs(30), "all OSDs up", || {
+        (c.try_status()?["osdmap"]["num_up_osds"] == 3).then_some(())
+    });
+    c.wait_log(&TestCluster::osd_name(primary), "failpoint: no space");
+    let t0 = std::time::Instant::now();
+    let got = rt
+        .block_on(client.read(pool.id, name, 0, 9))
+        .expect("read from a good copy");
+    assert_eq!(&got[..], b"version 2");
+    let err = rt
+        .block_on(client.write(pool.id, name, 0, Bytes::from_static(b"version 3")))
+        .expect_err("a write of an object the primary cannot take");
+    assert_eq!(err.code, ErrorCode::NoSpace, "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    c.check_logs();
+}

@@ -295,6 +295,10 @@ pub enum Command<P> {
     },
     /// Serve this read from the local store now.
     Read { op: OpId },
+    /// Serve this read from OSD `from`'s copy now: this OSD misses the object and could
+    /// not recover it (another OSD refused it, e.g. a full device), so a read does not
+    /// wait for a recovery that cannot finish.
+    ReadFrom { op: OpId, from: OsdId },
     /// A mutation is durable on the whole acting set.
     Acked { op: OpId, version: Version },
     /// An operation failed.

@@ -2,6 +2,8 @@
 //! ordered and sent to every acting OSD, reads released, acknowledgements on durability,
 //! and the object gate draining as operations end.
 
+use std::collections::VecDeque;
+
 use store_types::map::OsdId;
 
 use super::state::{InFlight, Mutation, Queued, State};
@@ -55,9 +57,29 @@ impl<P: Clone> PgPrimary<P> {
         let State::Active { rec, .. } = &self.state else {
             return false;
         };
-        rec.missing
-            .get(Self::object_of(q))
-            .is_some_and(|m| matches!(q, Queued::Mutate(_)) || m.contains_key(&self.whoami))
+        let object = Self::object_of(q);
+        rec.missing.get(object).is_some_and(|m| match q {
+            Queued::Mutate(_) => true,
+            // A refused object is read from a copy that has it instead.
+            Queued::Read { .. } => {
+                m.contains_key(&self.whoami) && !rec.refused.contains_key(object)
+            }
+        })
+    }
+
+    /// An acting OSD that holds `object` at its authoritative version, when this OSD
+    /// misses it (the round's source, unless it misses it too).
+    fn good_copy(&self, object: &str) -> Option<OsdId> {
+        let State::Active { rec, acting, .. } = &self.state else {
+            return None;
+        };
+        let missing = rec.missing.get(object)?;
+        if !missing.contains_key(&self.whoami) {
+            return None;
+        }
+        std::iter::once(rec.source)
+            .chain(acting.iter().copied())
+            .find(|o| !missing.contains_key(o))
     }
 
     /// Whether the operation could run now (nothing ahead of it at its object).
@@ -95,9 +117,13 @@ impl<P: Clone> PgPrimary<P> {
         match q {
             Queued::Mutate(m) => self.start(m, out),
             Queued::Read { op, object, .. } => {
+                let elsewhere = self.good_copy(&object);
                 self.objects.entry(object.clone()).or_default().readers += 1;
                 self.reads.insert(op, object);
-                out.push(Command::Read { op });
+                out.push(match elsewhere {
+                    Some(from) => Command::ReadFrom { op, from },
+                    None => Command::Read { op },
+                });
             }
         }
     }
@@ -203,13 +229,18 @@ impl<P: Clone> PgPrimary<P> {
         &mut self,
         object: &str,
         out: &mut Vec<Command<P>>,
+        keep: impl Fn(&Queued<P>) -> bool,
         why: impl Fn(u64) -> PgError,
     ) {
         let Some(g) = self.objects.get_mut(object) else {
             return;
         };
         let now_ms = self.now_ms;
-        for q in g.waiting.drain(..) {
+        let (kept, rejected): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut g.waiting)
+            .into_iter()
+            .partition(|q| keep(q));
+        g.waiting = kept;
+        for q in rejected {
             self.gated -= 1;
             out.push(Command::Reject {
                 op: q.op(),

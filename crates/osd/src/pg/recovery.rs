@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use store_types::map::OsdId;
 
-use super::state::{Grant, ObjectGate, Recovery, State};
+use super::state::{Grant, ObjectGate, Queued, Recovery, State};
 use super::{Command, PgError, PgPrimary, RecoveryFailure};
 
 impl<P: Clone> PgPrimary<P> {
@@ -64,6 +64,7 @@ impl<P: Clone> PgPrimary<P> {
         match &failure {
             None => {
                 rec.urgent.remove(object);
+                rec.refused.remove(object);
                 for osd in rec.missing.remove(object).unwrap_or_default().into_keys() {
                     if let Some(n) = rec.left.get_mut(&osd) {
                         *n = n.saturating_sub(1);
@@ -82,12 +83,17 @@ impl<P: Clone> PgPrimary<P> {
             Some(RecoveryFailure::Transient) => self.pump(out),
             Some(RecoveryFailure::StalePlan) => self.repeer(out),
             Some(RecoveryFailure::Refused(error)) => {
+                // Mutations fail now; reads go to a copy that has the object.
                 let object = object.to_string();
-                self.reject_gated(&object, out, |_| PgError::RecoveryFailed {
+                if let State::Active { rec, .. } = &mut self.state {
+                    rec.refused.insert(object.clone(), error.clone());
+                }
+                let is_read = |q: &Queued<P>| matches!(q, Queued::Read { .. });
+                self.reject_gated(&object, out, is_read, |_| PgError::RecoveryFailed {
                     object: object.clone(),
                     error: error.clone(),
                 });
-                self.pump(out);
+                self.drain_gate(&object, out);
             }
         }
     }

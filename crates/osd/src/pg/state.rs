@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use store_types::map::OsdId;
+use store_types::StoreError;
 
 use super::{Fix, OpId, RecoveryMode, RecoveryPause, Version};
 
@@ -97,6 +98,10 @@ pub(super) struct Recovery {
     pub(super) urgent: BTreeSet<String>,
     /// Objects whose recovery failed: retried on the next tick.
     pub(super) failed: BTreeSet<String>,
+    /// Objects an OSD refused to take this round (e.g. its device is full), with its
+    /// error: reads of them go to a copy that has them, mutations fail at once; until
+    /// a retry recovers them.
+    pub(super) refused: BTreeMap<String, StoreError>,
     /// OSDs marked incomplete and not yet marked complete again.
     pub(super) incomplete: BTreeSet<OsdId>,
     pub(super) marking: BTreeSet<OsdId>,
@@ -115,6 +120,7 @@ impl Recovery {
             running: BTreeSet::new(),
             urgent: BTreeSet::new(),
             failed: BTreeSet::new(),
+            refused: BTreeMap::new(),
             incomplete: BTreeSet::new(),
             marking: BTreeSet::new(),
             grant: Grant::Idle,

@@ -25,6 +25,11 @@ pub enum Failpoint {
     DeviceEio {
         object: String,
     },
+    /// `refuse_recovery:NAME`: recovering object NAME into this OSD fails as a full
+    /// device would (NO_SPACE), every time.
+    RefuseRecovery {
+        object: String,
+    },
 }
 
 impl Failpoint {
@@ -39,6 +44,11 @@ impl Failpoint {
             Some(("device_eio", object)) if !object.is_empty() => Some(Failpoint::DeviceEio {
                 object: object.to_string(),
             }),
+            Some(("refuse_recovery", object)) if !object.is_empty() => {
+                Some(Failpoint::RefuseRecovery {
+                    object: object.to_string(),
+                })
+            }
             // The daemon's own (see `stored`).
             _ if v == "panic_after_start" => None,
             _ => {
@@ -63,6 +73,12 @@ impl<S: ObjectStore> OsdService<S> {
             }
             _ => res,
         }
+    }
+
+    /// The `refuse_recovery` failpoint: whether recovering `object` into this OSD fails.
+    pub(super) fn refuses_recovery(&self, object: &str) -> bool {
+        let fp = self.failpoint.lock().expect("failpoint lock");
+        matches!(&*fp, Some(Failpoint::RefuseRecovery { object: o }) if o == object)
     }
 
     /// Whether a one-shot injected fault swallows this replica operation.

@@ -27,12 +27,18 @@ impl<S: ObjectStore> OsdService<S> {
         slot: &Arc<PgSlot>,
         object: String,
         kind: ClientOpKind,
+        from: Option<OsdId>,
         to: ReplyTo,
     ) {
         let me = self.clone();
         let pg = slot.pg;
         let name = object.clone();
-        let mut read = tokio::spawn(async move { me.local_read(pg, &name, kind).await });
+        let mut read = tokio::spawn(async move {
+            match from {
+                Some(osd) => me.remote_read(pg, osd, &name, kind).await,
+                None => me.local_read(pg, &name, kind).await,
+            }
+        });
         let bound = Duration::from_millis(self.limits.op_timeout_ms);
         match tokio::time::timeout(bound, &mut read).await {
             Ok(res) => to.send(res.unwrap_or_else(|e| {
@@ -46,6 +52,53 @@ impl<S: ObjectStore> OsdService<S> {
                 )));
                 let _ = read.await;
             }
+        }
+    }
+
+    /// A client read served from OSD `osd`'s copy (checksums verified there): this OSD
+    /// misses the object and cannot recover it now. Stat and Allocated are answered from
+    /// the copy's size (every byte up to it counts as allocated: true of the data, if less
+    /// precise than a local block map).
+    async fn remote_read(&self, pg: Pg, osd: OsdId, object: &str, op: ClientOpKind) -> OsdResponse {
+        let (offset, len) = match op {
+            ClientOpKind::Read { offset, len } => (offset, len),
+            ClientOpKind::Stat | ClientOpKind::Allocated { .. } => (0, 0),
+            _ => return OsdResponse::Error(StoreError::internal("not a read")),
+        };
+        let req = OsdRequest::Fetch {
+            pg,
+            object: object.to_string(),
+            offset,
+            len,
+        };
+        let (size, version, data) = match self.peer_call(osd, &req).await {
+            Ok(OsdResponse::Fetched {
+                size,
+                version,
+                data,
+            }) => (size, version, data),
+            Err(e) if e.code == ErrorCode::NotFound => {
+                return match op {
+                    ClientOpKind::Stat => OsdResponse::Stat(None),
+                    ClientOpKind::Allocated { .. } => OsdResponse::Extents(None),
+                    _ => OsdResponse::Error(e),
+                }
+            }
+            Err(e) => return OsdResponse::Error(e),
+            Ok(other) => {
+                return OsdResponse::Error(StoreError::internal(format!(
+                    "osd.{osd} answered a fetch with {other:?}"
+                )))
+            }
+        };
+        match op {
+            ClientOpKind::Stat => OsdResponse::Stat(Some(ObjStat { size, version })),
+            ClientOpKind::Allocated { offset, len } => {
+                let end = size.min(offset.saturating_add(len));
+                let extents = (end > offset).then(|| (offset, end - offset));
+                OsdResponse::Extents(Some(extents.into_iter().collect()))
+            }
+            _ => OsdResponse::Data(data.into()),
         }
     }
 

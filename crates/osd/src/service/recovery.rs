@@ -166,6 +166,13 @@ impl<S: ObjectStore> OsdService<S> {
             None => None,
         };
         self.still_round(slot, interval)?;
+        if self.refuses_recovery(&oid.name) {
+            return Err(StoreError::new(
+                ErrorCode::NoSpace,
+                format!("failpoint: no space for {oid} here"),
+            )
+            .into());
+        }
         if let Some(have) = fix.have {
             self.store.delete(oid, have).await.map_err(|e| match e {
                 ObjError::StaleVersion { .. } => RecoverError::Stale(e.to_string()),

@@ -129,7 +129,11 @@ impl<S: ObjectStore> OsdService<S> {
                         events.push_back(Event::Failed { version, from: to });
                     }
                 }
-                Command::Read { op } => {
+                Command::Read { op } | Command::ReadFrom { op, .. } => {
+                    let from = match c {
+                        Command::ReadFrom { from, .. } => Some(from),
+                        _ => None,
+                    };
                     let waiter = slot.waiters.lock().expect("waiters lock").remove(&op);
                     if let Some(Waiter::Read {
                         to,
@@ -140,7 +144,7 @@ impl<S: ObjectStore> OsdService<S> {
                         let me = self.clone();
                         let slot = slot.clone();
                         tokio::spawn(async move {
-                            me.bounded_read(&slot, object, kind, to).await;
+                            me.bounded_read(&slot, object, kind, from, to).await;
                             me.feed(&slot, Event::ReadDone { op });
                         });
                     }

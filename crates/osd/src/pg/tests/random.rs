@@ -90,6 +90,7 @@ fn run_schedule(seed: u64) {
                     | Command::MarkComplete { .. }
                     | Command::WantGrant { .. }
                     | Command::ReleaseGrant { .. }
+                    | Command::ReadFrom { .. }
                     | Command::RecordActive { .. } => {
                         unreachable!("no recovery: every head is equal, every interval recorded")
                     }
@@ -358,6 +359,19 @@ impl RecoverySim {
                         !self.recovering.contains(&object)
                             && !self.missing.get(&object).is_some_and(|m| m.contains(&0)),
                         "seed {seed}: read of {object}, which this OSD misses"
+                    );
+                    self.running_reads.insert(*op, object);
+                }
+                Command::ReadFrom { op, from } => {
+                    let e = self.ops.get_mut(op).expect("known op");
+                    assert!(!e.2, "seed {seed}: read {op} released twice");
+                    e.2 = true;
+                    let object = e.1.clone();
+                    assert!(
+                        !self.recovering.contains(&object)
+                            && !self.missing.get(&object).is_some_and(|m| m.contains(from))
+                            && self.acting.contains(from),
+                        "seed {seed}: read of {object} sent to osd.{from}, which misses it"
                     );
                     self.running_reads.insert(*op, object);
                 }

@@ -198,11 +198,12 @@ fn an_active_pg_answers_every_gated_op_within_the_op_timeout() {
     assert_eq!(p.outstanding(), 0);
 }
 
-/// A read waiting for the recovery of an object this OSD misses fails at once when an OSD
-/// refuses the recovery (its device is full), instead of waiting for a recovery that
-/// cannot finish.
+/// When an OSD refuses the recovery of an object this OSD misses (its device is full), the
+/// operations waiting for it do not wait for a recovery that cannot finish: a mutation
+/// fails at once with that error, a read is served from a copy that has the object (the
+/// round's source), and so are later reads, until a retry recovers the object.
 #[test]
-fn a_refused_recovery_fails_its_waiting_ops_at_once() {
+fn a_refused_recovery_fails_waiting_writes_and_serves_reads_from_a_good_copy() {
     let mut p = active_with_x_missing_on(0);
     let c = read(&mut p, 1, "x");
     assert_eq!(
@@ -210,6 +211,7 @@ fn a_refused_recovery_fails_its_waiting_ops_at_once() {
         vec![("x".to_string(), false)],
         "waits for the recovery"
     );
+    assert!(mutate(&mut p, 2, "x", 0).is_empty());
     let full = StoreError::new(store_types::ErrorCode::NoSpace, "device full");
     let c = p.handle(Event::ObjectFailed {
         object: "x".into(),
@@ -219,12 +221,33 @@ fn a_refused_recovery_fails_its_waiting_ops_at_once() {
     assert_eq!(
         rejects(&c),
         vec![(
-            1,
+            2,
             PgError::RecoveryFailed {
                 object: "x".into(),
                 error: full
             }
         )]
     );
+    assert!(c.contains(&Command::ReadFrom { op: 1, from: 1 }), "{c:?}");
     assert_eq!(p.outstanding(), 0);
+    // Later reads go there at once, without a recovery attempt first.
+    p.handle(Event::ReadDone { op: 1 });
+    assert_eq!(
+        read(&mut p, 3, "x"),
+        vec![Command::ReadFrom { op: 3, from: 1 }]
+    );
+    p.handle(Event::ReadDone { op: 3 });
+    // Once a retry recovers it, reads are local again.
+    let c = p.handle(Event::Tick { now_ms: 10 });
+    let c = if recoveries(&c).is_empty() {
+        p.handle(Event::Granted { interval: 1 })
+    } else {
+        c
+    };
+    assert_eq!(recoveries(&c).len(), 1, "{c:?}");
+    p.handle(Event::ObjectRecovered {
+        object: "x".into(),
+        interval: 1,
+    });
+    assert_eq!(read(&mut p, 4, "x"), vec![Command::Read { op: 4 }]);
 }
