@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use store_objstore::ObjectStore;
 use store_placement::map_pg;
-use store_types::map::{Flag, WriteGuard};
+use store_types::map::{Flag, OsdId, WriteGuard};
 use store_types::osdmsg::{Mutation, OsdResponse, PgCopyState};
 use store_types::{ErrorCode, StoreError};
 use tracing::{debug, info, warn};
 
-use crate::pg::{Command, Event, PgError, RecoveryPause};
+use crate::pg::{Command, Event, OpId, PgError, RecoveryPause};
 
 use super::client::Waiter;
 use super::peering::effective_head;
@@ -108,6 +108,26 @@ impl<S: ObjectStore> OsdService<S> {
         Ok(())
     }
 
+    /// Runs a read the engine released: on this OSD's copy, or on `from`'s; the engine
+    /// hears when it is done.
+    fn release_read(self: &Arc<Self>, slot: &Arc<PgSlot>, op: OpId, from: Option<OsdId>) {
+        let waiter = slot.waiters.lock().expect("waiters lock").remove(&op);
+        let Some(Waiter::Read {
+            to,
+            object,
+            op: kind,
+        }) = waiter
+        else {
+            return;
+        };
+        let me = self.clone();
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            me.bounded_read(&slot, object, kind, from, to).await;
+            me.feed(&slot, Event::ReadDone { op });
+        });
+    }
+
     /// Carries out engine commands. Never blocks: I/O goes to tasks and queues; outcomes
     /// known at once (a dead queue) come back through `events`.
     fn execute(
@@ -129,26 +149,8 @@ impl<S: ObjectStore> OsdService<S> {
                         events.push_back(Event::Failed { version, from: to });
                     }
                 }
-                Command::Read { op } | Command::ReadFrom { op, .. } => {
-                    let from = match c {
-                        Command::ReadFrom { from, .. } => Some(from),
-                        _ => None,
-                    };
-                    let waiter = slot.waiters.lock().expect("waiters lock").remove(&op);
-                    if let Some(Waiter::Read {
-                        to,
-                        object,
-                        op: kind,
-                    }) = waiter
-                    {
-                        let me = self.clone();
-                        let slot = slot.clone();
-                        tokio::spawn(async move {
-                            me.bounded_read(&slot, object, kind, from, to).await;
-                            me.feed(&slot, Event::ReadDone { op });
-                        });
-                    }
-                }
+                Command::Read { op } => self.release_read(slot, op, None),
+                Command::ReadFrom { op, from } => self.release_read(slot, op, Some(from)),
                 Command::Acked { op, version } => {
                     if let Some(Waiter::Mutation(to)) =
                         slot.waiters.lock().expect("waiters lock").remove(&op)
