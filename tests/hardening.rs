@@ -123,27 +123,8 @@ fn an_image_that_cannot_open_does_not_stall_other_exports() {
     });
     c.create_pool("vm-pool", 8);
     c.ctl_ok(&["image", "create", "vm-pool/disk0", "--size", "8M"]);
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "solo",
-        "--size",
-        "1",
-        "--min_size",
-        "1",
-        "--pg_num",
-        "1",
-    ]);
-    c.wait_pgs_settled();
-    c.ctl_ok(&["image", "create", "solo/stuck", "--size", "8M"]);
-    c.ctl_ok(&["osd", "set", "noout"]);
-    // Stop the one OSD of the solo pool's only PG: its image cannot be opened.
-    let map = c.map();
-    let solo = map.pool_by_name("solo").expect("pool");
-    let osd = store_placement::map_pg(&map, solo, store_placement::PgId::new(solo.id, 0))
-        .primary
-        .expect("the solo PG has an OSD");
-    let victim = (0..3).find(|i| c.osd_id(*i) == osd).expect("a test OSD");
+    let victim = solo_image(&mut c, "solo/stuck");
+    // The one OSD of the solo pool's only PG stops.
     c.kill(&TestCluster::osd_name(victim));
     store_integration::wait_for(Duration::from_secs(30), "the OSD marked down", || {
         (c.try_status()?["osdmap"]["num_up_osds"].as_u64()? == 2).then_some(())
@@ -200,12 +181,7 @@ fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
             .await
     });
     let primary = format!("osd.{}", up[0]);
-    let check = store_integration::wait_for(Duration::from_secs(5), "SLOW_OPS", || {
-        let s = c.try_status()?;
-        let check = s["health"]["checks"]["SLOW_OPS"].clone();
-        check.is_object().then_some(check)
-    });
-    let text = check.to_string();
+    let text = wait_raised(&c, "SLOW_OPS").to_string();
     assert!(text.contains(&format!("[{primary}]")), "{text}");
     let detail = c.ctl_json(&["health", "detail"]).to_string();
     assert!(
@@ -223,11 +199,7 @@ fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
         "answered after {:?}",
         t0.elapsed()
     );
-    store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS to clear", || {
-        c.try_status()?["health"]["checks"]["SLOW_OPS"]
-            .is_null()
-            .then_some(())
-    });
+    wait_cleared(&c, "SLOW_OPS");
     c.check_logs();
 }
 
@@ -347,20 +319,7 @@ fn a_blocked_gateway_request_raises_slow_ops_naming_the_gateway() {
         osd_conf: "osd_op_complaint_time = 1",
         ..Default::default()
     });
-    c.ctl_ok(&[
-        "pool",
-        "create",
-        "solo",
-        "--size",
-        "1",
-        "--min_size",
-        "1",
-        "--pg_num",
-        "1",
-    ]);
-    c.wait_pgs_settled();
-    c.ctl_ok(&["image", "create", "solo/disk", "--size", "8M"]);
-    c.ctl_ok(&["osd", "set", "noout"]);
+    let victim = solo_image(&mut c, "solo/disk");
     let addr = c.start_gateway("nbd-a");
     let mut writer = Command::new("/usr/bin/python3")
         .args([SCRIPT, "fenced", &format!("nbd://{addr}/solo/disk")])
@@ -370,30 +329,17 @@ fn a_blocked_gateway_request_raises_slow_ops_naming_the_gateway() {
         .expect("python3");
     let mut lines = BufReader::new(writer.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("line").expect("read"), "wrote");
-    let map = c.map();
-    let solo = map.pool_by_name("solo").expect("pool");
-    let osd = store_placement::map_pg(&map, solo, store_placement::PgId::new(solo.id, 0))
-        .primary
-        .expect("an OSD");
-    let victim = (0..3).find(|i| c.osd_id(*i) == osd).expect("a test OSD");
+    // The one OSD of the solo pool's only PG stops.
     c.kill(&TestCluster::osd_name(victim));
     writeln!(writer.stdin.as_mut().expect("stdin")).expect("go");
-    let check = store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS", || {
-        let s = c.try_status()?;
-        let check = s["health"]["checks"]["SLOW_OPS"].clone();
-        check.is_object().then_some(check.to_string())
-    });
+    let check = wait_raised(&c, "SLOW_OPS").to_string();
     assert!(check.contains(&format!("gateway {addr}")), "{check}");
     let detail = c.ctl_json(&["health", "detail"]).to_string();
     assert!(detail.contains("nbd write solo/disk 0+4096"), "{detail}");
     c.start_osd(victim);
     assert_eq!(lines.next().expect("line").expect("read"), "accepted");
     let _ = writer.wait();
-    store_integration::wait_for(Duration::from_secs(15), "SLOW_OPS to clear", || {
-        c.try_status()?["health"]["checks"]["SLOW_OPS"]
-            .is_null()
-            .then_some(())
-    });
+    wait_cleared(&c, "SLOW_OPS");
     c.check_logs();
 }
 
@@ -449,4 +395,48 @@ fn reads_of_an_object_that_cannot_be_recovered_are_served_from_a_good_copy() {
         t0.elapsed()
     );
     c.check_logs();
+}
+
+/// A pool `solo` of one PG on one OSD, with image `image` in it, and `noout` set: the test
+/// OSD that holds it, to stop when the image must become unavailable.
+fn solo_image(c: &mut TestCluster, image: &str) -> usize {
+    c.ctl_ok(&[
+        "pool",
+        "create",
+        "solo",
+        "--size",
+        "1",
+        "--min_size",
+        "1",
+        "--pg_num",
+        "1",
+    ]);
+    c.wait_pgs_settled();
+    c.ctl_ok(&["image", "create", image, "--size", "8M"]);
+    c.ctl_ok(&["osd", "set", "noout"]);
+    let map = c.map();
+    let solo = map.pool_by_name("solo").expect("pool");
+    let osd = store_placement::map_pg(&map, solo, store_placement::PgId::new(solo.id, 0))
+        .primary
+        .expect("the solo PG has an OSD");
+    (0..map.osds.len())
+        .find(|i| c.osd_id(*i) == osd)
+        .expect("a test OSD")
+}
+
+/// Waits for health check `code` to be raised; the check.
+fn wait_raised(c: &TestCluster, code: &str) -> serde_json::Value {
+    store_integration::wait_for(Duration::from_secs(15), code, || {
+        let check = c.try_status()?["health"]["checks"][code].clone();
+        check.is_object().then_some(check)
+    })
+}
+
+/// Waits for health check `code` to be gone.
+fn wait_cleared(c: &TestCluster, code: &str) {
+    store_integration::wait_for(Duration::from_secs(15), &format!("{code} to clear"), || {
+        c.try_status()?["health"]["checks"][code]
+            .is_null()
+            .then_some(())
+    });
 }
