@@ -240,6 +240,12 @@ fn a_device_io_error_stops_the_osd_and_says_so_in_health() {
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     let detail = c.ctl_json(&["health", "detail"]).to_string();
     assert!(detail.contains(&format!("osd.{}", up[1])), "{detail}");
+    // The text form says what to do.
+    let text = c.ctl_ok(&["health", "detail"]);
+    assert!(
+        text.contains("[ERR] OSD_DEVICE_ERRORS") && text.contains("hint: check the device"),
+        "{text}"
+    );
     let got = rt
         .block_on(client.read(pool.id, name, 0, 8))
         .expect("read from the others");

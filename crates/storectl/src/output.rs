@@ -209,6 +209,10 @@ pub fn health(format: Format, s: &StatusReport, detail: bool) {
         for d in &c.detail {
             println!("    {d}");
         }
+        // What to do, from the code (a newer monitor's unknown code has none here).
+        if let Ok(known) = code.parse::<store_types::HealthCode>() {
+            println!("    hint: {}", known.hint());
+        }
     }
 }
 
