@@ -159,17 +159,13 @@ fn an_image_that_cannot_open_does_not_stall_other_exports() {
 /// waiting, and SLOW_OPS clears once nothing is blocked any more.
 #[test]
 fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
-    let mut c = TestCluster::start(ClusterOpts {
+    let (mut c, rt, client, pool) = cluster_with_pool(ClusterOpts {
         mons: 1,
         osds: 3,
         op_timeout_secs: 6.0,
         osd_conf: "osd_op_complaint_time = 1",
         ..Default::default()
     });
-    c.create_pool("vm-pool", 8);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let client = c.object_client(&rt);
-    let pool = client.pool("vm-pool").expect("pool");
     let name = "blocked-0";
     let up = restart_with_failpoint(&mut c, &pool, name, 2, "drop_replica_op");
 
@@ -209,16 +205,12 @@ fn a_blocked_write_raises_slow_ops_and_is_answered_within_the_op_timeout() {
 /// back to the client as INTERNAL ("report a bug") and the OSD carried on.
 #[test]
 fn a_device_io_error_stops_the_osd_and_says_so_in_health() {
-    let mut c = TestCluster::start(ClusterOpts {
+    let (mut c, rt, client, pool) = cluster_with_pool(ClusterOpts {
         mons: 1,
         osds: 4,
         grace_secs: 30.0,
         ..Default::default()
     });
-    c.create_pool("vm-pool", 8);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let client = c.object_client(&rt);
-    let pool = client.pool("vm-pool").expect("pool");
     let name = "eio-0";
     let up = restart_with_failpoint(&mut c, &pool, name, 1, "device_eio");
     let failing = (0..4).find(|i| c.osd_id(*i) == up[1]).expect("daemon");
@@ -355,16 +347,12 @@ fn a_blocked_gateway_request_raises_slow_ops_naming_the_gateway() {
 /// not finish until the client gave up after 60 s.
 #[test]
 fn reads_of_an_object_that_cannot_be_recovered_are_served_from_a_good_copy() {
-    let mut c = TestCluster::start(ClusterOpts {
+    let (mut c, rt, client, pool) = cluster_with_pool(ClusterOpts {
         mons: 1,
         osds: 3,
         grace_secs: 2.0,
         ..Default::default()
     });
-    c.create_pool("vm-pool", 8);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let client = c.object_client(&rt);
-    let pool = client.pool("vm-pool").expect("pool");
     let name = "degraded-0";
     rt.block_on(client.write(pool.id, name, 0, Bytes::from_static(b"version 1")))
         .expect("write v1");
@@ -445,4 +433,21 @@ fn wait_cleared(c: &TestCluster, code: &str) {
             .is_null()
             .then_some(())
     });
+}
+
+/// A cluster with pool `vm-pool` (8 PGs, size 3), a runtime and an object client.
+fn cluster_with_pool(
+    opts: ClusterOpts,
+) -> (
+    TestCluster,
+    tokio::runtime::Runtime,
+    std::sync::Arc<store_client::ObjectClient>,
+    store_types::map::Pool,
+) {
+    let c = TestCluster::start(opts);
+    c.create_pool("vm-pool", 8);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = c.object_client(&rt);
+    let pool = client.pool("vm-pool").expect("pool");
+    (c, rt, client, pool)
 }

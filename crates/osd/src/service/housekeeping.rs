@@ -42,12 +42,6 @@ impl<S: ObjectStore> OsdService<S> {
             .retain(|addr, _| addrs.contains(addr.as_str()));
     }
 
-    /// PG slots and replica senders held now (for tests and reports).
-    pub fn table_sizes(&self) -> (usize, usize) {
-        let slots = self.pgs.lock().expect("pg table lock").len();
-        (slots, self.peers.lock().expect("peers lock").len())
-    }
-
     /// Feeds clock ticks and new maps to every PG engine.
     pub async fn housekeeping(self: Arc<Self>) {
         let mut maps = self.maps.clone();
